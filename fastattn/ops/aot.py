@@ -1,0 +1,42 @@
+"""Ahead-of-time compilation of Triton launches for a GPU architecture, without a GPU.
+
+The interpreter accepts code that real GPUs reject, so tests compile every configuration a
+launcher can choose to cubin for sm_80 and sm_90 (tests/test_gpu_compile.py). Needs triton
+imported *without* TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .triton_launch import KernelLaunch
+
+# Max dynamic shared memory per block (bytes) by compute capability.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+@dataclass
+class CompileResult:
+    name: str
+    capability: int
+    shared_bytes: int
+    cubin_bytes: int
+
+
+def compile_launch(launch: KernelLaunch, capability: int, name: str = "") -> CompileResult:
+    """Compile one launch to cubin for sm_<capability>; raise if it fails or overflows shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = launch.kernel
+    sig, consts = launch.signature()
+    src = ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=consts)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages),
+    )
+    shared = int(compiled.metadata.shared)
+    limit = SHARED_MEMORY_LIMIT[capability]
+    if shared > limit:
+        raise RuntimeError(f"{name}: needs {shared} bytes of shared memory, sm_{capability} allows {limit}")
+    return CompileResult(name, capability, shared, len(compiled.asm["cubin"]))

@@ -1,0 +1,1 @@
+"""Decoupled (DIF-SR) attention: torch reference, Triton kernels and the autograd Function."""

@@ -1,0 +1,70 @@
+"""The Triton kernels behind `AttentionKernels` (imported only when the Triton backend runs)."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Optional
+
+import torch
+
+from ..triton_launch import KernelLaunch
+from .options import AttentionOptions
+from .triton_bwd import bwd_launches
+from .triton_fwd import all_tile_configs, dropout_mask_launch, fwd_launch
+
+
+class TritonAttentionKernels:
+    @staticmethod
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: int,
+        key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        launch, out, lse, acd = fwd_launch(
+            q, k, v, opts.scale, opts.causal, opts.dropout_p, seed, key_padding_mask, domains
+        )
+        launch()
+        return out, lse, acd
+
+    @staticmethod
+    def backward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: int,
+        key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        launches, dq, dk, dv = bwd_launches(
+            q, k, v, dout, lse, delta, grad_acd, opts.scale, opts.causal, opts.dropout_p, seed,
+            key_padding_mask, domains,
+        )
+        for launch in launches:
+            launch()
+        return dq, dk, dv
+
+
+def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
+    """Every (kernel, constexpr configuration) the launchers above can choose, on meta tensors.
+
+    Axes: tile class × input dtype × HAS_DROPOUT × HAS_DOMAINS for the forward and both backward
+    passes, plus the dropout-mask kernel. Causal and padding are runtime flags, so a launch
+    with both on has the same compiled code as one with both off.
+    """
+    meta = torch.device("meta")
+    b, h, lq, lk = 2, 2, 64, 64
+    for cfg in all_tile_configs():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for dropout_p, has_domains in itertools.product((0.0, 0.1), (False, True)):
+                q = torch.empty(b, h, lq, cfg.block_dqk, dtype=dtype, device=meta)
+                k = torch.empty(b, h, lk, cfg.block_dqk, dtype=dtype, device=meta)
+                v = torch.empty(b, h, lk, cfg.block_dv, dtype=dtype, device=meta)
+                pad = torch.empty(b, lk, dtype=torch.bool, device=meta)
+                dom = torch.empty(b, lq, dtype=torch.int64, device=meta)
+                domains = (dom, dom) if has_domains else None
+                tag = (f"dqk{cfg.block_dqk}-dv{cfg.block_dv}-{str(dtype).removeprefix('torch.')}"
+                       f"-dropout{int(dropout_p > 0)}-domains{int(has_domains)}")
+                fwd, out, lse, _ = fwd_launch(q, k, v, 0.125, True, dropout_p, 1, pad, domains)
+                yield f"fwd-{tag}", fwd
+                grad_acd = lse if has_domains else None
+                (dkdv, dq), *_ = bwd_launches(
+                    q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, 1, pad, domains)
+                yield f"bwd_dkdv-{tag}", dkdv
+                yield f"bwd_dq-{tag}", dq
+    mask_launch, _ = dropout_mask_launch(1, 0.1, b, h, lq, lk, meta)
+    yield "dropout_mask", mask_launch

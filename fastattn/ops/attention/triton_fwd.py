@@ -1,0 +1,262 @@
+"""Triton forward of decoupled attention (flash style) and its launcher.
+
+All score streams share one softmax, so the launcher concatenates them along the head dim
+([q | qa_1 | …] and [k | ka_1 | …]) and the kernel sees one QK head dim (DQK) that differs from
+V's (DV). Each program owns BLOCK_M query rows of one (batch, head) and streams over key
+blocks with an online softmax; the n×n scores never exist in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_launch import KernelLaunch
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p):
+    """Keep-mask of the (offs_m × offs_n) tile: counter-based, so any pass can regenerate it.
+
+    The philox key is seed + (batch·H + head) and the counter the in-head index i·Lk + j,
+    which stays in int32 for L up to 46k.
+    """
+    offsets = offs_m[:, None] * Lk + offs_n[None, :]
+    return tl.rand(seed + pid_bh, offsets) >= dropout_p
+
+
+@triton.jit
+def visible_tile(offs_m, offs_n, Lq, Lk, PAD, pad_row, causal, has_padding):
+    """(BLOCK_M, BLOCK_N) bool: key offs_n exists, is not padding and (causal) is not after the query.
+
+    causal and has_padding are runtime flags (uniform branches): each costs one compare per
+    score, while as constexprs they would quadruple the compile matrix (tests/test_gpu_compile.py).
+    """
+    visible = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if causal:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    if has_padding:
+        is_pad = tl.load(PAD + pad_row + offs_n, mask=offs_n < Lk, other=1)
+        visible = visible & (is_pad == 0)[None, :]
+    return visible
+
+
+@triton.jit
+def _dif_attn_fwd_kernel(
+    Q, K, V, O, LSE, ACD, PAD, DOM_Q, DOM_K,
+    qk_scale,  # scale · log2(e): scores are kept in base 2
+    seed, dropout_p,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_pad_b, stride_domq_b, stride_domk_b,
+    H, Lq, Lk, DQK, DV, causal, has_padding,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_DOMAINS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    K += b.to(tl.int64) * stride_kb + h * stride_kh
+    V += b.to(tl.int64) * stride_vb + h * stride_vh
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_dqk[None, :],
+                mask=row_ok[:, None] & (offs_dqk < DQK)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_DOMAINS:
+        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        dom_q = tl.load(DOM_Q + b * stride_domq_b + offs_m, mask=row_ok, other=-1)
+
+    hi = Lk
+    if causal:
+        # Key blocks entirely after the block's last query are never visible.
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < Lk
+        k = tl.load(K + offs_n[None, :] * stride_kn + offs_dqk[:, None],
+                    mask=col_ok[None, :] & (offs_dqk < DQK)[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        visible = visible_tile(offs_m, offs_n, Lq, Lk, PAD, b * stride_pad_b, causal, has_padding)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DOMAINS:
+            dom_k = tl.load(DOM_K + b * stride_domk_b + offs_n, mask=col_ok, other=-1)
+            cross = dom_q[:, None] != dom_k[None, :]
+            c_i = c_i * alpha + tl.sum(tl.where(cross, p, 0.0), 1)
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p), p, 0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    out = acc * inv_l[:, None]
+    if HAS_DROPOUT:
+        out = out / (1.0 - dropout_p)
+    O += b.to(tl.int64) * stride_ob + h * stride_oh
+    tl.store(O + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    # Base-2 log-sum-exp; +inf for empty rows makes every recomputed probability exactly 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+    if HAS_DOMAINS:
+        tl.store(ACD + pid_bh.to(tl.int64) * Lq + offs_m, c_i * inv_l, mask=row_ok)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Compile-time tile shape of every pass for one call (see `tile_config`)."""
+
+    block_dqk: int
+    block_dv: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+MAX_QK_DIM = 256
+MAX_V_DIM = 128
+# One tile class per padded head-dim width. Few classes keep the ahead-of-time compile matrix
+# (classes × dtypes × constexpr flags × passes × archs) small enough to test every member.
+_TILES = {
+    64: TileConfig(64, 64, 64, 64, 4, 2),
+    128: TileConfig(128, 128, 64, 64, 8, 2),
+    256: TileConfig(256, 128, 32, 32, 4, 1),
+}
+
+
+def tile_config(dqk: int, dv: int) -> TileConfig:
+    """Tiles for a concatenated QK head dim `dqk` and a V head dim `dv`.
+
+    The class is the widest of the two rounded up to a power of two >= 64 (tl.arange needs
+    powers of two, tl.dot >= 16 on GPUs; narrower heads gain nothing from narrower tiles in
+    this latency-bound regime). Raises ValueError beyond MAX_QK_DIM / MAX_V_DIM.
+    """
+    if dqk > MAX_QK_DIM or dv > MAX_V_DIM:
+        raise ValueError(f"Triton tiles take a summed QK head dim <= {MAX_QK_DIM} and a V head dim <= "
+                         f"{MAX_V_DIM}, got {dqk} and {dv}")
+    width = max(64, triton.next_power_of_2(max(dqk, dv)))
+    return _TILES[width]
+
+
+def all_tile_configs() -> list[TileConfig]:
+    """Every tile configuration `tile_config` can return (the GPU-compile test covers each)."""
+    return list(_TILES.values())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (as torch does by default), not tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fwd_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    key_padding_mask: Optional[torch.Tensor],
+    domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Describe the forward launch on concatenated streams and allocate its outputs.
+
+    q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV), last dim contiguous; key_padding_mask
+    (B,Lk) bool; domains (dom_q (B,Lq), dom_k (B,Lk)) int64, last dim contiguous.
+    Returns (launch, out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) fp32 base-2 log-sum-exp of
+    the scaled scores (+inf on rows without a visible key), acd (B,H,Lq) fp32 or None).
+    """
+    b, h, lq, dqk = q.shape
+    lk, dv = k.shape[2], v.shape[3]
+    cfg = tile_config(dqk, dv)
+    out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    acd = torch.empty(b, h, lq, dtype=torch.float32, device=q.device) if domains is not None else None
+    # Unused pointers get a placeholder of the same type so every call has one signature.
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else lse.view(torch.uint8)
+    dom_q, dom_k = domains if domains is not None else (None, None)
+    launch = KernelLaunch(
+        _dif_attn_fwd_kernel,
+        grid=(triton.cdiv(lq, cfg.block_m), b * h),
+        args=dict(
+            Q=q, K=k, V=v, O=out, LSE=lse, ACD=acd, PAD=pad, DOM_Q=dom_q, DOM_K=dom_k,
+            qk_scale=scale * LOG2E, seed=seed, dropout_p=dropout_p,
+            stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+            stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+            stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+            stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+            stride_pad_b=pad.stride(0) if key_padding_mask is not None else 0,
+            stride_domq_b=dom_q.stride(0) if dom_q is not None else 0,
+            stride_domk_b=dom_k.stride(0) if dom_k is not None else 0,
+            H=h, Lq=lq, Lk=lk, DQK=dqk, DV=dv, causal=causal, has_padding=key_padding_mask is not None,
+        ),
+        constexprs=dict(
+            HAS_DROPOUT=dropout_p > 0.0, HAS_DOMAINS=domains is not None, DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
+        ),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return launch, out, lse, acd
+
+
+@triton.jit
+def _dropout_keep_kernel(KEEP, seed, dropout_p, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p)
+    ptrs = KEEP + pid_bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+def dropout_mask_launch(
+    seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int, device: torch.device
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """Describe the launch that writes the (B,H,Lq,Lk) int8 keep-mask the kernels draw for `seed`."""
+    keep = torch.empty(batch, heads, lq, lk, dtype=torch.int8, device=device)
+    launch = KernelLaunch(
+        _dropout_keep_kernel,
+        grid=(triton.cdiv(lq, 64), triton.cdiv(lk, 64), batch * heads),
+        args=dict(KEEP=keep, seed=seed, dropout_p=dropout_p, Lq=lq, Lk=lk),
+        constexprs=dict(BLOCK_M=64, BLOCK_N=64),
+    )
+    return launch, keep
+
+
+def dropout_keep_mask(
+    seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int, device: torch.device
+) -> torch.Tensor:
+    """The bool (B,H,Lq,Lk) mask of probabilities the kernels keep for `seed` (tests, debugging)."""
+    launch, keep = dropout_mask_launch(seed, dropout_p, batch, heads, lq, lk, device)
+    launch()
+    return keep.bool()

@@ -1,0 +1,51 @@
+"""A Triton launch described as data, so the same description is run by the launchers and
+compiled ahead of time for sm_80/sm_90 by the tests (tests/test_gpu_compile.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel call: runtime arguments (tensors, ints, floats; None for an unused pointer)
+    and compile-time ones (constexprs), by parameter name."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+    _: Any = field(default=None, repr=False)
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def signature(self) -> tuple[dict[str, str], dict[str, Any]]:
+        """Triton signature and constexpr values as a real launch specializes them (None → constexpr)."""
+        sig: dict[str, str] = {}
+        consts: dict[str, Any] = {}
+        for name, value in self.args.items():
+            if value is None:
+                sig[name], consts[name] = "constexpr", None
+            elif isinstance(value, torch.Tensor):
+                sig[name] = "*" + _TRITON_DTYPES[value.dtype]
+            elif isinstance(value, bool):
+                sig[name] = "i1"
+            elif isinstance(value, int):
+                sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                sig[name] = "fp32"
+            else:
+                raise TypeError(f"cannot describe argument {name}={value!r} in a Triton signature")
+        for name, value in self.constexprs.items():
+            sig[name], consts[name] = "constexpr", value
+        return sig, consts

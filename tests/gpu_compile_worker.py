@@ -1,0 +1,40 @@
+"""Compile every Triton launch configuration for one GPU architecture; run by test_gpu_compile.py
+in a subprocess because the tests' own process has TRITON_INTERPRET=1 set.
+
+Usage: python tests/gpu_compile_worker.py CAPABILITY  → one JSON line per configuration.
+"""
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+
+def _launches():
+    from fastattn.ops.attention.triton_backend import every_launch
+
+    return list(every_launch())
+
+
+def _compile(index_and_cap):
+    index, cap = index_and_cap
+    from fastattn.ops.aot import compile_launch
+
+    name, launch = _launches()[index]
+    try:
+        res = compile_launch(launch, cap, name)
+        return {"name": name, "ok": True, "shared": res.shared_bytes}
+    except Exception as exc:  # reported per configuration by the test
+        return {"name": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+    cap = int(sys.argv[1])
+    n = len(_launches())
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for result in pool.map(_compile, [(i, cap) for i in range(n)]):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
