@@ -33,8 +33,6 @@ def _validate_attention(
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, t)
-    if isinstance(attr_q, torch.Tensor) or isinstance(attr_k, torch.Tensor):
-        raise TypeError("attr_q and attr_k must be sequences of tensors (wrap a single stream in a tuple)")
     if len(attr_q) != len(attr_k):
         raise ValueError(f"attr_q and attr_k must have the same length, got {len(attr_q)} and {len(attr_k)}")
     named = [("q", q), ("k", k), ("v", v)]
@@ -117,6 +115,8 @@ def dif_attention(
 
     Returns out (B, H, Lq, Dv).
     """
+    if isinstance(attr_q, torch.Tensor) or isinstance(attr_k, torch.Tensor):
+        raise TypeError("attr_q and attr_k must be sequences of tensors (wrap a single stream in a tuple)")
     attr_q, attr_k = tuple(attr_q), tuple(attr_k)
     _validate_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p, scale)
     if domains is not None:

@@ -1,0 +1,291 @@
+"""Fused decoupled attention (Triton, interpreter mode here) against the float64 torch reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastattn
+from fastattn._dispatch import triton_unavailable_reason
+from fastattn.ops.attention.function import draw_seed
+from fastattn.ops.attention.triton_fwd import dropout_keep_mask, tile_config
+
+from attention_cases import Case, make_inputs, max_err, run_fastattn, run_reference, with_grad
+
+FP32_TOL = 2e-5
+
+
+def check_against_truth(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    """Output and every gradient of backend='triton' in `dtype` vs the float64 reference.
+
+    float32 must match to FP32_TOL relative to the largest value; float16/bfloat16 must be at
+    most twice as far from the truth as the reference run in that dtype, plus one ulp-ish slack.
+    """
+    inputs = make_inputs(case, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dv or case.dk, generator=gen)
+    out, _, grads = run_fastattn(case, with_grad(inputs), "triton", grad_out)
+    ref_out, _, ref_grads = run_reference(case, inputs, grad_out)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    names = ["out", "q", "k", "v"] + [f"attr_q[{i}]" for i in range(len(case.attr_dims))] \
+        + [f"attr_k[{i}]" for i in range(len(case.attr_dims))]
+    got, truth = [out, *grads], [ref_out, *ref_grads]
+    if dtype == torch.float32:
+        for name, g, t in zip(names, got, truth):
+            assert torch.isfinite(g).all(), name
+            scale = max(1.0, t.abs().max().item())
+            assert max_err(g, t) <= FP32_TOL * scale, f"{name}: err {max_err(g, t):.3e}"
+        return
+    low_out, _, low_grads = run_reference(case, inputs, grad_out, dtype=dtype)
+    slack = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for name, g, t, low in zip(names, got, truth, [low_out, *low_grads]):
+        assert torch.isfinite(g).all(), name
+        scale = max(1.0, t.abs().max().item())
+        bound = 2 * max_err(low, t) + slack * scale
+        assert max_err(g, t) <= bound, f"{name}: err {max_err(g, t):.3e} > bound {bound:.3e}"
+
+
+# Sequence lengths of DESIGN §5, causal and not, one attribute stream.
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [1, 7, 50, 129])
+def test_lengths(length: int, causal: bool) -> None:
+    check_against_truth(Case(lq=length, causal=causal))
+
+
+# Head dims 8, 24, 50 for every stream, 0–3 extra streams; the sums hit every tile class.
+@pytest.mark.parametrize("dk,dv,attr_dims", [
+    (8, 8, ()),
+    (24, 24, (8,)),
+    (50, 50, ()),
+    (8, 50, (24,)),          # Dv != Dk
+    (50, 8, (8, 24)),
+    (24, 24, (50, 50)),      # QK 124 -> 128-wide tiles
+    (50, 24, (50, 50, 24)),  # QK 174 -> 256-wide tiles
+    (32, 100, (8,)),         # V wider than QK
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_dims_and_streams(dk: int, dv: int, attr_dims: tuple, causal: bool) -> None:
+    check_against_truth(Case(lq=50, dk=dk, dv=dv, attr_dims=attr_dims, causal=causal))
+
+
+# Cross attention (Lq != Lk), top-left aligned causal mask as in SDPA.
+@pytest.mark.parametrize("lq,lk", [(7, 50), (50, 7), (129, 50), (1, 129), (66, 65)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cross_lengths(lq: int, lk: int, causal: bool) -> None:
+    check_against_truth(Case(lq=lq, lk=lk, causal=causal))
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "full_row"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lq,lk", [(50, 50), (129, 129), (7, 50)])
+def test_key_padding(padding: str, causal: bool, lq: int, lk: int) -> None:
+    check_against_truth(Case(lq=lq, lk=lk, padding=padding, causal=causal))
+
+
+def test_odd_batch_heads_and_custom_scale() -> None:
+    check_against_truth(Case(b=3, h=3, lq=50, dk=24, attr_dims=(8, 8), scale=0.37))
+    check_against_truth(Case(b=1, h=1, lq=129, dk=8, attr_dims=()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    Case(lq=50, dk=24, attr_dims=(8,)),
+    Case(lq=129, dk=50, dv=24, attr_dims=(8, 24), padding="left"),
+    Case(lq=7, lk=50, causal=False, padding="full_row"),
+], ids=["self", "wide-padded", "cross-fullpad"])
+def test_low_precision_error_bound(dtype: torch.dtype, case: Case) -> None:
+    check_against_truth(case, dtype)
+
+
+def test_rows_without_visible_key_are_zero_with_zero_grads() -> None:
+    # Causal cross attention where the first queries see only padded keys, and one batch row
+    # whose keys are all padding: out = 0 there, every gradient finite and zero for those rows.
+    case = Case(b=2, lq=9, lk=9, padding="full_row", causal=True)
+    inputs = with_grad(make_inputs(case))
+    inputs["key_padding_mask"][1, :4] = True
+    grad_out = torch.ones(case.b, case.h, case.lq, case.dk)
+    out, _, grads = run_fastattn(case, inputs, "triton", grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out[0] == 0).all() and (out[1, :, :4] == 0).all()
+    dq, dk, dv = grads[:3]
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    assert (dq[1, :, :4] == 0).all()  # queries with nothing visible get no gradient
+
+
+def test_gradients_only_where_required() -> None:
+    case = Case(lq=7)
+    inputs = make_inputs(case)
+    inputs["v"].requires_grad_(True)
+    inputs["attr_k"][0].requires_grad_(True)
+    out = fastattn.dif_attention(inputs["q"], inputs["k"], inputs["v"], inputs["attr_q"], inputs["attr_k"],
+                                 backend="triton")
+    out.sum().backward()
+    assert inputs["q"].grad is None and inputs["attr_q"][0].grad is None
+    assert inputs["v"].grad is not None and inputs["attr_k"][0].grad is not None
+    ref = with_grad(make_inputs(case), torch.float64)
+    ref_out, _, ref_grads = run_reference(case, make_inputs(case), torch.ones_like(out))
+    assert max_err(inputs["v"].grad, ref_grads[2]) < 1e-4
+    assert max_err(inputs["attr_k"][0].grad, ref_grads[4]) < 1e-4
+    del ref, ref_out
+
+
+def test_non_contiguous_inputs() -> None:
+    # (B, L, H, D) tensors transposed to (B, H, L, D), as produced by a linear projection.
+    case = Case(b=2, h=3, lq=50, dk=24)
+    inputs = make_inputs(case)
+    for key in ("q", "k", "v"):
+        inputs[key] = inputs[key].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not inputs[key].is_contiguous()
+    grad_out = torch.randn(2, 3, 50, 24)
+    out, _, grads = run_fastattn(case, with_grad(inputs), "triton", grad_out)
+    ref_out, _, ref_grads = run_reference(case, inputs, grad_out)
+    assert max_err(out, ref_out) < 1e-5
+    assert all(max_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
+
+
+def test_backward_is_deterministic() -> None:
+    case = Case(lq=129, padding="left")
+    inputs = make_inputs(case)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
+    _, _, g1 = run_fastattn(case, with_grad(inputs), "triton", grad_out)
+    _, _, g2 = run_fastattn(case, with_grad(inputs), "triton", grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+# ---------------------------------------------------------------- dropout
+DROPOUT_CASES = [
+    Case(lq=50, dropout_p=0.3),
+    Case(lq=129, lk=66, causal=False, padding="left", dropout_p=0.1, attr_dims=(8, 24)),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=["self", "cross-padded"])
+def test_dropout_matches_reference_with_kernel_mask(case: Case) -> None:
+    inputs = make_inputs(case)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
+    torch.manual_seed(1234)
+    seed = draw_seed()  # the seed the Function will draw after the same manual_seed
+    keep = dropout_keep_mask(seed, case.dropout_p, case.b, case.h, case.lq, case.keys, torch.device("cpu"))
+    torch.manual_seed(1234)
+    out, _, grads = run_fastattn(case, with_grad(inputs), "triton", grad_out)
+    ref_out, _, ref_grads = run_reference(case, inputs, grad_out, dropout_keep=keep)
+    assert max_err(out, ref_out) <= FP32_TOL * max(1.0, ref_out.abs().max().item())
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) <= FP32_TOL * max(1.0, r.abs().max().item())
+
+
+def test_dropout_reproducible_with_torch_manual_seed() -> None:
+    case = DROPOUT_CASES[0]
+    inputs = make_inputs(case)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(run_fastattn(case, with_grad(inputs), "triton", grad_out))
+    (o1, _, g1), (o2, _, g2), (o3, _, _) = runs
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert not torch.equal(o1, o3)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction(p: float) -> None:
+    b, h, lq, lk = 2, 3, 70, 90
+    keep = dropout_keep_mask(99, p, b, h, lq, lk, torch.device("cpu")).float()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    # Each (batch, head) draws its own pattern: the masks of two heads are uncorrelated.
+    a, c = keep[0, 0].flatten(), keep[0, 1].flatten()
+    corr = ((a - a.mean()) * (c - c.mean())).mean() / (a.std() * c.std())
+    assert abs(corr.item()) < 4 / math.sqrt(a.numel())
+
+
+def test_dropout_output_is_unbiased() -> None:
+    # E[dropout(P) v] = P v: averaging many seeds recovers the no-dropout output.
+    case = Case(b=1, h=1, lq=16, dk=8, attr_dims=(), dropout_p=0.5)
+    inputs = make_inputs(case)
+    no_drop = fastattn.dif_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+    runs = [fastattn.dif_attention(inputs["q"], inputs["k"], inputs["v"], dropout_p=0.5, backend="triton")
+            for _ in range(200)]
+    mean = torch.stack(runs).mean(0)
+    spread = torch.stack(runs).std(0) / math.sqrt(len(runs))
+    assert ((mean - no_drop).abs() <= 5 * spread + 1e-6).all()
+
+
+# ---------------------------------------------------------------- backends and bad input
+def test_auto_on_cpu_is_the_torch_reference() -> None:
+    case = Case(lq=50, padding="left")
+    inputs = make_inputs(case)
+    out = fastattn.dif_attention(inputs["q"], inputs["k"], inputs["v"], inputs["attr_q"], inputs["attr_k"],
+                                 key_padding_mask=inputs["key_padding_mask"])
+    ref_out, _, _ = run_reference(case, inputs, torch.zeros(case.b, case.h, case.lq, case.dk))
+    assert max_err(out, ref_out) < 1e-5
+
+
+def test_float64_runs_on_torch_backend() -> None:
+    case = Case(lq=7)
+    inputs = make_inputs(case, torch.float64)
+    out = fastattn.dif_attention(inputs["q"], inputs["k"], inputs["v"], inputs["attr_q"], inputs["attr_k"],
+                                 backend="torch")
+    assert out.dtype == torch.float64
+
+
+def test_explicit_triton_backend_raises_with_reason() -> None:
+    inputs = make_inputs(Case(lq=7), torch.float64)
+    with pytest.raises(fastattn.BackendUnavailable, match="float64"):
+        fastattn.dif_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+    wide = make_inputs(Case(lq=7, dk=200, attr_dims=(100,)))
+    with pytest.raises(fastattn.BackendUnavailable, match="head dim"):
+        fastattn.dif_attention(wide["q"], wide["k"], wide["v"], wide["attr_q"], wide["attr_k"], backend="triton")
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = triton_unavailable_reason([torch.zeros(1)])
+    assert reason is not None and "TRITON_INTERPRET=1" in reason and "CUDA" in reason
+
+
+def test_tile_config_limits() -> None:
+    assert tile_config(40, 32).block_dqk == 64
+    assert tile_config(176, 64).block_dqk == 256
+    with pytest.raises(ValueError, match="head dim"):
+        tile_config(257, 64)
+    with pytest.raises(ValueError, match="head dim"):
+        tile_config(64, 129)
+
+
+def _args(**over: object) -> dict:
+    inputs = make_inputs(Case(lq=7, lk=9, causal=False))
+    kwargs = dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], attr_q=inputs["attr_q"], attr_k=inputs["attr_k"])
+    kwargs.update(over)
+    return kwargs
+
+
+BAD_INPUTS = [
+    (dict(q=torch.randn(2, 7, 24)), ValueError, r"q must have shape \(B, H, L, D\)"),
+    (dict(k=[1, 2]), TypeError, "k must be a torch.Tensor"),
+    (dict(k=torch.randn(2, 2, 9, 23)), ValueError, "k must have shape"),
+    (dict(v=torch.randn(2, 2, 8, 24)), ValueError, "v must have shape"),
+    (dict(v=torch.randn(2, 2, 9, 24, dtype=torch.float64)), TypeError, "v has dtype"),
+    (dict(q=torch.randint(0, 3, (2, 2, 7, 24))), TypeError, "q must be float32"),
+    (dict(attr_q=[torch.randn(2, 2, 7, 8)], attr_k=[]), ValueError, "attr_q and attr_k must have the same length"),
+    (dict(attr_q=[torch.randn(2, 2, 6, 8)], attr_k=[torch.randn(2, 2, 9, 8)]), ValueError, r"attr_q\[0\] must have shape"),
+    (dict(attr_q=[torch.randn(2, 2, 7, 8)], attr_k=[torch.randn(2, 2, 9, 5)]), ValueError, r"attr_k\[0\] must have shape"),
+    (dict(attr_q=torch.randn(2, 2, 7, 8), attr_k=torch.randn(2, 2, 9, 8)), TypeError, "sequences of tensors"),
+    (dict(key_padding_mask=torch.zeros(2, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
+    (dict(key_padding_mask=torch.zeros(2, 9)), TypeError, "key_padding_mask must be torch.bool"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p must be a float in"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p must be a float in"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite float"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(v=torch.randn(2, 2, 9, 24, device="meta")), ValueError, "v is on meta"),
+]
+
+
+@pytest.mark.parametrize("over,exc,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_raises_naming_the_argument(over: dict, exc: type, match: str) -> None:
+    kwargs = _args(**over)
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    attr_q, attr_k = kwargs.pop("attr_q"), kwargs.pop("attr_k")
+    with pytest.raises(exc, match=match):
+        fastattn.dif_attention(q, k, v, attr_q, attr_k, causal=False, **kwargs)
