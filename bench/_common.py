@@ -1,0 +1,263 @@
+"""Helpers shared by the benchmark suites (attention now, cross-entropy later).
+
+Nothing here knows about a particular op: a suite builds a forward closure and its inputs,
+and `run_benchmark` warms it up, measures peak memory once, then hands a synchronized step
+of the chosen mode (fwd, bwd or fwd+bwd) to pytest-benchmark.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+from typing import Any, Callable, Optional, Sequence
+
+import pytest
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+_MB = 2.0 ** 20
+
+Forward = Callable[[], torch.Tensor]
+Step = Callable[[], None]
+
+
+# --------------------------------------------------------------------------- device and timing
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """"auto" → CUDA when present, else CPU; "cuda" without a GPU skips rather than crashes."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--bench-device=cuda but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels: CUDA launches are asynchronous, so an unsynchronized timer
+    would measure launch time only. A no-op on CPU, where ops run eagerly."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(mode: str, forward: Forward, inputs: Sequence[torch.Tensor], device: torch.device) -> Step:
+    """A callable that runs one `mode` pass and waits for it to finish.
+
+    Gradients are taken with `torch.autograd.grad` instead of `.backward()` so repeated rounds
+    do not accumulate into `.grad` (an extra add per input that no provider should pay for) and
+    no state survives a round. In "bwd" the graph is built here, once, outside the timed
+    region, and every round re-runs the backward with retain_graph=True.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    inputs = tuple(inputs)
+    if mode == "fwd":
+        def step() -> None:
+            forward()
+            synchronize(device)
+        return step
+
+    out = forward()
+    # A fixed upstream gradient: random, so no provider can shortcut a zero or constant dout.
+    gen = torch.Generator(device=out.device).manual_seed(1234)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    if mode == "bwd":
+        def step() -> None:
+            torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+            synchronize(device)
+        return step
+
+    del out  # fwd+bwd rebuilds the graph every round; do not keep one alive beside it
+
+    def step() -> None:
+        torch.autograd.grad(forward(), inputs, grad_out)
+        synchronize(device)
+    return step
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """MiB allocated at the peak of one `fn()` call, above what was allocated when it started.
+
+    So inputs (and in "bwd" the saved graph) are not counted; the result is the working memory
+    of the call itself, comparable across providers and across devices.
+
+    - CUDA: the caching allocator's own counters (memory_allocated / max_memory_allocated).
+    - CPU: torch keeps no allocator statistics, and RSS is process-wide and monotonic, so one
+      call runs under torch.profiler(profile_memory=True): every allocation and free of the CPU
+      allocator (eager ops, autograd, Inductor buffers alike) is an event with a signed byte
+      count; the peak of their running sum in time order is the peak extra memory.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / _MB
+    return _cpu_peak_bytes(fn) / _MB
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # kineto_results is the raw event stream; the aggregated EventList has no allocation order.
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    peak = current = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def compile_or_skip(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile(fn) for a benchmark, skipping (with the reason) the cases where it fails.
+
+    - dynamic=False: each benchmarked shape gets its own specialized kernels, the best case
+      for the compiled baseline.
+    - fail_on_recompile_limit_hit: past dynamo's recompile limit torch would silently run the
+      function eagerly, and eager timings would be reported as compiled ones.
+    The compilation itself happens on the first call, i.e. in `run_benchmark`'s warm-up.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(fn, dynamic=False)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*args, **kwargs)
+
+    call.is_compiled = True  # type: ignore[attr-defined]
+    return call
+
+
+# --------------------------------------------------------------------------- the benchmark call
+
+
+def run_benchmark(
+    benchmark: Any,
+    *,
+    mode: str,
+    forward: Forward,
+    inputs: Sequence[torch.Tensor],
+    device: torch.device,
+    group: str,
+    extra_info: dict[str, Any],
+    warmup: int = 2,
+) -> None:
+    """Warm up, record peak memory and metadata, then time `mode` with pytest-benchmark.
+
+    Warm-up matters: the first call compiles (torch.compile, Triton autotuning) and grows the
+    CUDA caching allocator, and neither belongs in a steady-state timing. A warm-up that fails
+    because the provider cannot run here (compile error, out of memory) skips with the reason.
+    """
+    compiled = getattr(forward, "is_compiled", False)
+    try:
+        step = make_step(mode, forward, inputs, device)
+        for _ in range(warmup):
+            step()
+    except torch.OutOfMemoryError as exc:
+        pytest.skip(f"out of memory on {device}: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # noqa: BLE001 — only compile failures are turned into skips
+        if not compiled:
+            raise
+        pytest.skip(f"torch.compile failed on this machine: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    benchmark.group = group
+    benchmark.extra_info.update(extra_info)
+    benchmark.extra_info["mode"] = mode
+    benchmark.extra_info["device"] = str(device)
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 3)
+    benchmark(step)
+
+
+# --------------------------------------------------------------------------- machine description
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def machine_description() -> dict[str, Any]:
+    """What a reader needs to trust (or discount) a number: hardware and software versions."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(affinity) if affinity is not None else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "cuda": torch.version.cuda,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def describe_machine() -> str:
+    """One line of `machine_description()` for report headers."""
+    d = machine_description()
+    gpu = d["gpu"] or "no GPU"
+    return (f"{d['cpu_model']} ({d['cpu_cores_usable']}/{d['cpu_cores']} cores, {d['torch_threads']} torch "
+            f"threads), {gpu}; torch {d['torch']}, triton {d['triton']}, CUDA {d['cuda']}")
+
+
+# --------------------------------------------------------------------------- markdown report
+
+
+def markdown_report(output_json: dict[str, Any]) -> str:
+    """The pytest-benchmark JSON as markdown: machine line, then one table per group.
+
+    Within a group rows are sorted by median, with the ratio to the fastest provider, so the
+    tables read like pytest-benchmark's terminal output plus the peak memory column.
+    """
+    lines = ["# Benchmark results", "", f"Machine: {describe_machine()}", ""]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for bench in output_json.get("benchmarks", []):
+        groups.setdefault(bench.get("group") or "ungrouped", []).append(bench)
+    for group, benches in sorted(groups.items()):
+        benches.sort(key=lambda b: b["stats"]["median"])
+        fastest = benches[0]["stats"]["median"]
+        info0 = benches[0].get("extra_info", {})
+        shape = ", ".join(f"{k}={info0[k]}" for k in ("B", "H", "L", "V", "dtype", "device") if k in info0)
+        lines += [f"## {group}", "", f"{shape}", "",
+                  "| provider | median (ms) | min (ms) | vs fastest | peak mem (MiB) | rounds |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for b in benches:
+            s, info = b["stats"], b.get("extra_info", {})
+            lines.append(f"| {info.get('provider', b['name'])} | {s['median'] * 1e3:.3f} | {s['min'] * 1e3:.3f} | "
+                         f"{s['median'] / fastest:.2f}x | {info.get('peak_mem_mb', float('nan')):.1f} | {s['rounds']} |")
+        lines.append("")
+    return "\n".join(lines)

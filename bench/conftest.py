@@ -1,0 +1,52 @@
+"""pytest set-up of the benchmark suites (bench/).
+
+- Collects `bench_*.py` here without touching the repo's pytest config: pyproject.toml keeps
+  testpaths = ["tests"] and the default test_*.py pattern, so `pytest` / `pytest tests` never
+  see the benchmarks, while `pytest bench/` does (this conftest is only loaded then).
+- Puts the machine description into the header and into the JSON's machine_info, and writes
+  a markdown table next to `--benchmark-json PATH` (PATH with .md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from _common import describe_machine, machine_description, markdown_report, resolve_device
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--bench-device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="device of the benchmarks: auto = CUDA when available, else CPU",
+    )
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Optional[pytest.Module]:
+    # Files named on the command line are already collected by pytest's own hook whatever
+    # their name; collecting them here too would run every benchmark twice.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"fastattn bench machine: {describe_machine()}"]
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    machine_info["fastattn"] = machine_description()
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    json_path = config.getoption("benchmark_json", None)
+    if json_path is not None:
+        md_path = Path(json_path).with_suffix(".md")
+        md_path.write_text(markdown_report(output_json), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def bench_device(pytestconfig: pytest.Config) -> torch.device:
+    return resolve_device(pytestconfig.getoption("--bench-device"))
