@@ -8,12 +8,10 @@ import torch
 
 from ._dispatch import resolve_backend
 from .ops.attention.function import DIFAttentionFunction
-from .ops.attention.options import AttentionOptions
+from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
 from .ops.attention.reference import dif_attention_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Widest concatenated QK / V head dim the Triton tiles take (see ops/attention/triton_fwd.py).
-_TRITON_MAX_HEAD_DIM = 256
 
 Domains = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -72,6 +70,32 @@ def _validate_attention(
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
 
+def _normalize_domains(domains: object, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dom_q (B,Lq), dom_k (B,Lk)) int64 contiguous from a (B,L) tensor or a pair; raises on bad input."""
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    if isinstance(domains, torch.Tensor):
+        if lq != lk:
+            raise ValueError(f"domains must be a pair (dom_q (B,Lq), dom_k (B,Lk)) when Lq ({lq}) != Lk ({lk})")
+        pair = (("domains", domains), ("domains", domains))
+    elif isinstance(domains, (tuple, list)) and len(domains) == 2:
+        pair = (("domains[0]", domains[0]), ("domains[1]", domains[1]))
+    else:
+        raise TypeError("domains must be a (B, L) integer tensor or a pair (dom_q (B,Lq), dom_k (B,Lk)), "
+                        f"got {type(domains).__name__}")
+    out = []
+    for (name, t), length in zip(pair, (lq, lk)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int64 domain ids), got {t.dtype}")
+        if t.shape != (b, length):
+            raise ValueError(f"{name} must have shape (B={b}, L={length}), got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        out.append(t.to(torch.int64).contiguous())
+    return out[0], out[1]
+
+
 def dif_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,7 +109,7 @@ def dif_attention(
     dropout_p: float = 0.0,
     domains: Optional[Domains] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Decoupled (DIF-SR) attention: several score streams summed inside one softmax.
 
     Shapes follow `torch.nn.functional.scaled_dot_product_attention`:
@@ -95,6 +119,9 @@ def dif_attention(
       one pair per extra score stream (position, each attribute); every Da_f may differ and
       need not be a power of two.
     - key_padding_mask: optional bool (B, Lk), True = padding key.
+    - domains: optional integer (B, L) domain ids for self attention, or a pair
+      (dom_q (B, Lq), dom_k (B, Lk)) for cross attention; then the cross-domain attention
+      mass is returned too (AutoCDSR's a_cd).
     - dtypes: float32, float16 or bfloat16 (float64 on backend="torch"), all streams alike;
       accumulation is float32, the output has the input dtype.
 
@@ -103,6 +130,10 @@ def dif_attention(
         S_ij  = scale · (q_i·k_j + Σ_f qa_f,i·ka_f,j)     (scale defaults to 1/sqrt(Dk))
         P_i   = softmax_j(S_i)                            (a row with no visible key: P_i = 0)
         out_i = Σ_j dropout(P)_ij v_j
+        acd_i = Σ_j P_ij · [dom_q(i) != dom_k(j)]         (pre-dropout P; 0 on empty rows)
+
+    acd is computed inside the same kernel (one extra multiply-add per score) and has an exact
+    gradient: dS_ij gains g_i · P_ij · ([dom_q(i) != dom_k(j)] − acd_i).
 
     Dropout (dropout_p > 0) is applied to P inside the kernel with a counter-based RNG seeded
     from torch's default generator, so `torch.manual_seed` reproduces a run, and the backward
@@ -113,14 +144,13 @@ def dif_attention(
     materializes the Lq×Lk scores). An explicit backend that cannot run raises
     `fastattn.BackendUnavailable` with the reason.
 
-    Returns out (B, H, Lq, Dv).
+    Returns out (B, H, Lq, Dv); with domains, (out, acd) with acd (B, H, Lq) float32.
     """
     if isinstance(attr_q, torch.Tensor) or isinstance(attr_k, torch.Tensor):
         raise TypeError("attr_q and attr_k must be sequences of tensors (wrap a single stream in a tuple)")
     attr_q, attr_k = tuple(attr_q), tuple(attr_k)
     _validate_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p, scale)
-    if domains is not None:
-        raise NotImplementedError("domains= (the cross-domain attention mass a_cd) is not implemented yet")
+    domain_pair = _normalize_domains(domains, q, k) if domains is not None else None
     opts = AttentionOptions(
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
         causal=bool(causal),
@@ -129,16 +159,18 @@ def dif_attention(
     streams = (q, k, v, *attr_q, *attr_k)
     dqk = q.shape[-1] + sum(a.shape[-1] for a in attr_q)
     too_wide = None
-    if max(dqk, v.shape[-1]) > _TRITON_MAX_HEAD_DIM:
-        too_wide = (f"the summed QK head dim ({dqk}) and the V head dim ({v.shape[-1]}) must each be "
-                    f"<= {_TRITON_MAX_HEAD_DIM} for the Triton tiles")
+    if dqk > MAX_QK_DIM or v.shape[-1] > MAX_V_DIM:
+        too_wide = (f"the fused tiles take a summed QK head dim <= {MAX_QK_DIM} and a V head dim <= "
+                    f"{MAX_V_DIM}, got {dqk} and {v.shape[-1]}")
     chosen = resolve_backend(backend, streams, too_wide)
     if chosen == "torch":
-        out, _ = dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask)
-        return out
-    from .ops.attention.triton_backend import TritonAttentionKernels
+        out, acd = dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask, None, domain_pair)
+    else:
+        from .ops.attention.triton_backend import TritonAttentionKernels
 
-    out, _ = DIFAttentionFunction.apply(
-        TritonAttentionKernels, opts, key_padding_mask, None, q, k, v, *attr_q, *attr_k
-    )
-    return out
+        out, acd = DIFAttentionFunction.apply(
+            TritonAttentionKernels, opts, key_padding_mask, domain_pair, q, k, v, *attr_q, *attr_k
+        )
+    if domain_pair is None:
+        return out
+    return out, acd.float()

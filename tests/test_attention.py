@@ -113,6 +113,15 @@ def test_rows_without_visible_key_are_zero_with_zero_grads() -> None:
     assert (dq[1, :, :4] == 0).all()  # queries with nothing visible get no gradient
 
 
+@pytest.mark.parametrize("lq,lk", [(0, 5), (5, 0), (0, 0)])
+def test_empty_sequences(lq: int, lk: int) -> None:
+    case = Case(lq=lq, lk=lk, causal=False, n_domains=2)
+    inputs = with_grad(make_inputs(case))
+    out, acd, grads = run_fastattn(case, inputs, "triton", torch.ones(2, 2, lq, 24), torch.ones(2, 2, lq))
+    assert out.shape == (2, 2, lq, 24) and acd.shape == (2, 2, lq)
+    assert (out == 0).all() and (acd == 0).all() and all((g == 0).all() for g in grads)
+
+
 def test_gradients_only_where_required() -> None:
     case = Case(lq=7)
     inputs = make_inputs(case)
@@ -237,6 +246,9 @@ def test_explicit_triton_backend_raises_with_reason() -> None:
     wide = make_inputs(Case(lq=7, dk=200, attr_dims=(100,)))
     with pytest.raises(fastattn.BackendUnavailable, match="head dim"):
         fastattn.dif_attention(wide["q"], wide["k"], wide["v"], wide["attr_q"], wide["attr_k"], backend="triton")
+    wide_v = make_inputs(Case(lq=7, dk=16, dv=129))
+    with pytest.raises(fastattn.BackendUnavailable, match="V head dim <= 128"):
+        fastattn.dif_attention(wide_v["q"], wide_v["k"], wide_v["v"], backend="triton")
 
 
 def test_triton_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

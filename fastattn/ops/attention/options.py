@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Widest head dims the fused tiles take: the concatenated QK streams and V (triton_fwd.tile_config).
+MAX_QK_DIM = 256
+MAX_V_DIM = 128
+
+
 @dataclass(frozen=True)
 class AttentionOptions:
     """Options of `dif_attention` after validation.

@@ -33,8 +33,9 @@ def _dif_attn_bwd_dkdv_kernel(
     HAS_DOMAINS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(Lk, BLOCK_N)  # 1-D grid, as in the forward
+    pid_n = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
@@ -114,8 +115,9 @@ def _dif_attn_bwd_dq_kernel(
     HAS_DOMAINS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(Lq, BLOCK_M)  # 1-D grid, as in the forward
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,12 +216,12 @@ def bwd_launches(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
     )
     dkdv = KernelLaunch(
-        _dif_attn_bwd_dkdv_kernel, grid=(triton.cdiv(lk, cfg.block_n), b * h),
+        _dif_attn_bwd_dkdv_kernel, grid=(triton.cdiv(lk, cfg.block_n) * b * h,),
         args={**tensors, "DK": dk, "DV": dv, **shared}, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dq_launch = KernelLaunch(
-        _dif_attn_bwd_dq_kernel, grid=(triton.cdiv(lq, cfg.block_m), b * h),
+        _dif_attn_bwd_dq_kernel, grid=(triton.cdiv(lq, cfg.block_m) * b * h,),
         args={**tensors, "DQ": dq, **shared}, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
+from .options import MAX_QK_DIM, MAX_V_DIM
 
 LOG2E = 1.4426950408889634
 
@@ -61,8 +62,10 @@ def _dif_attn_fwd_kernel(
     HAS_DOMAINS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 1-D grid (CUDA caps grid.y at 65535; B·H can exceed it), query blocks of a head adjacent for K/V reuse in L2.
+    n_blocks = tl.cdiv(Lq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,8 +143,6 @@ class TileConfig:
     num_stages: int
 
 
-MAX_QK_DIM = 256
-MAX_V_DIM = 128
 # One tile class per padded head-dim width. Few classes keep the ahead-of-time compile matrix
 # (classes × dtypes × constexpr flags × passes × archs) small enough to test every member.
 _TILES = {
@@ -204,7 +205,7 @@ def fwd_launch(
     dom_q, dom_k = domains if domains is not None else (None, None)
     launch = KernelLaunch(
         _dif_attn_fwd_kernel,
-        grid=(triton.cdiv(lq, cfg.block_m), b * h),
+        grid=(triton.cdiv(lq, cfg.block_m) * b * h,),
         args=dict(
             Q=q, K=k, V=v, O=out, LSE=lse, ACD=acd, PAD=pad, DOM_Q=dom_q, DOM_K=dom_k,
             qk_scale=scale * LOG2E, seed=seed, dropout_p=dropout_p,
