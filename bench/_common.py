@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
+from pytest_benchmark.fixture import BenchmarkFixture
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 _MB = 2.0 ** 20
@@ -120,33 +121,30 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
 # --------------------------------------------------------------------------- torch.compile
 
 
-def compile_or_skip(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.compile(fn) for a benchmark, skipping (with the reason) the cases where it fails.
+def compile_for_bench(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile(fn) as a benchmark provider; pair it with `COMPILE_FAILURE` in skip_on.
 
     - dynamic=False: each benchmarked shape gets its own specialized kernels, the best case
       for the compiled baseline.
     - fail_on_recompile_limit_hit: past dynamo's recompile limit torch would silently run the
       function eagerly, and eager timings would be reported as compiled ones.
-    The compilation itself happens on the first call, i.e. in `run_benchmark`'s warm-up.
+    Compilation happens on the first call, i.e. in `run_benchmark`'s untimed warm-up.
     """
     import torch._dynamo
 
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    compiled = torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False)
 
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return compiled(*args, **kwargs)
 
-    call.is_compiled = True  # type: ignore[attr-defined]
-    return call
+# Any error in the first (compiling) call means torch.compile cannot serve here: skip, not fail.
+COMPILE_FAILURE: tuple[type[BaseException], str] = (Exception, "torch.compile failed on this machine")
 
 
 # --------------------------------------------------------------------------- the benchmark call
 
 
 def run_benchmark(
-    benchmark: Any,
+    benchmark: BenchmarkFixture,
     *,
     mode: str,
     forward: Forward,
@@ -154,31 +152,49 @@ def run_benchmark(
     device: torch.device,
     group: str,
     extra_info: dict[str, Any],
+    skip_on: Sequence[tuple[type[BaseException], str]] = (),
+    check: Optional[Callable[[], None]] = None,
     warmup: int = 2,
 ) -> None:
-    """Warm up, record peak memory and metadata, then time `mode` with pytest-benchmark.
+    """Warm up, check, record peak memory and metadata, then time `mode` with pytest-benchmark.
 
     Warm-up matters: the first call compiles (torch.compile, Triton autotuning) and grows the
-    CUDA caching allocator, and neither belongs in a steady-state timing. A warm-up that fails
-    because the provider cannot run here (compile error, out of memory) skips with the reason.
+    CUDA caching allocator, and neither belongs in a steady-state timing.
+    skip_on: (exception type, reason) pairs; such an error during warm-up means the provider
+        cannot run here, so the case is skipped with the reason instead of failing. Running out
+        of memory always skips.
+    check: optional untimed correctness check run after warm-up (a wrong provider must not
+        produce a timing); it raises on a mismatch.
     """
-    compiled = getattr(forward, "is_compiled", False)
+    skip_reason = None
     try:
         step = make_step(mode, forward, inputs, device)
         for _ in range(warmup):
             step()
     except torch.OutOfMemoryError as exc:
-        pytest.skip(f"out of memory on {device}: {str(exc).splitlines()[0]}")
-    except Exception as exc:  # noqa: BLE001 — only compile failures are turned into skips
-        if not compiled:
+        skip_reason = f"out of memory on {device}: {_first_line(exc)}"
+    except Exception as exc:
+        skip_reason = next((f"{reason}: {type(exc).__name__}: {_first_line(exc)}"
+                            for exc_type, reason in skip_on if isinstance(exc, exc_type)), None)
+        if skip_reason is None:
             raise
-        pytest.skip(f"torch.compile failed on this machine: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    # Skip outside the except block: a skip raised inside it would chain the error, whose
+    # traceback keeps the failed call's tensors (GBs of GPU memory) alive for the session.
+    if skip_reason is not None:
+        pytest.skip(skip_reason)
+    if check is not None:
+        check()
     benchmark.group = group
     benchmark.extra_info.update(extra_info)
     benchmark.extra_info["mode"] = mode
     benchmark.extra_info["device"] = str(device)
     benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 3)
     benchmark(step)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # --------------------------------------------------------------------------- machine description
@@ -257,7 +273,9 @@ def markdown_report(output_json: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|"]
         for b in benches:
             s, info = b["stats"], b.get("extra_info", {})
-            lines.append(f"| {info.get('provider', b['name'])} | {s['median'] * 1e3:.3f} | {s['min'] * 1e3:.3f} | "
-                         f"{s['median'] / fastest:.2f}x | {info.get('peak_mem_mb', float('nan')):.1f} | {s['rounds']} |")
+            provider = info.get("provider", b["name"])
+            peak = info.get("peak_mem_mb", float("nan"))
+            lines.append(f"| {provider} | {s['median'] * 1e3:.3f} | {s['min'] * 1e3:.3f} | "
+                         f"{s['median'] / fastest:.2f}x | {peak:.1f} | {s['rounds']} |")
         lines.append("")
     return "\n".join(lines)

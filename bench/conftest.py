@@ -8,11 +8,17 @@
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 import torch
+
+# bench/ is not a package; pytest's default import mode puts it on sys.path, but
+# --import-mode=importlib does not, and the suites import their helpers as `_common`.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import describe_machine, machine_description, markdown_report, resolve_device
 
@@ -24,10 +30,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # torch.compile's own imports use torch.jit.script_method; the deprecation is torch's to fix,
+    # and 14 copies of it would bury the tables.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Optional[pytest.Module]:
     # Files named on the command line are already collected by pytest's own hook whatever
     # their name; collecting them here too would run every benchmark twice.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+    is_bench = file_path.suffix == ".py" and file_path.name.startswith("bench_")
+    if is_bench and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
