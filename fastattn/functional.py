@@ -10,6 +10,13 @@ from ._dispatch import resolve_backend
 from .ops.attention.function import DIFAttentionFunction
 from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
 from .ops.attention.reference import dif_attention_reference
+from .ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
+from .ops.cross_entropy.function import FullItemCrossEntropyFunction, RowTargets
+from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
+from .ops.cross_entropy.topk import chunked_topk
+
+# Widest hidden size the cross-entropy Triton tiles take (ops/cross_entropy/triton_fwd.py).
+MAX_HIDDEN_DIM = 256
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -174,3 +181,171 @@ def dif_attention(
     if domain_pair is None:
         return out
     return out, acd.float()
+
+
+# ---------------------------------------------------------------- full-catalog cross-entropy
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_catalog(hidden: object, item_weight: object, bias: object) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(item_weight, torch.Tensor):
+        raise TypeError(f"item_weight must be a torch.Tensor, got {type(item_weight).__name__}")
+    if hidden.dim() < 1 or hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be a float tensor of shape (..., D), got {hidden.dtype} {tuple(hidden.shape)}")
+    if item_weight.dim() != 2 or item_weight.shape[1] != hidden.shape[-1] or item_weight.shape[0] == 0:
+        raise ValueError(f"item_weight must have shape (V >= 1, D={hidden.shape[-1]}), got {tuple(item_weight.shape)}")
+    if item_weight.dtype != hidden.dtype:
+        raise TypeError(f"item_weight has dtype {item_weight.dtype} but hidden has {hidden.dtype}")
+    if item_weight.device != hidden.device:
+        raise ValueError(f"item_weight is on {item_weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (item_weight.shape[0],):
+            raise ValueError(f"bias must have shape (V={item_weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def _row_targets(target: object, rows: int, num_items: int, device: torch.device, ignore_index: int,
+                 label_smoothing: float) -> RowTargets:
+    """Resolve hard or soft targets (with label smoothing) into per-row coefficients."""
+    eps = label_smoothing
+    empty_i = torch.zeros(0, dtype=torch.int64, device=device)
+    if isinstance(target, SoftTarget):
+        if target.num_rows != rows:
+            raise ValueError(f"target (SoftTarget) has {target.num_rows} rows but hidden has {rows}")
+        mass = validate_soft_target(target, rows, num_items, device).float()
+        used = (mass > 0).float()
+        # Label smoothing mixes every used row with the uniform distribution, as F.cross_entropy does.
+        return RowTargets(
+            index=torch.full((rows,), -1, dtype=torch.int64, device=device),
+            weight=torch.zeros(rows, device=device),
+            base=target.base.float() * (1 - eps) + used * (eps / num_items),
+            mass=mass * (1 - eps) + used * eps,
+            indptr=target.indptr, indices=target.indices, values=target.values.float() * (1 - eps),
+        )
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be an int64 tensor or a fastattn.SoftTarget, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 item indices, got {target.dtype}")
+    if target.numel() != rows:
+        raise ValueError(f"target must have one entry per row of hidden ({rows}), got shape {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but hidden is on {device}")
+    target = target.reshape(-1)
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_items))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"target holds {value}, outside [0, {num_items}) (the number of items) "
+                         f"and not ignore_index={ignore_index}")
+    used = valid.float()
+    return RowTargets(
+        index=torch.where(valid, target, torch.full_like(target, -1)).contiguous(),
+        weight=used * (1 - eps), base=used * (eps / num_items), mass=used,
+        indptr=torch.zeros(rows + 1, dtype=torch.int64, device=device), indices=empty_i,
+        values=torch.zeros(0, device=device),
+    )
+
+
+def full_item_cross_entropy(
+    hidden: torch.Tensor,
+    item_weight: torch.Tensor,
+    target: Union[torch.Tensor, SoftTarget],
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy over the whole item catalog without materializing the N×V logits.
+
+    - hidden (..., D): sequence representations, flattened to N rows; item_weight (V, D);
+      bias (V,) or None; all float32, float16 or bfloat16 (float64 on backend="torch"), alike.
+    - target: int64 item ids with hidden's leading shape (or N entries), `ignore_index` to skip
+      a row; or a `fastattn.SoftTarget` (a distribution per row: base + sparse CSR part).
+
+    Math, with z_ij = (h_i·E_j + b_j) / temperature and target distribution t_i::
+
+        loss_i = logsumexp_j(z_ij) − Σ_j t_ij z_ij
+        hard target y_i with label smoothing ε:  t_ij = (1 − ε)·[j = y_i] + ε / V
+
+    (as `torch.nn.functional.cross_entropy`). reduction: "mean" over non-ignored rows (0 with
+    zero gradients when every row is ignored), "sum", or "none" (per-row losses shaped like
+    hidden's leading dims, 0 on ignored rows). The loss is float32; gradients reach hidden,
+    item_weight and bias in their dtypes. Extra memory is O(N + V) plus one tile or chunk of
+    logits, never O(N·V).
+
+    backend: "auto" (Triton for CUDA tensors, else the chunked torch implementation), "triton"
+    (tiled kernels: forward saves only LSE, deterministic backward; D <= 256) or "torch"
+    (eager, chunked over items). An explicit backend that cannot run raises
+    `fastattn.BackendUnavailable`.
+    """
+    _check_catalog(hidden, item_weight, bias)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    lead_shape = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+    weight = item_weight if item_weight.stride(-1) == 1 else item_weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    targets = _row_targets(target, h2.shape[0], weight.shape[0], hidden.device, ignore_index, float(label_smoothing))
+    too_wide = None if hidden.shape[-1] <= MAX_HIDDEN_DIM else (
+        f"the Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {hidden.shape[-1]}")
+    chosen = resolve_backend(backend, [h2, weight], too_wide)
+    if chosen == "triton":
+        from .ops.cross_entropy.triton_backend import TritonCrossEntropyKernels as kernels
+    else:
+        kernels = ChunkedCrossEntropyKernels
+    loss = FullItemCrossEntropyFunction.apply(kernels, 1.0 / float(temperature), targets, h2, weight, bias)
+    if reduction == "none":
+        return loss.reshape(lead_shape)
+    if reduction == "sum":
+        return loss.sum()
+    count = (targets.mass > 0).sum()
+    return loss.sum() / count.clamp_min(1)
+
+
+def topk_items(
+    hidden: torch.Tensor,
+    item_weight: torch.Tensor,
+    k: int,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    exclude: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k items of the whole catalog by score h·E_j + b_j, chunked over items.
+
+    hidden (..., D), item_weight (V, D), bias (V,) or None; exclude: optional int64 (..., M)
+    item ids to skip per row (entries < 0 are ignored — pad the user's history with -1).
+    Returns (scores float32, indices int64), each (..., k), best first. A row with fewer than
+    k eligible items ends with score -inf and index -1. No gradient; never an N×V buffer.
+    """
+    _check_catalog(hidden, item_weight, bias)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= item_weight.shape[0]:
+        raise ValueError(f"k must be an int in [1, {item_weight.shape[0]}] (the number of items), got {k!r}")
+    lead_shape = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if exclude is not None:
+        if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.int64:
+            raise TypeError("exclude must be an int64 tensor of item ids (-1 for unused slots)")
+        if exclude.shape[:-1] != lead_shape or exclude.dim() != hidden.dim():
+            raise ValueError(f"exclude must have shape {(*lead_shape, 'M')}, got {tuple(exclude.shape)}")
+        if exclude.device != hidden.device:
+            raise ValueError(f"exclude is on {exclude.device} but hidden is on {hidden.device}")
+        if bool((exclude >= item_weight.shape[0]).any()):
+            raise ValueError(f"exclude holds item ids >= {item_weight.shape[0]} (the number of items)")
+        exclude = exclude.reshape(h2.shape[0], -1)
+    scores, index = chunked_topk(h2, item_weight, k, bias, exclude)
+    return scores.reshape(*lead_shape, k), index.reshape(*lead_shape, k)

@@ -10,9 +10,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 
 def _launches():
-    from fastattn.ops.attention.triton_backend import every_launch
+    from fastattn.ops.aot import every_triton_launch
 
-    return list(every_launch())
+    return every_triton_launch()
 
 
 def _compile(index_and_cap):

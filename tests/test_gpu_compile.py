@@ -20,5 +20,6 @@ def test_every_launch_compiles(capability: int) -> None:
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     failures = [f"{r['name']}: {r['error']}" for r in results if not r["ok"]]
     assert not failures, f"{len(failures)} configurations fail on sm_{capability}:\n" + "\n".join(failures)
-    # fwd, dK/dV and dQ for 3 tile classes × 3 dtypes × 4 constexpr flag sets, plus the mask kernel.
-    assert len(results) == 3 * 3 * 3 * 4 + 1
+    # Attention: fwd, dK/dV and dQ for 3 tile classes × 3 dtypes × 4 constexpr flag sets, plus the
+    # dropout-mask kernel. Cross-entropy: LSE, dH and dE for 3 tile classes × 3 dtypes × bias on/off.
+    assert len(results) == 3 * 3 * 3 * 4 + 1 + 3 * 3 * 3 * 2

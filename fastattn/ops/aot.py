@@ -40,3 +40,11 @@ def compile_launch(launch: KernelLaunch, capability: int, name: str = "") -> Com
     if shared > limit:
         raise RuntimeError(f"{name}: needs {shared} bytes of shared memory, sm_{capability} allows {limit}")
     return CompileResult(name, capability, shared, len(compiled.asm["cubin"]))
+
+
+def every_triton_launch() -> list[tuple[str, KernelLaunch]]:
+    """Every kernel configuration any launcher of the package can choose (meta tensors)."""
+    from .attention.triton_backend import every_launch as attention_launches
+    from .cross_entropy.triton_backend import every_launch as cross_entropy_launches
+
+    return [*attention_launches(), *cross_entropy_launches()]

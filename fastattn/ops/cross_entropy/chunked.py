@@ -1,0 +1,61 @@
+"""The torch backend of full-catalog cross-entropy: eager ops over chunks of items, so it
+never holds N×V either (extra memory O(N·chunk)). Same contract as the Triton kernels."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+# Elements of one chunk of logits (N × chunk): 16M floats = 64 MB, plus a few temporaries.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def item_chunks(num_rows: int, num_items: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) item ranges whose N×chunk logits stay within CHUNK_ELEMENTS."""
+    chunk = max(1, CHUNK_ELEMENTS // max(num_rows, 1))
+    for start in range(0, num_items, chunk):
+        yield start, min(num_items, start + chunk)
+
+
+def _logits(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+            start: int, stop: int) -> torch.Tensor:
+    z = h32 @ weight[start:stop].float().T
+    if bias is not None:
+        z += bias[start:stop].float()
+    return z.mul_(scale)
+
+
+class ChunkedCrossEntropyKernels:
+    @staticmethod
+    def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """(N,) fp32 natural-log LSE_i of z_ij = scale·(h_i·E_j + b_j)."""
+        h32 = hidden.float()
+        lse = torch.full((hidden.shape[0],), float("-inf"), dtype=torch.float32, device=hidden.device)
+        for start, stop in item_chunks(hidden.shape[0], weight.shape[0]):
+            lse = torch.logaddexp(lse, torch.logsumexp(_logits(h32, weight, bias, scale, start, stop), dim=1))
+        return lse
+
+    @staticmethod
+    def backward(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+        lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
+        coef_t: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """dH (N,D), dE (V,D), db (V,) in fp32 for dz = scale·(coef_p·softmax − coef_base − coef_t·onehot)."""
+        h32 = hidden.float()
+        n = hidden.shape[0]
+        dh = torch.zeros_like(h32)
+        de = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        db = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        rows = torch.arange(n, device=hidden.device)
+        for start, stop in item_chunks(n, weight.shape[0]):
+            dz = _logits(h32, weight, bias, scale, start, stop).sub_(lse[:, None]).exp_()
+            dz.mul_(coef_p[:, None]).sub_(coef_base[:, None])
+            hit = (target >= start) & (target < stop)
+            dz[rows[hit], target[hit] - start] -= coef_t[hit]
+            dz.mul_(scale)
+            dh.addmm_(dz, weight[start:stop].float())
+            torch.mm(dz.T, h32, out=de[start:stop])
+            if db is not None:
+                db[start:stop] = dz.sum(dim=0)
+        return dh, de, db

@@ -1,0 +1,52 @@
+"""The Triton kernels behind the cross-entropy Function (imported only when that backend runs)."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Optional
+
+import torch
+
+from ..triton_launch import KernelLaunch
+from .triton_bwd import bwd_launches
+from .triton_fwd import all_ce_tile_configs, combine_lse, lse_launch
+
+
+class TritonCrossEntropyKernels:
+    @staticmethod
+    def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        launch, m_part, l_part = lse_launch(hidden, weight, bias, scale)
+        launch()
+        return combine_lse(m_part, l_part)
+
+    @staticmethod
+    def backward(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+        lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
+        coef_t: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        launches, dh_part, de_part, db_part = bwd_launches(
+            hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t)
+        for launch in launches:
+            launch()
+        # Split partials summed in a fixed order: deterministic.
+        return dh_part.sum(0), de_part.sum(0), db_part.sum(0) if bias is not None else None
+
+
+def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
+    """Every (kernel, constexpr configuration) the launchers can choose, on meta tensors:
+    tile class × input dtype × HAS_BIAS for the LSE, dH and dE passes."""
+    meta = torch.device("meta")
+    n, v = 256, 1000
+    for cfg in all_ce_tile_configs():
+        for dtype, has_bias in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
+            h = torch.empty(n, cfg.block_d, dtype=dtype, device=meta)
+            w = torch.empty(v, cfg.block_d, dtype=dtype, device=meta)
+            b = torch.empty(v, dtype=dtype, device=meta) if has_bias else None
+            tag = f"d{cfg.block_d}-{str(dtype).removeprefix('torch.')}-bias{int(has_bias)}"
+            fwd, _, _ = lse_launch(h, w, b, 1.0)
+            yield f"ce_lse-{tag}", fwd
+            f32 = torch.empty(n, dtype=torch.float32, device=meta)
+            tgt = torch.empty(n, dtype=torch.int64, device=meta)
+            (dh, de), *_ = bwd_launches(h, w, b, 1.0, f32, f32, f32, tgt, f32)
+            yield f"ce_bwd_dh-{tag}", dh
+            yield f"ce_bwd_de-{tag}", de

@@ -1,0 +1,147 @@
+"""Triton backward of full-catalog cross-entropy (dense part), deterministic, no atomics.
+
+Logits are recomputed tile by tile from the saved LSE. With per-row coefficients from the
+Function (g = incoming gradient of row i's loss):
+
+    dz_ij = scale · (coef_p_i · softmax_ij − coef_base_i − coef_t_i · [target_i = j])
+    dH = dz E,   dE = dzᵀ H,   db = Σ_i dz_ij
+
+One pass is parallel over row blocks (dH), the other over item blocks (dE, db); each may split
+its loop into ranges whose fp32 partials the caller sums in a fixed order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_launch import KernelLaunch
+from .triton_fwd import LOG2E, ce_dot_precision, ce_tile_config, load_items, logit_tile, split_count
+
+
+@triton.jit
+def dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v):
+    """dz / scale of a (BLOCK_M, BLOCK_V) tile of base-2 logits s."""
+    p = tl.math.exp2(s - lse2[:, None])
+    dz = coef_p[:, None] * p - coef_base[:, None]
+    dz -= tl.where(target[:, None] == offs_v[None, :], coef_t[:, None], 0.0)
+    return tl.where(s == float("-inf"), 0.0, dz)
+
+
+@triton.jit
+def load_row_coefs(LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok):
+    lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=0.0)
+    coef_p = tl.load(COEF_P + offs_m, mask=row_ok, other=0.0)
+    coef_base = tl.load(COEF_BASE + offs_m, mask=row_ok, other=0.0)
+    target = tl.load(TARGET + offs_m, mask=row_ok, other=-1)
+    coef_t = tl.load(COEF_T + offs_m, mask=row_ok, other=0.0)
+    return lse2, coef_p, coef_base, target, coef_t
+
+
+@triton.jit
+def _ce_bwd_dh_kernel(
+    H, E, BIAS, LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, DH_PART,
+    scale, scale_log2, N, V, D, stride_h, stride_e, items_per_split,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n_row_blocks = tl.cdiv(N, BLOCK_M)
+    pid_m = tl.program_id(0) % n_row_blocks
+    split = tl.program_id(0) // n_row_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    h_mask = row_ok[:, None] & (offs_d < D)[None, :]
+    h = tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=h_mask, other=0.0)
+    lse2, coef_p, coef_base, target, coef_t = load_row_coefs(
+        LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok)
+    dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start = split * items_per_split
+    stop = tl.minimum(V, start + items_per_split)
+    for start_v in range(start, stop, BLOCK_V):
+        offs_v = start_v + tl.arange(0, BLOCK_V)
+        e, b, col_ok = load_items(E, BIAS, offs_v, offs_d, stop, D, stride_e, HAS_BIAS)
+        s = logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION)
+        dz = dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v)
+        dh += tl.dot(dz.to(e.dtype), e, input_precision=DOT_PRECISION)
+    out = DH_PART + split.to(tl.int64) * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+    tl.store(out, dh * scale, mask=h_mask)
+
+
+@triton.jit
+def _ce_bwd_de_kernel(
+    H, E, BIAS, LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, DE_PART, DB_PART,
+    scale, scale_log2, N, V, D, stride_h, stride_e, rows_per_split,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n_item_blocks = tl.cdiv(V, BLOCK_V)
+    pid_v = tl.program_id(0) % n_item_blocks
+    split = tl.program_id(0) // n_item_blocks
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, BLOCK_D)
+    e, b, col_ok = load_items(E, BIAS, offs_v, offs_d, V, D, stride_e, HAS_BIAS)  # fixed for the whole loop
+    de = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    start = split * rows_per_split
+    stop = tl.minimum(N, start + rows_per_split)
+    for start_m in range(start, stop, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < stop
+        h = tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        lse2, coef_p, coef_base, target, coef_t = load_row_coefs(
+            LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok)
+        s = logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION)
+        dz = dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v)
+        dz = tl.where(row_ok[:, None], dz, 0.0)
+        de += tl.dot(tl.trans(dz).to(h.dtype), h, input_precision=DOT_PRECISION)
+        db += tl.sum(dz, 0)
+    base = split.to(tl.int64) * V
+    tl.store(DE_PART + (base + offs_v[:, None].to(tl.int64)) * D + offs_d[None, :], de * scale,
+             mask=col_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(DB_PART + base + offs_v, db * scale, mask=col_ok)
+
+
+def bwd_launches(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+    lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
+    coef_t: torch.Tensor,
+) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Describe the dH and dE/db launches.
+
+    lse, coef_*: (N,) fp32 contiguous (lse in natural log); target (N,) int64 (-1: none).
+    Returns (launches, dh_part (S1,N,D), de_part (S2,V,D), db_part (S2,V)), all fp32.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = ce_tile_config(d)
+    row_blocks, item_blocks = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_v)
+    dh_splits = split_count(row_blocks, item_blocks)
+    items_per_split = triton.cdiv(item_blocks, dh_splits) * cfg.block_v
+    dh_splits = max(1, triton.cdiv(v, items_per_split))
+    de_splits = split_count(item_blocks, row_blocks)
+    rows_per_split = triton.cdiv(row_blocks, de_splits) * cfg.block_m
+    de_splits = max(1, triton.cdiv(n, rows_per_split))
+    dev = hidden.device
+    dh_part = torch.empty(dh_splits, n, d, dtype=torch.float32, device=dev)
+    de_part = torch.empty(de_splits, v, d, dtype=torch.float32, device=dev)
+    db_part = torch.empty(de_splits, v, dtype=torch.float32, device=dev)
+    shared = dict(
+        H=hidden, E=weight, BIAS=bias if bias is not None else weight, LSE2=lse * LOG2E,
+        COEF_P=coef_p, COEF_BASE=coef_base, TARGET=target, COEF_T=coef_t,
+    )
+    sizes = dict(scale=scale, scale_log2=scale * LOG2E, N=n, V=v, D=d,
+                 stride_h=hidden.stride(0), stride_e=weight.stride(0))
+    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=ce_dot_precision(hidden.dtype),
+                      BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+    dh = KernelLaunch(_ce_bwd_dh_kernel, grid=(row_blocks * dh_splits,),
+                      args={**shared, "DH_PART": dh_part, **sizes, "items_per_split": items_per_split},
+                      constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    de = KernelLaunch(_ce_bwd_de_kernel, grid=(item_blocks * de_splits,),
+                      args={**shared, "DE_PART": de_part, "DB_PART": db_part, **sizes,
+                            "rows_per_split": rows_per_split},
+                      constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return [dh, de], dh_part, de_part, db_part

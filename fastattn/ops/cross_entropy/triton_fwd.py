@@ -1,0 +1,150 @@
+"""Triton forward of full-catalog cross-entropy: the per-row log-sum-exp of the logits,
+tiled over rows × items, without the N×V logits.
+
+z_ij = scale · (h_i·E_j + b_j). Each program owns BLOCK_M rows and one of `n_splits` contiguous
+ranges of items and writes a partial (max, sum) pair in base 2; the launcher's caller
+combines the splits (deterministically) into LSE_i. Splitting the item loop keeps the GPU
+busy when there are few row blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_launch import KernelLaunch
+
+LOG2E = 1.4426950408889634
+# Aim for this many programs per launch (a few waves on a 132-SM H100); sizes alone decide the
+# split count, so the interpreter tests exercise the same split logic as the GPU.
+TARGET_PROGRAMS = 512
+MAX_HIDDEN_DIM = 256
+
+
+@dataclass(frozen=True)
+class CETileConfig:
+    block_d: int
+    block_m: int
+    block_v: int
+    num_warps: int
+    num_stages: int
+
+
+_TILES = {
+    64: CETileConfig(64, 64, 64, 4, 3),
+    128: CETileConfig(128, 64, 64, 8, 2),
+    256: CETileConfig(256, 32, 64, 8, 2),
+}
+
+
+def ce_tile_config(d: int) -> CETileConfig:
+    """Tiles for hidden size d (rounded up to a power of two >= 64; at most MAX_HIDDEN_DIM)."""
+    if d > MAX_HIDDEN_DIM:
+        raise ValueError(f"Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {d}")
+    return _TILES[max(64, triton.next_power_of_2(d))]
+
+
+def all_ce_tile_configs() -> list[CETileConfig]:
+    return list(_TILES.values())
+
+
+def split_count(outer_blocks: int, inner_blocks: int) -> int:
+    """How many ranges to split the inner loop into so that outer × splits ≈ TARGET_PROGRAMS."""
+    want = triton.cdiv(TARGET_PROGRAMS, max(outer_blocks, 1))
+    return max(1, min(want, inner_blocks))
+
+
+def ce_dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def load_items(E, BIAS, offs_v, offs_d, V, D, stride_e, HAS_BIAS: tl.constexpr):
+    """Item rows (BLOCK_V, BLOCK_D), their fp32 bias (0 without one) and which exist (< V)."""
+    col_ok = offs_v < V
+    e = tl.load(E + offs_v[:, None].to(tl.int64) * stride_e + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    if HAS_BIAS:
+        b = tl.load(BIAS + offs_v, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        b = offs_v * 0.0
+    return e, b, col_ok
+
+
+@triton.jit
+def logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_V) logits in base 2 (z·log2 e); missing items get -inf."""
+    s = tl.dot(h, tl.trans(e), input_precision=DOT_PRECISION) + b[None, :]
+    return tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
+
+
+@triton.jit
+def _ce_lse_kernel(
+    H, E, BIAS, M_PART, L_PART,
+    scale_log2, N, V, D, stride_h, stride_e, items_per_split,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n_row_blocks = tl.cdiv(N, BLOCK_M)
+    pid_m = tl.program_id(0) % n_row_blocks
+    split = tl.program_id(0) // n_row_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    h = tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    start = split * items_per_split
+    stop = tl.minimum(V, start + items_per_split)
+    for start_v in range(start, stop, BLOCK_V):
+        offs_v = start_v + tl.arange(0, BLOCK_V)
+        e, b, col_ok = load_items(E, BIAS, offs_v, offs_d, stop, D, stride_e, HAS_BIAS)
+        s = logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
+        m_i = m_new
+    out = split.to(tl.int64) * N + offs_m
+    tl.store(M_PART + out, m_i, mask=row_ok)
+    tl.store(L_PART + out, l_i, mask=row_ok)
+
+
+def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+               ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """Describe the LSE launch. hidden (N,D), weight (V,D), rows contiguous; bias (V,) or None.
+
+    Returns (launch, m_part, l_part): (S, N) fp32 partial base-2 maxima and sums per split.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = ce_tile_config(d)
+    row_blocks = triton.cdiv(n, cfg.block_m)
+    item_blocks = triton.cdiv(v, cfg.block_v)
+    splits = split_count(row_blocks, item_blocks)
+    items_per_split = triton.cdiv(item_blocks, splits) * cfg.block_v
+    splits = triton.cdiv(v, items_per_split) if v else 1
+    m_part = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
+    l_part = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
+    launch = KernelLaunch(
+        _ce_lse_kernel,
+        grid=(row_blocks * splits,),
+        args=dict(H=hidden, E=weight, BIAS=bias if bias is not None else weight,
+                  M_PART=m_part, L_PART=l_part, scale_log2=scale * LOG2E, N=n, V=v, D=d,
+                  stride_h=hidden.stride(0), stride_e=weight.stride(0), items_per_split=items_per_split),
+        constexprs=dict(HAS_BIAS=bias is not None, DOT_PRECISION=ce_dot_precision(hidden.dtype),
+                        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return launch, m_part, l_part
+
+
+def combine_lse(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor:
+    """(S, N) base-2 partials → (N,) natural-log LSE; -inf for a row with no items (V = 0)."""
+    m = m_part.max(dim=0).values
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    total = (l_part * torch.exp2(m_part - m_safe)).sum(dim=0)
+    return (m_safe + torch.log2(total)) / LOG2E
