@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,19 +33,36 @@ def triton_unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], extra_reason: str | None = None) -> str:
-    """Return "triton" or "torch" for these inputs.
+def cpp_unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
+    """None if the C++ CPU kernels can run on these tensors, else the reason they cannot."""
+    if tensors[0].device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors (got {tensors[0].device.type})"
+    from .ops.cpp_extension import cpp_unavailable_reason as build_reason
 
-    extra_reason: an op-specific reason the Triton kernels cannot take these inputs (e.g. a
-    head dim too wide), or None.
+    return build_reason()
+
+
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], extra_reason: str | None = None) -> str:
+    """Return "triton", "cpp" or "torch" for these inputs.
+
+    "auto": Triton for CUDA tensors, the C++ kernels for CPU tensors (built on first use), else
+    the torch implementation. extra_reason: an op-specific reason the Triton kernels cannot
+    take these inputs (e.g. a head dim too wide), or None.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    reason = triton_unavailable_reason(tensors) or extra_reason
-    if backend == "triton":
-        if reason is not None:
+    if backend == "torch":
+        return "torch"
+    if backend == "triton" or (backend == "auto" and tensors[0].device.type == "cuda"):
+        reason = triton_unavailable_reason(tensors) or extra_reason
+        if reason is None:
+            return "triton"
+        if backend == "triton":
             raise BackendUnavailable(f"backend='triton' cannot run: {reason}")
-        return "triton"
-    if backend == "auto" and tensors[0].device.type == "cuda" and reason is None:
-        return "triton"
+        return "torch"
+    reason = cpp_unavailable_reason(tensors)
+    if reason is None:
+        return "cpp"
+    if backend == "cpp":
+        raise BackendUnavailable(f"backend='cpp' cannot run: {reason}")
     return "torch"

@@ -146,9 +146,10 @@ def dif_attention(
     from torch's default generator, so `torch.manual_seed` reproduces a run, and the backward
     regenerates the same mask. Gradients flow to every input tensor that requires them.
 
-    backend: "auto" (Triton for CUDA tensors, else the torch reference), "triton" (fused
-    flash-style kernels; on a CPU only under TRITON_INTERPRET=1) or "torch" (the reference that
-    materializes the Lq×Lk scores). An explicit backend that cannot run raises
+    backend: "auto" (Triton for CUDA tensors, the C++ kernels for CPU tensors, else the torch
+    reference), "triton" (fused flash-style kernels; on a CPU only under TRITON_INTERPRET=1),
+    "cpp" (fused C++ CPU kernels, compiled at install or on first use) or "torch" (the
+    reference that materializes the Lq×Lk scores). An explicit backend that cannot run raises
     `fastattn.BackendUnavailable` with the reason.
 
     Returns out (B, H, Lq, Dv); with domains, (out, acd) with acd (B, H, Lq) float32.
@@ -173,10 +174,12 @@ def dif_attention(
     if chosen == "torch":
         out, acd = dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask, None, domain_pair)
     else:
-        from .ops.attention.triton_backend import TritonAttentionKernels
-
+        if chosen == "triton":
+            from .ops.attention.triton_backend import TritonAttentionKernels as kernels
+        else:
+            from .ops.attention.cpp import CppAttentionKernels as kernels
         out, acd = DIFAttentionFunction.apply(
-            TritonAttentionKernels, opts, key_padding_mask, domain_pair, q, k, v, *attr_q, *attr_k
+            kernels, opts, key_padding_mask, domain_pair, q, k, v, *attr_q, *attr_k
         )
     if domain_pair is None:
         return out
@@ -283,9 +286,10 @@ def full_item_cross_entropy(
     item_weight and bias in their dtypes. Extra memory is O(N + V) plus one tile or chunk of
     logits, never O(N·V).
 
-    backend: "auto" (Triton for CUDA tensors, else the chunked torch implementation), "triton"
-    (tiled kernels: forward saves only LSE, deterministic backward; D <= 256) or "torch"
-    (eager, chunked over items). An explicit backend that cannot run raises
+    backend: "auto" (Triton for CUDA tensors, the C++ kernels for CPU tensors, else the chunked
+    torch implementation), "triton" (tiled kernels: forward saves only LSE, deterministic
+    backward; D <= 256), "cpp" (C++ CPU kernels, BLAS per chunk of items) or "torch" (eager,
+    chunked over items). An explicit backend that cannot run raises
     `fastattn.BackendUnavailable`.
     """
     _check_catalog(hidden, item_weight, bias)
@@ -306,6 +310,8 @@ def full_item_cross_entropy(
     chosen = resolve_backend(backend, [h2, weight], too_wide)
     if chosen == "triton":
         from .ops.cross_entropy.triton_backend import TritonCrossEntropyKernels as kernels
+    elif chosen == "cpp":
+        from .ops.cross_entropy.cpp import CppCrossEntropyKernels as kernels
     else:
         kernels = ChunkedCrossEntropyKernels
     loss = FullItemCrossEntropyFunction.apply(kernels, 1.0 / float(temperature), targets, h2, weight, bias)
@@ -347,5 +353,9 @@ def topk_items(
         if bool((exclude >= item_weight.shape[0]).any()):
             raise ValueError(f"exclude holds item ids >= {item_weight.shape[0]} (the number of items)")
         exclude = exclude.reshape(h2.shape[0], -1)
-    scores, index = chunked_topk(h2, item_weight, k, bias, exclude)
+    if resolve_backend("auto", [h2]) == "cpp":
+        from .ops.cross_entropy.cpp import cpp_topk as topk
+    else:
+        topk = chunked_topk
+    scores, index = topk(h2, item_weight, k, bias, exclude)
     return scores.reshape(*lead_shape, k), index.reshape(*lead_shape, k)

@@ -1,0 +1,41 @@
+// C++ CPU kernels of fastattn, registered as torch operators in registration.cpp.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastattn {
+
+// Decoupled attention on concatenated score streams (see fastattn/ops/attention/function.py).
+// q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV); key_padding_mask (B,Lk) bool; dom_q (B,Lq),
+// dom_k (B,Lk) int64. Returns out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) float32/float64
+// (+inf on rows without a visible key) and acd (B,H,Lq) (empty when no domains).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
+    const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed);
+
+// Gradients of the concatenated q, k and v; delta = rowsum(dout·out) (+ grad_acd·acd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+    const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& grad_acd,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
+    const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed);
+
+// The bool (B,H,Lq,Lk) keep-mask the attention kernels draw for `seed` (tests, debugging).
+at::Tensor attn_dropout_mask(int64_t seed, double dropout_p, int64_t batch, int64_t heads, int64_t lq, int64_t lk);
+
+// Full-catalog cross-entropy (see fastattn/ops/cross_entropy/function.py).
+at::Tensor ce_lse(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_bwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double scale,
+    const at::Tensor& lse, const at::Tensor& coef_p, const at::Tensor& coef_base, const at::Tensor& target,
+    const at::Tensor& coef_t);
+std::tuple<at::Tensor, at::Tensor> topk_items(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& exclude);
+
+}  // namespace fastattn
