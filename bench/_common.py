@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark suites (attention now, cross-entropy later).
+"""Helpers shared by the benchmark suites (attention, cross-entropy).
 
 Nothing here knows about a particular op: a suite builds a forward closure and its inputs,
 and `run_benchmark` warms it up, measures peak memory once, then hands a synchronized step
@@ -33,6 +33,16 @@ def resolve_device(choice: str = "auto") -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         pytest.skip("--bench-device=cuda but torch sees no CUDA device")
     return torch.device(choice)
+
+
+def triton_unavailable(device: torch.device) -> Optional[str]:
+    """Why Triton kernels (ours or a library's) are no performance provider here, or None."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return ("TRITON_INTERPRET is set: the Triton interpreter is a correctness tool, not a "
+                "performance provider (run the benchmarks without it)")
+    if device.type != "cuda":
+        return "the Triton kernels need a CUDA GPU (on CPU they only run in the interpreter)"
+    return None
 
 
 def synchronize(device: torch.device) -> None:
@@ -155,6 +165,7 @@ def run_benchmark(
     skip_on: Sequence[tuple[type[BaseException], str]] = (),
     check: Optional[Callable[[], None]] = None,
     warmup: int = 2,
+    rounds: Optional[int] = None,
 ) -> None:
     """Warm up, check, record peak memory and metadata, then time `mode` with pytest-benchmark.
 
@@ -165,6 +176,10 @@ def run_benchmark(
         of memory always skips.
     check: optional untimed correctness check run after warm-up (a wrong provider must not
         produce a timing); it raises on a mismatch.
+    warmup: calls before the check; 0 where nothing warms up (CPU eager ops): the untimed
+        peak-memory call then is the only call before the timed rounds.
+    rounds: a fixed number of timed rounds (one call each) instead of pytest-benchmark's
+        calibration (which spends an extra call), for cases whose call takes seconds.
     """
     skip_reason = None
     try:
@@ -189,7 +204,10 @@ def run_benchmark(
     benchmark.extra_info["mode"] = mode
     benchmark.extra_info["device"] = str(device)
     benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 3)
-    benchmark(step)
+    if rounds is None:
+        benchmark(step)
+    else:
+        benchmark.pedantic(step, rounds=rounds, iterations=1)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -267,7 +285,7 @@ def markdown_report(output_json: dict[str, Any]) -> str:
         benches.sort(key=lambda b: b["stats"]["median"])
         fastest = benches[0]["stats"]["median"]
         info0 = benches[0].get("extra_info", {})
-        shape = ", ".join(f"{k}={info0[k]}" for k in ("B", "H", "L", "V", "dtype", "device") if k in info0)
+        shape = ", ".join(f"{k}={info0[k]}" for k in ("B", "H", "L", "N", "V", "D", "k", "dtype", "device") if k in info0)
         lines += [f"## {group}", "", f"{shape}", "",
                   "| provider | median (ms) | min (ms) | vs fastest | peak mem (MiB) | rounds |",
                   "|---|---:|---:|---:|---:|---:|"]

@@ -6,6 +6,8 @@ grad in every mode, so "fwd" is a training forward (it keeps what the backward n
 
 Providers:
 - triton: fastattn.dif_attention(backend="triton"), the fused flash-style kernels (CUDA only);
+- cpp: fastattn.dif_attention(backend="cpp"), the fused C++ CPU kernels (CPU only; skipped with
+  the reason when the extension cannot be built);
 - torch: fastattn.dif_attention(backend="torch"), the reference that materializes L×L scores;
 - torch_compile: torch.compile of that reference function;
 - sdpa: F.scaled_dot_product_attention on the concatenated streams [q|qa]·[k|ka]ᵀ, which gives
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,13 +31,15 @@ import fastattn
 from fastattn.ops.attention.options import AttentionOptions
 from fastattn.ops.attention.reference import dif_attention_reference, visible_keys
 
-from _common import COMPILE_FAILURE, MODES, compile_for_bench, run_benchmark
+from _common import COMPILE_FAILURE, MODES, compile_for_bench, run_benchmark, triton_unavailable
 
 DK, DA, HEADS = 32, 8, 2
 SCALE = 1.0 / math.sqrt(DK)  # DIF-SR's scale: 1/sqrt of the item head dim only, not of Dk+Da
-SEQ_LENS = (50, 200, 1024, 4096)
-CPU_BATCH = 8
-CPU_MAX_SEQ_LEN = 1024
+SEQ_LENS = (50, 200, 1024, 2048, 4096)
+# CPU: issue 5's setting (B=32, H=2, Dk=32 + one 8-dim attribute) up to L=2048, where the naive
+# reference's B·H·L² fp32 tensors are 1 GiB each (a few at once: fits 24 GiB, ~10 s per call).
+CPU_BATCH = 32
+CPU_MAX_SEQ_LEN = 2048
 # CUDA: a fixed token budget per batch (B·L = 64k, B capped at 128),
 # so short sequences are not a launch-overhead measurement; at L=4096 this gives B=16, where
 # the naive reference should fit an 80 GB GPU with room to spare (an estimate, not measured
@@ -79,8 +82,9 @@ def shape_for(seq_len: int, device: torch.device) -> AttnShape:
         return AttnShape(batch, HEADS, seq_len, torch.bfloat16, device)
     if seq_len > CPU_MAX_SEQ_LEN:
         pytest.skip(f"L={seq_len} on CPU: the naive reference would materialize several "
-                    f"B·H·L² fp32 tensors (~1 GB each at B={CPU_BATCH}) and take minutes per "
-                    "round on a few cores; this length is benchmarked on CUDA only")
+                    f"B·H·L² fp32 tensors (~{4 * CPU_BATCH * HEADS * seq_len ** 2 / 2 ** 30:.0f} GiB each "
+                    f"at B={CPU_BATCH}) and take minutes per round on a few cores; this length is "
+                    "benchmarked on CUDA only")
     return AttnShape(CPU_BATCH, HEADS, seq_len, torch.float32, device)
 
 
@@ -152,17 +156,27 @@ def _sdpa(x: AttnInputs) -> torch.Tensor:
     return out[..., :dv]
 
 
-def _triton_unavailable(device: torch.device) -> Optional[str]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return ("TRITON_INTERPRET is set: the Triton interpreter is a correctness tool, not a "
-                "performance provider (run the benchmarks without it)")
-    if device.type != "cuda":
-        return "the Triton kernels need a CUDA GPU (on CPU they only run in the interpreter)"
+def _cpp_unavailable(device: torch.device) -> Optional[str]:
+    """Why the C++ kernels are no provider here (they run on CPU tensors, once built), or None."""
+    if device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors (benchmark device: {device.type})"
+    from fastattn.ops.cpp_extension import cpp_unavailable_reason
+
+    return cpp_unavailable_reason()
+
+
+def _provider_unavailable(provider: str, device: torch.device) -> Optional[str]:
+    """Why a fastattn backend provider ("triton…", "cpp…") cannot run on `device`, or None."""
+    if provider.startswith("triton"):
+        return triton_unavailable(device)
+    if provider.startswith("cpp"):
+        return _cpp_unavailable(device)
     return None
 
 
 PROVIDERS: dict[str, AttentionFn] = {
     "triton": _fastattn("triton"),
+    "cpp": _fastattn("cpp"),
     "torch": _fastattn("torch"),
     "torch_compile": _torch_compile,
     "sdpa": _sdpa,
@@ -170,6 +184,7 @@ PROVIDERS: dict[str, AttentionFn] = {
 # Why a provider's warm-up may fail without that being a bug: it then skips with the reason.
 _SKIP_ON: dict[str, tuple[tuple[type[BaseException], str], ...]] = {
     "triton": ((fastattn.BackendUnavailable, "fastattn's Triton backend cannot run"),),
+    "cpp": ((fastattn.BackendUnavailable, "fastattn's C++ backend cannot run"),),
     "torch_compile": (COMPILE_FAILURE,),
 }
 
@@ -197,7 +212,7 @@ def _check_against_reference(fn: AttentionFn, x: AttnInputs) -> None:
 def test_dif_attention(
     benchmark: BenchmarkFixture, bench_device: torch.device, mode: str, seq_len: int, provider: str
 ) -> None:
-    if provider == "triton" and (reason := _triton_unavailable(bench_device)) is not None:
+    if (reason := _provider_unavailable(provider, bench_device)) is not None:
         pytest.skip(reason)
     shape = shape_for(seq_len, bench_device)
     x = make_inputs(shape)
@@ -238,6 +253,8 @@ def _acd_provider(backend: str, with_domains: bool) -> AttentionFn:
 ACD_PROVIDERS: dict[str, AttentionFn] = {
     "triton": _acd_provider("triton", False),
     "triton+acd": _acd_provider("triton", True),
+    "cpp": _acd_provider("cpp", False),
+    "cpp+acd": _acd_provider("cpp", True),
     "torch+acd": _acd_provider("torch", True),
 }
 
@@ -245,7 +262,7 @@ ACD_PROVIDERS: dict[str, AttentionFn] = {
 @pytest.mark.parametrize("provider", list(ACD_PROVIDERS))
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"L{n}")
 def test_acd_overhead(benchmark: BenchmarkFixture, bench_device: torch.device, seq_len: int, provider: str) -> None:
-    if provider.startswith("triton") and (reason := _triton_unavailable(bench_device)) is not None:
+    if (reason := _provider_unavailable(provider, bench_device)) is not None:
         pytest.skip(reason)
     shape = shape_for(seq_len, bench_device)
     x = make_inputs(shape)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._dispatch import resolve_backend
+from ._dispatch import BackendUnavailable, resolve_backend
 from .ops.attention.function import DIFAttentionFunction
 from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
 from .ops.attention.reference import dif_attention_reference
@@ -129,7 +129,7 @@ def dif_attention(
     - domains: optional integer (B, L) domain ids for self attention, or a pair
       (dom_q (B, Lq), dom_k (B, Lk)) for cross attention; then the cross-domain attention
       mass is returned too (AutoCDSR's a_cd).
-    - dtypes: float32, float16 or bfloat16 (float64 on backend="torch"), all streams alike;
+    - dtypes: float32, float16 or bfloat16 (float64 on backend="cpp" or "torch"), all streams alike;
       accumulation is float32, the output has the input dtype.
 
     Math, for keys j visible to query i (j <= i when causal, not padding)::
@@ -271,7 +271,7 @@ def full_item_cross_entropy(
     """Cross-entropy over the whole item catalog without materializing the N×V logits.
 
     - hidden (..., D): sequence representations, flattened to N rows; item_weight (V, D);
-      bias (V,) or None; all float32, float16 or bfloat16 (float64 on backend="torch"), alike.
+      bias (V,) or None; all float32, float16 or bfloat16 (float64 on "cpp"/"torch"), alike.
     - target: int64 item ids with hidden's leading shape (or N entries), `ignore_index` to skip
       a row; or a `fastattn.SoftTarget` (a distribution per row: base + sparse CSR part).
 
@@ -282,7 +282,8 @@ def full_item_cross_entropy(
 
     (as `torch.nn.functional.cross_entropy`). reduction: "mean" over non-ignored rows (0 with
     zero gradients when every row is ignored), "sum", or "none" (per-row losses shaped like
-    hidden's leading dims, 0 on ignored rows). The loss is float32; gradients reach hidden,
+    hidden's leading dims, 0 on ignored rows). The loss is float32 (float64 for float64
+    inputs); gradients reach hidden,
     item_weight and bias in their dtypes. Extra memory is O(N + V) plus one tile or chunk of
     logits, never O(N·V).
 
@@ -330,6 +331,7 @@ def topk_items(
     *,
     bias: Optional[torch.Tensor] = None,
     exclude: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k items of the whole catalog by score h·E_j + b_j, chunked over items.
 
@@ -337,6 +339,9 @@ def topk_items(
     item ids to skip per row (entries < 0 are ignored — pad the user's history with -1).
     Returns (scores float32, indices int64), each (..., k), best first. A row with fewer than
     k eligible items ends with score -inf and index -1. No gradient; never an N×V buffer.
+
+    backend: "auto" (the C++ kernels on CPU when built, else torch), "cpp" or "torch" (eager,
+    chunked over items; also what CUDA tensors use — the work there is one GEMM per chunk).
     """
     _check_catalog(hidden, item_weight, bias)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= item_weight.shape[0]:
@@ -353,7 +358,9 @@ def topk_items(
         if bool((exclude >= item_weight.shape[0]).any()):
             raise ValueError(f"exclude holds item ids >= {item_weight.shape[0]} (the number of items)")
         exclude = exclude.reshape(h2.shape[0], -1)
-    if resolve_backend("auto", [h2]) == "cpp":
+    if backend == "triton":
+        raise BackendUnavailable("backend='triton' cannot run: top-k has no Triton kernel (use 'auto' or 'torch')")
+    if resolve_backend(backend, [h2]) == "cpp":
         from .ops.cross_entropy.cpp import cpp_topk as topk
     else:
         topk = chunked_topk

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 import fastattn
+from fastattn.ops.attention.function import draw_seed
 from fastattn.ops.attention.options import AttentionOptions
 from fastattn.ops.attention.reference import dif_attention_reference
 
@@ -126,3 +127,78 @@ def max_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
     if a is None:
         return 0.0
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def kernel_keep_mask(backend: str, seed: int, p: float, b: int, h: int, lq: int, lk: int) -> torch.Tensor:
+    """The bool (B,H,Lq,Lk) dropout keep-mask `backend`'s kernels draw for `seed`."""
+    if backend == "cpp":
+        from fastattn.ops.attention.cpp import cpp_dropout_keep_mask
+
+        return cpp_dropout_keep_mask(seed, p, b, h, lq, lk)
+    from fastattn.ops.attention.triton_fwd import dropout_keep_mask
+
+    return dropout_keep_mask(seed, p, b, h, lq, lk, torch.device("cpu"))
+
+
+FP32_TOL = 2e-5
+
+
+def check_against_truth(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, backend: str = "triton") -> None:
+    """Output and every gradient of `backend` in `dtype` vs the float64 reference.
+
+    float32 must match to FP32_TOL relative to the largest value; float16/bfloat16 must be at
+    most twice as far from the truth as the reference run in that dtype, plus one ulp-ish slack.
+    """
+    inputs = make_inputs(case, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dv or case.dk, generator=gen)
+    out, _, grads = run_fastattn(case, with_grad(inputs), backend, grad_out)
+    ref_out, _, ref_grads = run_reference(case, inputs, grad_out)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    names = ["out", "q", "k", "v"] + [f"attr_q[{i}]" for i in range(len(case.attr_dims))] \
+        + [f"attr_k[{i}]" for i in range(len(case.attr_dims))]
+    got, truth = [out, *grads], [ref_out, *ref_grads]
+    if dtype == torch.float32:
+        for name, g, t in zip(names, got, truth):
+            assert torch.isfinite(g).all(), name
+            scale = max(1.0, t.abs().max().item())
+            assert max_err(g, t) <= FP32_TOL * scale, f"{name}: err {max_err(g, t):.3e}"
+        return
+    low_out, _, low_grads = run_reference(case, inputs, grad_out, dtype=dtype)
+    slack = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for name, g, t, low in zip(names, got, truth, [low_out, *low_grads]):
+        assert torch.isfinite(g).all(), name
+        scale = max(1.0, t.abs().max().item())
+        bound = 2 * max_err(low, t) + slack * scale
+        assert max_err(g, t) <= bound, f"{name}: err {max_err(g, t):.3e} > bound {bound:.3e}"
+
+
+ACD_TOL = 2e-5
+
+
+def check_acd(case: Case, which: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+              backend: str = "triton") -> torch.Tensor:
+    """Forward (out, acd) and the gradients of a loss on `which` ∈ {out, acd, both} vs float64."""
+    inputs = make_inputs(case, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dv or case.dk, generator=gen)
+    grad_acd = torch.randn(case.b, case.h, case.lq, generator=gen)
+    if which == "acd":
+        grad_out = torch.zeros_like(grad_out)
+    if which == "out":
+        grad_acd = None
+    keep = None
+    if case.dropout_p:
+        torch.manual_seed(4321)
+        keep = kernel_keep_mask(backend, draw_seed(), case.dropout_p, case.b, case.h, case.lq, case.keys)
+        torch.manual_seed(4321)
+    out, acd, grads = run_fastattn(case, with_grad(inputs), backend, grad_out, grad_acd)
+    ref_out, ref_acd, ref_grads = run_reference(case, inputs, grad_out, grad_acd, dropout_keep=keep)
+    assert acd.dtype == torch.float32 and acd.shape == (case.b, case.h, case.lq)
+    tol = ACD_TOL if dtype == torch.float32 else {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    assert max_err(acd, ref_acd) <= tol, f"acd err {max_err(acd, ref_acd):.2e}"
+    assert max_err(out, ref_out) <= tol * max(1.0, ref_out.abs().max().item())
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert torch.isfinite(g).all()
+        assert max_err(g, r) <= tol * max(1.0, r.abs().max().item()), f"grad {i}: {max_err(g, r):.2e}"
+    return acd

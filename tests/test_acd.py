@@ -5,41 +5,8 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.ops.attention.function import draw_seed
-from fastattn.ops.attention.triton_fwd import dropout_keep_mask
 
-from attention_cases import Case, make_inputs, max_err, run_fastattn, run_reference, with_grad
-
-TOL = 2e-5
-
-
-def check_acd(case: Case, which: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-              backend: str = "triton") -> torch.Tensor:
-    """Forward (out, acd) and the gradients of a loss on `which` ∈ {out, acd, both} vs float64."""
-    inputs = make_inputs(case, dtype, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    grad_out = torch.randn(case.b, case.h, case.lq, case.dv or case.dk, generator=gen)
-    grad_acd = torch.randn(case.b, case.h, case.lq, generator=gen)
-    if which == "acd":
-        grad_out = torch.zeros_like(grad_out)
-    if which == "out":
-        grad_acd = None
-    keep = None
-    if case.dropout_p:
-        torch.manual_seed(4321)
-        keep = dropout_keep_mask(draw_seed(), case.dropout_p, case.b, case.h, case.lq, case.keys,
-                                 torch.device("cpu"))
-        torch.manual_seed(4321)
-    out, acd, grads = run_fastattn(case, with_grad(inputs), backend, grad_out, grad_acd)
-    ref_out, ref_acd, ref_grads = run_reference(case, inputs, grad_out, grad_acd, dropout_keep=keep)
-    assert acd.dtype == torch.float32 and acd.shape == (case.b, case.h, case.lq)
-    tol = TOL if dtype == torch.float32 else {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
-    assert max_err(acd, ref_acd) <= tol, f"acd err {max_err(acd, ref_acd):.2e}"
-    assert max_err(out, ref_out) <= tol * max(1.0, ref_out.abs().max().item())
-    for i, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert torch.isfinite(g).all()
-        assert max_err(g, r) <= tol * max(1.0, r.abs().max().item()), f"grad {i}: {max_err(g, r):.2e}"
-    return acd
+from attention_cases import Case, check_acd, make_inputs
 
 
 @pytest.mark.parametrize("which", ["out", "acd", "both"])

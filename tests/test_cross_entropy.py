@@ -239,7 +239,8 @@ def test_topk_matches_torch_topk(n: int, v: int, k: int, with_exclude: bool, chu
         rows = torch.arange(n)[:, None].expand_as(exclude)
         mask[rows[exclude >= 0], exclude[exclude >= 0]] = True
         logits = logits.masked_fill(mask, float("-inf"))
-    scores, index = fastattn.topk_items(case["hidden"], case["weight"], k, bias=case["bias"], exclude=exclude)
+    scores, index = fastattn.topk_items(case["hidden"], case["weight"], k, bias=case["bias"], exclude=exclude,
+                                        backend="torch")
     ref = logits.topk(k, dim=1)
     finite = torch.isfinite(ref.values)
     assert torch.equal(index[finite], ref.indices[finite])
@@ -251,7 +252,7 @@ def test_topk_leading_dims_and_history_masking() -> None:
     weight = torch.eye(6)
     hidden = torch.tensor([[[6.0, 5, 4, 3, 2, 1]], [[1.0, 2, 3, 4, 5, 6]]])  # (2, 1, 6)
     exclude = torch.tensor([[[0, 1, -1]], [[5, -1, -1]]])
-    scores, index = fastattn.topk_items(hidden, weight, 3, exclude=exclude)
+    scores, index = fastattn.topk_items(hidden, weight, 3, exclude=exclude, backend="torch")
     assert index.shape == (2, 1, 3)
     assert index.tolist() == [[[2, 3, 4]], [[4, 3, 2]]]
 
@@ -312,6 +313,7 @@ def test_bad_input_raises(over: dict, exc: type, match: str) -> None:
 
 
 BAD_TOPK = [
+    (dict(backend="triton"), fastattn.BackendUnavailable, "top-k has no Triton kernel"),
     (dict(k=0), ValueError, r"k must be an int in \[1, 13\]"),
     (dict(k=14), ValueError, r"k must be an int in \[1, 13\]"),
     (dict(exclude=torch.zeros(5, 2, dtype=torch.int32)), TypeError, "exclude must be an int64 tensor"),

@@ -45,8 +45,9 @@ def cpp_unavailable_reason() -> Optional[str]:
         verify_ninja_availability()
         out = build_directory()
         out.mkdir(parents=True, exist_ok=True)
-        print(f"fastattn: compiling the C++ CPU kernels into {out} (first use only, about a minute)…",
-              file=sys.stderr, flush=True)
+        if not (out / "fastattn_cpp.so").exists():  # an existing build is only re-checked by ninja
+            print(f"fastattn: compiling the C++ CPU kernels into {out} (first use only, about two minutes)…",
+                  file=sys.stderr, flush=True)
         load(name="fastattn_cpp", sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
              extra_ldflags=LDFLAGS, build_directory=str(out), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: the reason is reported

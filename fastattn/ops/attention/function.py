@@ -78,12 +78,14 @@ class DIFAttentionFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dout = dout.contiguous()
         # D_i = Σ_j P_ij dP_ij = dO_i·O_i; the acd term folds g_i·acd_i into it (see triton_bwd).
-        delta = (dout.float() * out.float()).sum(dim=-1)
+        # At least float32 (float64 stays float64: the C++ kernels take float64 for gradcheck).
+        acc = torch.promote_types(out.dtype, torch.float32)
+        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
         domains = ctx.domains
         if grad_acd is None or acd is None:
             grad_acd, domains = None, None
         else:
-            grad_acd = grad_acd.float().contiguous()
+            grad_acd = grad_acd.to(acc).contiguous()
             delta = delta + grad_acd * acd
         dq_cat, dk_cat, dv = ctx.kernels.backward(
             q_cat, k_cat, v, dout, lse, delta.contiguous(), grad_acd, ctx.opts, ctx.seed,

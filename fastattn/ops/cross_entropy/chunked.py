@@ -17,20 +17,25 @@ def item_chunks(num_rows: int, num_items: int) -> Iterator[tuple[int, int]]:
         yield start, min(num_items, start + chunk)
 
 
+def _acc(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden in the accumulation dtype: float64 stays float64, everything else float32."""
+    return hidden.double() if hidden.dtype == torch.float64 else hidden.float()
+
+
 def _logits(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
             start: int, stop: int) -> torch.Tensor:
-    z = h32 @ weight[start:stop].float().T
+    z = h32 @ weight[start:stop].to(h32.dtype).T
     if bias is not None:
-        z += bias[start:stop].float()
+        z += bias[start:stop].to(h32.dtype)
     return z.mul_(scale)
 
 
 class ChunkedCrossEntropyKernels:
     @staticmethod
     def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-        """(N,) fp32 natural-log LSE_i of z_ij = scale·(h_i·E_j + b_j)."""
-        h32 = hidden.float()
-        lse = torch.full((hidden.shape[0],), float("-inf"), dtype=torch.float32, device=hidden.device)
+        """(N,) natural-log LSE_i (float32; float64 for float64 inputs) of z_ij = scale·(h_i·E_j + b_j)."""
+        h32 = _acc(hidden)
+        lse = torch.full((hidden.shape[0],), float("-inf"), dtype=h32.dtype, device=hidden.device)
         for start, stop in item_chunks(hidden.shape[0], weight.shape[0]):
             lse = torch.logaddexp(lse, torch.logsumexp(_logits(h32, weight, bias, scale, start, stop), dim=1))
         return lse
@@ -42,11 +47,11 @@ class ChunkedCrossEntropyKernels:
         coef_t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """dH (N,D), dE (V,D), db (V,) in fp32 for dz = scale·(coef_p·softmax − coef_base − coef_t·onehot)."""
-        h32 = hidden.float()
+        h32 = _acc(hidden)
         n = hidden.shape[0]
         dh = torch.zeros_like(h32)
-        de = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        db = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        de = torch.empty(weight.shape, dtype=h32.dtype, device=weight.device)
+        db = torch.empty(weight.shape[0], dtype=h32.dtype, device=weight.device) if bias is not None else None
         rows = torch.arange(n, device=hidden.device)
         for start, stop in item_chunks(n, weight.shape[0]):
             dz = _logits(h32, weight, bias, scale, start, stop).sub_(lse[:, None]).exp_()
@@ -54,7 +59,7 @@ class ChunkedCrossEntropyKernels:
             hit = (target >= start) & (target < stop)
             dz[rows[hit], target[hit] - start] -= coef_t[hit]
             dz.mul_(scale)
-            dh.addmm_(dz, weight[start:stop].float())
+            dh.addmm_(dz, weight[start:stop].to(h32.dtype))
             torch.mm(dz.T, h32, out=de[start:stop])
             if db is not None:
                 db[start:stop] = dz.sum(dim=0)

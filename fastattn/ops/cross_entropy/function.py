@@ -49,11 +49,16 @@ class RowTargets:
         return self.indices.numel() > 0
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs (so gradcheck sees exact math), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _row_dots(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """h_rows·E_cols + b_cols in fp32, (len(rows),)."""
-    dots = (h32[rows] * weight[cols].float()).sum(dim=-1)
-    return dots + bias[cols].float() if bias is not None else dots
+    """h_rows·E_cols + b_cols in h32's dtype (the compute dtype), (len(rows),)."""
+    dots = (h32[rows] * weight[cols].to(h32.dtype)).sum(dim=-1)
+    return dots + bias[cols].to(h32.dtype) if bias is not None else dots
 
 
 class FullItemCrossEntropyFunction(torch.autograd.Function):
@@ -65,14 +70,14 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     ) -> torch.Tensor:
         lse = kernels.lse(hidden, weight, bias, scale)
-        h32 = hidden.float()
+        h32 = hidden.to(compute_dtype(hidden.dtype))
         safe_index = targets.index.clamp_min(0)
         linear = targets.weight * _row_dots(h32, weight, bias, torch.arange(hidden.shape[0], device=hidden.device),
                                             safe_index)
         if bool((targets.base != 0).any()):
-            total = h32 @ weight.float().sum(dim=0)
+            total = h32 @ weight.to(h32.dtype).sum(dim=0)
             if bias is not None:
-                total = total + bias.float().sum()
+                total = total + bias.to(h32.dtype).sum()
             linear = linear + targets.base * total
         if targets.has_sparse:
             rows = _sparse_rows(targets)
@@ -88,7 +93,8 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         hidden, weight, bias, lse = ctx.saved_tensors
         t: RowTargets = ctx.targets
-        g = grad_loss.float().contiguous()
+        acc = compute_dtype(hidden.dtype)
+        g = grad_loss.to(acc).contiguous()
         dh, de, db = ctx.kernels.backward(
             hidden, weight, bias, ctx.scale, lse, (g * t.mass).contiguous(), (g * t.base).contiguous(),
             t.index, (g * t.weight).contiguous(),
@@ -96,11 +102,11 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
         if t.has_sparse:
             rows = _sparse_rows(t)
             dz = -ctx.scale * g[rows] * t.values  # (nnz,)
-            dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].float(), "sum", offsets=t.indptr, axis=0)
+            dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].to(acc), "sum", offsets=t.indptr, axis=0)
             # dE_j += Σ_e dz_e h_row(e): a coalesced (V × N) sparse matrix times [H | 1] — no atomics.
             n, v = hidden.shape[0], weight.shape[0]
             scatter = torch.sparse_coo_tensor(torch.stack([t.indices, rows]), dz, (v, n), check_invariants=False).coalesce()
-            rhs = torch.cat([hidden.float(), torch.ones(n, 1, device=hidden.device)], dim=1)
+            rhs = torch.cat([hidden.to(acc), torch.ones(n, 1, dtype=acc, device=hidden.device)], dim=1)
             both = torch.sparse.mm(scatter, rhs)
             de = de + both[:, :-1]
             if db is not None:

@@ -1,0 +1,113 @@
+"""The C++ CPU kernels behind `AttentionKernels` (csrc/attention.cpp), and their fake kernels.
+
+The operators `fastattn::attn_fwd`, `attn_bwd` and `attn_dropout_mask` are registered by the
+compiled extension (see `fastattn.ops.cpp_extension`); the fake (meta) implementations here give
+torch.compile and `torch.library.opcheck` their output shapes and dtypes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..cpp_extension import cpp_unavailable_reason
+from .options import AttentionOptions
+
+Domains = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _ops() -> object:
+    """torch.ops.fastattn after loading (building on first use) the extension; raises if it cannot."""
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
+    _register_fakes()
+    return torch.ops.fastattn
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse, acd and the kernels' accumulation: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _domain_args(domains: Domains) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    return (None, None) if domains is None else (domains[0], domains[1])
+
+
+class CppAttentionKernels:
+    """`AttentionKernels` on CPU tensors: fused flash-style C++ kernels, any float dtype."""
+
+    @staticmethod
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: int,
+        key_padding_mask: Optional[torch.Tensor], domains: Domains,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV) → out (B,H,Lq,DV) in q's dtype, lse
+        (B,H,Lq) base-2 (+inf on rows without a visible key) and acd (B,H,Lq) or None; lse and
+        acd are float32, or float64 for float64 inputs."""
+        dom_q, dom_k = _domain_args(domains)
+        out, lse, acd = _ops().attn_fwd(
+            q, k, v, key_padding_mask, dom_q, dom_k, opts.scale, opts.causal, opts.dropout_p, seed)
+        return out, lse, acd if domains is not None else None
+
+    @staticmethod
+    def backward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: int,
+        key_padding_mask: Optional[torch.Tensor], domains: Domains,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv (shapes and dtypes of q, k, v); delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd)."""
+        dom_q, dom_k = _domain_args(domains)
+        return _ops().attn_bwd(
+            q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k,
+            opts.scale, opts.causal, opts.dropout_p, seed)
+
+
+def cpp_dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int) -> torch.Tensor:
+    """The bool (B,H,Lq,Lk) mask of probabilities the C++ kernels keep for `seed` (equal to the
+    Triton kernels' mask for the same seed: both use Philox-4x32-10 on the same counters)."""
+    return _ops().attn_dropout_mask(seed, dropout_p, batch, heads, lq, lk)
+
+
+_FAKES_REGISTERED = False
+
+
+def _register_fakes() -> None:
+    """Register the fake kernels once, after the extension has defined the operators."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED = True
+
+    @torch.library.register_fake("fastattn::attn_fwd")
+    def _attn_fwd_fake(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+        dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], scale: float, causal: bool,
+        dropout_p: float, seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, h, lq, _ = q.shape
+        stats = _stats_dtype(q.dtype)
+        out = q.new_empty((b, h, lq, v.shape[3]))
+        lse = q.new_empty((b, h, lq), dtype=stats)
+        acd = q.new_empty((b, h, lq) if dom_q is not None else (0,), dtype=stats)
+        return out, lse, acd
+
+    @torch.library.register_fake("fastattn::attn_bwd")
+    def _attn_bwd_fake(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+        dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], scale: float, causal: bool,
+        dropout_p: float, seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.empty_like(q, memory_format=torch.contiguous_format), \
+            torch.empty_like(k, memory_format=torch.contiguous_format), \
+            torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastattn::attn_dropout_mask")
+    def _attn_dropout_mask_fake(seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int) -> torch.Tensor:
+        return torch.empty((batch, heads, lq, lk), dtype=torch.bool)
+
+
+# Registered at import when the operators exist, so opcheck / torch.compile see them before any call.
+if cpp_unavailable_reason() is None:
+    _register_fakes()
