@@ -1,6 +1,7 @@
 """Shared helpers of the attention tests: random inputs and runs against the float64 reference."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -202,3 +203,42 @@ def check_acd(case: Case, which: str, dtype: torch.dtype = torch.float32, seed: 
         assert torch.isfinite(g).all()
         assert max_err(g, r) <= tol * max(1.0, r.abs().max().item()), f"grad {i}: {max_err(g, r):.2e}"
     return acd
+
+
+# ---------------------------------------------------------------- dropout checks (every backend)
+def check_dropout_own_mask(case: Case, backend: str) -> None:
+    """Gradients and output equal the float64 reference run with the kernel's own keep-mask."""
+    inputs = make_inputs(case)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
+    torch.manual_seed(1234)
+    seed = draw_seed()  # the seed the Function will draw after the same manual_seed
+    keep = kernel_keep_mask(backend, seed, case.dropout_p, case.b, case.h, case.lq, case.keys)
+    torch.manual_seed(1234)
+    out, _, grads = run_fastattn(case, with_grad(inputs), backend, grad_out)
+    ref_out, _, ref_grads = run_reference(case, inputs, grad_out, dropout_keep=keep)
+    assert max_err(out, ref_out) <= FP32_TOL * max(1.0, ref_out.abs().max().item())
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) <= FP32_TOL * max(1.0, r.abs().max().item())
+
+
+def check_dropout_reproducible(case: Case, backend: str) -> None:
+    """Same torch.manual_seed → identical output and gradients; another seed → another output."""
+    inputs = make_inputs(case)
+    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(run_fastattn(case, with_grad(inputs), backend, grad_out))
+    (o1, _, g1), (o2, _, g2), (o3, _, _) = runs
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert not torch.equal(o1, o3)
+
+
+def check_keep_statistics(backend: str, p: float) -> None:
+    """Kept fraction ≈ 1 − p (4 sigma), and two heads draw uncorrelated patterns."""
+    keep = kernel_keep_mask(backend, 99, p, 2, 3, 70, 90).float()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    a, c = keep[0, 0].flatten(), keep[0, 1].flatten()
+    corr = ((a - a.mean()) * (c - c.mean())).mean() / (a.std() * c.std())
+    assert abs(corr.item()) < 4 / math.sqrt(a.numel())

@@ -8,10 +8,9 @@ import torch
 
 import fastattn
 from fastattn._dispatch import triton_unavailable_reason
-from fastattn.ops.attention.function import draw_seed
-from fastattn.ops.attention.triton_fwd import dropout_keep_mask, tile_config
+from fastattn.ops.attention.triton_fwd import tile_config
 
-from attention_cases import (FP32_TOL, Case, check_against_truth, make_inputs, max_err, run_fastattn, run_reference,
+from attention_cases import (Case, check_dropout_own_mask, check_dropout_reproducible, check_keep_statistics, check_against_truth, make_inputs, max_err, run_fastattn, run_reference,
                              with_grad)
 
 # Sequence lengths of DESIGN §5, causal and not, one attribute stream.
@@ -139,42 +138,16 @@ DROPOUT_CASES = [
 
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=["self", "cross-padded"])
 def test_dropout_matches_reference_with_kernel_mask(case: Case) -> None:
-    inputs = make_inputs(case)
-    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
-    torch.manual_seed(1234)
-    seed = draw_seed()  # the seed the Function will draw after the same manual_seed
-    keep = dropout_keep_mask(seed, case.dropout_p, case.b, case.h, case.lq, case.keys, torch.device("cpu"))
-    torch.manual_seed(1234)
-    out, _, grads = run_fastattn(case, with_grad(inputs), "triton", grad_out)
-    ref_out, _, ref_grads = run_reference(case, inputs, grad_out, dropout_keep=keep)
-    assert max_err(out, ref_out) <= FP32_TOL * max(1.0, ref_out.abs().max().item())
-    for g, r in zip(grads, ref_grads):
-        assert max_err(g, r) <= FP32_TOL * max(1.0, r.abs().max().item())
+    check_dropout_own_mask(case, "triton")
 
 
 def test_dropout_reproducible_with_torch_manual_seed() -> None:
-    case = DROPOUT_CASES[0]
-    inputs = make_inputs(case)
-    grad_out = torch.randn(case.b, case.h, case.lq, case.dk)
-    runs = []
-    for seed in (7, 7, 8):
-        torch.manual_seed(seed)
-        runs.append(run_fastattn(case, with_grad(inputs), "triton", grad_out))
-    (o1, _, g1), (o2, _, g2), (o3, _, _) = runs
-    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
-    assert not torch.equal(o1, o3)
+    check_dropout_reproducible(DROPOUT_CASES[0], "triton")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_kept_fraction(p: float) -> None:
-    b, h, lq, lk = 2, 3, 70, 90
-    keep = dropout_keep_mask(99, p, b, h, lq, lk, torch.device("cpu")).float()
-    n = keep.numel()
-    assert abs(keep.mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
-    # Each (batch, head) draws its own pattern: the masks of two heads are uncorrelated.
-    a, c = keep[0, 0].flatten(), keep[0, 1].flatten()
-    corr = ((a - a.mean()) * (c - c.mean())).mean() / (a.std() * c.std())
-    assert abs(corr.item()) < 4 / math.sqrt(a.numel())
+    check_keep_statistics("triton", p)
 
 
 def test_dropout_output_is_unbiased() -> None:

@@ -1,12 +1,11 @@
 """Full-catalog cross-entropy, soft targets and top-k against materialized float64 references."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastattn
 from fastattn.ops.cross_entropy import chunked
@@ -229,18 +228,24 @@ def test_ted_teacher_as_distillation_target() -> None:
 def test_topk_matches_torch_topk(n: int, v: int, k: int, with_exclude: bool, chunk_elements: int,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", chunk_elements)
-    case = make_case(n, v, 50)
+    check_topk(make_case(n, v, 50), k, with_exclude,
+               lambda h, w, kk, b, ex: fastattn.topk_items(h, w, kk, bias=b, exclude=ex, backend="torch"))
+
+
+def check_topk(case: dict, k: int, with_exclude: bool, topk_fn: Callable[..., tuple]) -> None:
+    """topk_fn(hidden, weight, k, bias, exclude) against torch.topk of the masked float64 logits."""
+    n, v = case["hidden"].shape[0], case["weight"].shape[0]
     exclude = None
     logits = materialized_logits(case["hidden"].double(), case["weight"].double(), case["bias"].double())
     if with_exclude:
         gen = torch.Generator().manual_seed(1)
-        exclude = torch.randint(-1, v, (n, 30), generator=gen)  # -1 = unused slot
+        exclude = torch.randint(-1, v, (n, 30), generator=gen)  # -1 = unused slot; duplicates too
         mask = torch.zeros(n, v, dtype=torch.bool)
         rows = torch.arange(n)[:, None].expand_as(exclude)
         mask[rows[exclude >= 0], exclude[exclude >= 0]] = True
         logits = logits.masked_fill(mask, float("-inf"))
-    scores, index = fastattn.topk_items(case["hidden"], case["weight"], k, bias=case["bias"], exclude=exclude,
-                                        backend="torch")
+    scores, index = topk_fn(case["hidden"], case["weight"], k, case["bias"], exclude)
+    assert scores.dtype == torch.float32 and index.dtype == torch.int64 and scores.shape == (n, k)
     ref = logits.topk(k, dim=1)
     finite = torch.isfinite(ref.values)
     assert torch.equal(index[finite], ref.indices[finite])

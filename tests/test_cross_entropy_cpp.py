@@ -11,7 +11,7 @@ import fastattn
 from fastattn.ops.cpp_extension import cpp_unavailable_reason
 from fastattn.ops.cross_entropy.reference import materialized_logits, naive_cross_entropy
 from cpp_required import cpp_tests_mark
-from test_cross_entropy import (assert_close, dense_soft_loss, leaves, make_case, random_soft_target, run,
+from test_cross_entropy import (assert_close, check_topk, dense_soft_loss, leaves, make_case, random_soft_target, run,
                                 run_naive)
 
 pytestmark = cpp_tests_mark()  # a failed build fails loudly; FASTATTN_DISABLE_CPP=1 skips
@@ -127,23 +127,7 @@ def test_gradcheck(soft: bool, with_bias: bool, blocks: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_topk_matches_torch_topk(n: int, v: int, k: int, with_exclude: bool, dtype: torch.dtype,
                                  blocks: str) -> None:
-    case = make_case(n, v, 50, dtype=dtype)
-    exclude = None
-    logits = materialized_logits(case["hidden"].double(), case["weight"].double(), case["bias"].double())
-    if with_exclude:
-        gen = torch.Generator().manual_seed(1)
-        exclude = torch.randint(-1, v, (n, 30), generator=gen)  # -1 = unused slot; duplicates too
-        mask = torch.zeros(n, v, dtype=torch.bool)
-        rows = torch.arange(n)[:, None].expand_as(exclude)
-        mask[rows[exclude >= 0], exclude[exclude >= 0]] = True
-        logits = logits.masked_fill(mask, float("-inf"))
-    scores, index = cpp_topk(case["hidden"], case["weight"], k, case["bias"], exclude)
-    assert scores.dtype == torch.float32 and index.dtype == torch.int64 and scores.shape == (n, k)
-    ref = logits.topk(k, dim=1)
-    finite = torch.isfinite(ref.values)
-    assert torch.equal(index[finite], ref.indices[finite])
-    assert torch.allclose(scores[finite].double(), ref.values[finite], atol=1e-4)
-    assert (index[~finite] == -1).all() and torch.isinf(scores[~finite]).all()
+    check_topk(make_case(n, v, 50, dtype=dtype), k, with_exclude, cpp_topk)
 
 
 def test_topk_items_uses_cpp_and_masks_history() -> None:
