@@ -9,7 +9,7 @@ import torch
 
 import fastattn
 from fastattn.ops.cpp_extension import cpp_unavailable_reason
-from fastattn.ops.cross_entropy.reference import materialized_logits, naive_cross_entropy
+from fastattn.ops.cross_entropy.reference import naive_cross_entropy
 from cpp_required import cpp_tests_mark
 from test_cross_entropy import (assert_close, check_topk, dense_soft_loss, leaves, make_case, random_soft_target, run,
                                 run_naive)
