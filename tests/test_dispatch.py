@@ -1,0 +1,38 @@
+"""Backend choice: "auto" falls back when the C++ kernels cannot be built; "cpp" then raises why."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.ops import cpp_extension
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> str:
+    reason = "building the C++ kernels failed (no C++ compiler found)"
+    monkeypatch.setattr(cpp_extension, "cpp_unavailable_reason", lambda: reason)
+    return reason
+
+
+def test_explicit_cpp_raises_with_the_build_error(no_compiler: str) -> None:
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(fastattn.BackendUnavailable, match="backend='cpp' cannot run: .*no C\\+\\+ compiler"):
+        fastattn.dif_attention(q, q, q, backend="cpp")
+    with pytest.raises(fastattn.BackendUnavailable, match="no C\\+\\+ compiler"):
+        fastattn.full_item_cross_entropy(torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 1, 2]), backend="cpp")
+
+
+def test_auto_falls_back_to_torch(no_compiler: str) -> None:
+    q = torch.randn(1, 1, 4, 8)
+    ref = fastattn.dif_attention(q, q, q, backend="torch")
+    assert torch.equal(fastattn.dif_attention(q, q, q), ref)
+    h, w, t = torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 1, 2])
+    assert torch.equal(fastattn.full_item_cross_entropy(h, w, t),
+                       fastattn.full_item_cross_entropy(h, w, t, backend="torch"))
+    scores, _ = fastattn.topk_items(h, w, 2)
+    assert torch.equal(scores, fastattn.topk_items(h, w, 2, backend="torch")[0])
+
+
+def test_cpp_needs_cpu_tensors() -> None:
+    q = torch.randn(1, 1, 4, 8, device="meta")
+    with pytest.raises(fastattn.BackendUnavailable, match="run on CPU tensors"):
+        fastattn.dif_attention(q, q, q, backend="cpp")
