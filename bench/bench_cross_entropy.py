@@ -57,11 +57,11 @@ CPU_NAIVE_BUDGET_BYTES = 8 * 10**9
 # The correctness check runs the fp32 naive loss on as many leading rows as fit this many bytes
 # of logits (all rows where the naive provider itself runs): enough rows to catch a wrong result.
 CHECK_LOGITS_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
-# CPU timing. A call takes seconds at V=100k and about a minute at V=1M (fwd+bwd, 2 cores), so:
+# CPU timing. A call takes seconds at V=100k and up to a minute at V=1M (fwd+bwd, 2 cores), so:
 # - V=1M runs fwd+bwd only (the memory criterion's case);
 # - from V=100k rounds are fixed (pytest-benchmark's calibration would spend one more call, and
-#   --benchmark-min-rounds is not consulted): 3 rounds, and 1 at V=1M, where the minute-long
-#   call already averages 244 chunks and the suite must stay within minutes.
+#   --benchmark-min-rounds is not consulted): 3 rounds, and 1 at V=1M, where one call already
+#   averages hundreds of item chunks and the suite must stay within minutes.
 CPU_HUGE_VOCAB = 1_000_000
 CPU_HUGE_MODES = ("fwd+bwd",)
 CPU_SLOW_VOCAB = 100_000
@@ -216,7 +216,7 @@ _SKIP_ON: dict[str, tuple[tuple[type[BaseException], str], ...]] = {
 def _unavailable(provider: str, shape: CEShape, mode: str) -> Optional[str]:
     """Why `provider` does not run this case (None: it runs)."""
     if shape.huge_on_cpu and mode not in CPU_HUGE_MODES:
-        return (f"V={shape.items} on CPU runs {', '.join(CPU_HUGE_MODES)} only (one call takes about a "
+        return (f"V={shape.items} on CPU runs {', '.join(CPU_HUGE_MODES)} only (a call takes up to a "
                 "minute on a few cores); the other modes at this size are CUDA cases")
     if provider in MATERIALIZING:
         return _naive_skip_reason(shape, NAIVE_LOGITS_BUFFERS[mode], f"{provider} {mode}")
