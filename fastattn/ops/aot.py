@@ -7,6 +7,7 @@ imported *without* TRITON_INTERPRET.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .triton_launch import KernelLaunch
 
@@ -22,24 +23,22 @@ class CompileResult:
     cubin_bytes: int
 
 
-def compile_launch(launch: KernelLaunch, capability: int, name: str = "") -> CompileResult:
-    """Compile one launch to cubin for sm_<capability>; raise if it fails or overflows shared memory."""
+def compile_launch(launch: KernelLaunch, target: Any, name: str = "") -> CompileResult:
+    """Compile one launch to cubin for `target` (a triton GPUTarget, e.g. GPUTarget("cuda", 90, 32));
+    raise if it fails or needs more shared memory than that architecture has."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = launch.kernel
     sig, consts = launch.signature()
     src = ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=consts)
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", capability, 32),
-        options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages),
-    )
+    compiled = triton.compile(src, target=target, options=dict(num_warps=launch.num_warps,
+                                                              num_stages=launch.num_stages))
     shared = int(compiled.metadata.shared)
-    limit = SHARED_MEMORY_LIMIT[capability]
+    limit = SHARED_MEMORY_LIMIT[target.arch]
     if shared > limit:
-        raise RuntimeError(f"{name}: needs {shared} bytes of shared memory, sm_{capability} allows {limit}")
-    return CompileResult(name, capability, shared, len(compiled.asm["cubin"]))
+        raise RuntimeError(f"{name}: needs {shared} bytes of shared memory, sm_{target.arch} allows {limit}")
+    return CompileResult(name, target.arch, shared, len(compiled.asm["cubin"]))
 
 
 def every_triton_launch() -> list[tuple[str, KernelLaunch]]:
