@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .triton_fwd import LOG2E, ce_dot_precision, ce_tile_config, load_items, logit_tile, split_count
+from .triton_fwd import LOG2E, ce_dot_precision, ce_tile_config, load_items, load_rows, logit_tile, split_count
 
 
 @triton.jit
@@ -53,8 +53,7 @@ def _ce_bwd_dh_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    h_mask = row_ok[:, None] & (offs_d < D)[None, :]
-    h = tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=h_mask, other=0.0)
+    h, h_mask = load_rows(H, offs_m, offs_d, N, D, stride_h)
     lse2, coef_p, coef_base, target, coef_t = load_row_coefs(
         LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok)
     dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -90,8 +89,7 @@ def _ce_bwd_de_kernel(
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < stop
-        h = tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        h, _ = load_rows(H, offs_m, offs_d, stop, D, stride_h)
         lse2, coef_p, coef_base, target, coef_t = load_row_coefs(
             LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok)
         s = logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION)

@@ -75,6 +75,13 @@ def load_items(E, BIAS, offs_v, offs_d, V, D, stride_e, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def load_rows(H, offs_m, offs_d, N, D, stride_h):
+    """Hidden rows (BLOCK_M, BLOCK_D), zero past N and D, and their in-bounds mask."""
+    mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    return tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=mask, other=0.0), mask
+
+
+@triton.jit
 def logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_V) logits in base 2 (z·log2 e); missing items get -inf."""
     s = tl.dot(h, tl.trans(e), input_precision=DOT_PRECISION) + b[None, :]
@@ -94,8 +101,7 @@ def _ce_lse_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    h = tl.load(H + offs_m[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    h, _ = load_rows(H, offs_m, offs_d, N, D, stride_h)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     start = split * items_per_split
