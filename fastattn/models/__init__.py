@@ -1,0 +1,10 @@
+"""Sequential recommenders built on fastattn's kernels (one file per model, a config dataclass each).
+
+Every model is a `SequentialRecommender`: `losses(TrainBatch)`, `user_vectors(EvalBatch)` and
+`item_table()`; batches are left padded (`fastattn.data.batch`).
+"""
+from .base import SequentialRecommender
+from .difsr import DIFSR, DIFSRConfig
+from .sasrec import SASRec, SASRecConfig
+
+__all__ = ["DIFSR", "DIFSRConfig", "SASRec", "SASRecConfig", "SequentialRecommender"]

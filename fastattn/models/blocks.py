@@ -1,0 +1,188 @@
+"""Pieces shared by the Transformer recommenders: the common config, the feed-forward sublayer, a
+Transformer layer on `fastattn.nn.DIFAttention`, positions of left-padded rows, attribute pooling,
+RecBole-style initialization and the full-catalog softmax loss on valid positions.
+
+Conventions (`fastattn.data.batch`): item ids are LEFT padded with 0, so column L-1 is the latest
+item of every row; shapes below use B (batch), L (batch length), D (hidden).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..data.batch import EvalBatch, TrainBatch
+from ..functional import full_item_cross_entropy
+from ..nn import DIFAttention
+from ..nn import _check_choice as check_choice
+from ..nn import _check_int as check_int
+from ..nn import _check_positive as check_positive
+from ..nn import _check_probability as check_probability
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+
+__all__ = [
+    "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_int", "check_items",
+    "check_positive", "check_probability", "full_softmax_loss", "init_weights", "positions_from_padding",
+    "sum_pool", "valid_positions",
+]
+
+
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """Fields every Transformer recommender here shares (keyword-only; validated on construction).
+
+    num_items: catalog size; item ids are 1..num_items, 0 is padding (tables have num_items+1 rows).
+    hidden: model width D. layers: Transformer layers. heads: attention heads (must divide hidden).
+    inner: feed-forward inner width. dropout: embedding / hidden dropout. attn_dropout: dropout on
+    attention probabilities. max_len: longest history (position table size; longer batches are
+    rejected). layer_norm_eps: LayerNorm epsilon. init_std: std of the normal init of every Linear
+    and Embedding (RecBole's initializer_range). backend: "auto" | "triton" | "cpp" | "torch",
+    passed to every fastattn call.
+    """
+
+    num_items: int
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    max_len: int = 50
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        check_int("num_items", self.num_items)
+        check_int("hidden", self.hidden)
+        check_int("layers", self.layers)
+        check_int("heads", self.heads)
+        if self.hidden % self.heads != 0:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        check_int("inner", self.inner)
+        check_probability("dropout", self.dropout)
+        check_probability("attn_dropout", self.attn_dropout)
+        check_int("max_len", self.max_len)
+        check_positive("layer_norm_eps", self.layer_norm_eps)
+        check_positive("init_std", self.init_std)
+        check_choice("backend", self.backend, BACKENDS)
+
+
+class FeedForward(torch.nn.Module):
+    """Point-wise feed-forward sublayer (RecBole): LayerNorm(x + dropout(W_2 GELU(W_1 x + b_1) + b_2)).
+
+    (B, L, D) → (B, L, D); W_1: D → inner, W_2: inner → D; GELU is the exact (erf) one.
+    """
+
+    def __init__(self, hidden: int, inner: int, dropout: float, layer_norm_eps: float) -> None:
+        super().__init__()
+        self.dense_1 = torch.nn.Linear(hidden, inner)
+        self.dense_2 = torch.nn.Linear(inner, hidden)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.norm = torch.nn.LayerNorm(hidden, eps=layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.dense_2(torch.nn.functional.gelu(self.dense_1(x)))))
+
+
+class TransformerLayer(torch.nn.Module):
+    """Post-LN Transformer layer: `DIFAttention` sublayer then `FeedForward` (each with residual + LayerNorm).
+
+    Built from an `EncoderConfig`; `attribute_dims`, `use_position` and `fusion` choose the extra
+    score streams (none: plain causal multi-head self-attention, as in SASRec).
+    forward(hidden (B, L, D), position (B, L, D) or None, attributes: sequence of (B, L, Da_f),
+    key_padding_mask (B, L) bool True = padding) → (B, L, D).
+    """
+
+    def __init__(self, config: EncoderConfig, attribute_dims: Sequence[int] = (), use_position: bool = False,
+                 fusion: str = "sum") -> None:
+        super().__init__()
+        self.attention = DIFAttention(
+            config.hidden, config.heads, attribute_dims, fusion=fusion, attn_dropout=config.attn_dropout,
+            hidden_dropout=config.dropout, layer_norm_eps=config.layer_norm_eps, backend=config.backend,
+            use_position=use_position, causal=True, max_len=config.max_len)
+        self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, position: Optional[torch.Tensor] = None,
+                attributes: Sequence[torch.Tensor] = (), key_padding_mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        return self.feed_forward(self.attention(hidden, position, attributes, key_padding_mask))
+
+
+def positions_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool (True = padding) → (B, L) int64 positions: 0 at each row's first real item,
+    counting up; padded slots get 0 (they are masked as keys and their outputs are never used).
+    So extra left padding never shifts a row's positions."""
+    return ((~padding_mask).long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def sum_pool(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of the embeddings of each slot's attribute set, id 0 (padding) excluded.
+
+    weight (V_f, Da), ids (B, L, A) int64 → (B, L, Da); a slot with no attribute gives zeros.
+    One `embedding_bag` call: no (B, L, A, Da) intermediate.
+    """
+    b, length, width = ids.shape
+    if width == 0:
+        return weight.new_zeros(b, length, weight.shape[1])
+    pooled = torch.nn.functional.embedding_bag(ids.reshape(-1, width), weight, mode="sum", padding_idx=0)
+    return pooled.view(b, length, weight.shape[1])
+
+
+def init_weights(module: torch.nn.Module, std: float) -> None:
+    """RecBole initialization: Linear/Embedding weights ~ N(0, std), biases 0, LayerNorm (1, 0);
+    padding rows of embeddings (padding_idx) are zeroed again afterwards."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+        if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+
+
+def check_items(batch: TrainBatch | EvalBatch, num_items: int, max_len: int) -> None:
+    """Clear errors for batches the model cannot read (wrong dtype/shape, too long, ids out of range)."""
+    items = batch.items
+    if not isinstance(items, torch.Tensor) or items.dtype != torch.int64 or items.dim() != 2:
+        raise ValueError(f"batch.items must be an int64 (B, L) tensor, got "
+                         f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}")
+    if items.shape[1] > max_len:
+        raise ValueError(f"batch length {items.shape[1]} exceeds max_len={max_len}")
+    if items.numel() and (int(items.min()) < 0 or int(items.max()) > num_items):
+        raise ValueError(f"batch.items holds ids outside [0, {num_items}] (0 = padding, num_items={num_items})")
+    if isinstance(batch, TrainBatch):
+        targets = batch.targets
+        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.shape != items.shape:
+            raise ValueError(f"batch.targets must be an int64 tensor shaped like items {tuple(items.shape)}")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) > num_items):
+            raise ValueError(f"batch.targets holds ids outside [0, {num_items}] (0 = no target)")
+
+
+def valid_positions(batch: TrainBatch) -> torch.Tensor:
+    """(B, L) bool: positions that hold an input item and have a next item to predict."""
+    return (batch.items != 0) & (batch.targets != 0)
+
+
+def full_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
+                      backend: str) -> torch.Tensor:
+    """Mean full-catalog cross-entropy of rows hidden (N, D) against targets (N,) in 1..num_items.
+
+    loss = mean_n [ logsumexp_{j=1..V} (h_n·E_j) − h_n·E_{y_n} ], over the real items only (the
+    padding row 0 of item_weight (V+1, D) is left out of the softmax), computed by
+    `fastattn.full_item_cross_entropy` without the N×V logits. N = 0 gives 0 (with a graph).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + item_weight.sum() * 0.0
+    return full_item_cross_entropy(hidden, item_weight[1:], targets - 1, backend=backend)
+

@@ -1,0 +1,166 @@
+"""DIF-SR (Xie et al., SIGIR 2022): side information fused inside attention, not added to the input.
+
+Architecture (the official AIM-SE/DIF-SR `SASRecD`), for a left-padded batch items (B, L) with
+attribute ids attributes[f] (B, L, A_f) (multi-valued, 0 = padding)::
+
+    x_0   = Dropout(LayerNorm(E[items]))                   no position embedding in the input
+    p     = P[pos]                                         (B, L, D); pos counts from the first real item
+    a_f   = Σ_{v in attributes[f], v != 0} A_f[v]          (B, L, attribute_dim): sum pooling per feature
+    x_l   = FFN_l(DIFAttention_l(x_{l-1}, p, (a_1, …)))    post-LN blocks, causal + key padding mask
+
+where each DIFAttention scores item, position and every attribute stream per head
+(head dims hidden/heads and attribute_dim/heads), fuses them ("sum": added inside one softmax on
+the fused kernel; "concat"/"gate": mixed by a learned layer on the torch path, see
+`fastattn.nn.DIFAttention`), divides by sqrt(hidden/heads), masks, softmaxes and applies
+attention dropout; values come from the item stream only. Output tied to E (num_items+1, D).
+
+Loss over the valid positions n (input item and next item present), x_n the final hidden state::
+
+    ce   = mean_n [ logsumexp_j x_n·E_j − x_n·E_{y_n} ]                   (full softmax, fused kernel)
+    aap  = Σ_f mean_{n, v=1..V_f-1} BCEWithLogits(W_f x_n + b_f, multi-hot_f(y_n))_v
+    loss = ce + aap_weight · aap
+
+multi-hot_f(y_n) is the attribute set of the NEXT item (batch.target_attributes[f]); value 0
+(padding) is excluded from both the head and the labels. As in the official code each feature's
+BCE is a mean over positions and values and the features are summed (one λ for all features).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..data.batch import EvalBatch, TrainBatch
+from ..nn import FUSIONS
+from .base import SequentialRecommender
+from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_int, check_items, full_softmax_loss,
+                     init_weights, positions_from_padding, sum_pool, valid_positions)
+
+
+@dataclass(kw_only=True)
+class DIFSRConfig(EncoderConfig):
+    """DIF-SR options: the `EncoderConfig` fields (small CPU recipe: hidden 64, 2 layers, 2 heads,
+    inner 256, dropout 0.5, max_len 50; attn_dropout 0.3 as in the paper) plus
+
+    attribute_sizes: vocabulary size of each item feature, padding id 0 included (ids 1..size-1).
+    attribute_dim: width of every attribute embedding (must be divisible by heads).
+    fusion: "sum" (fused kernel) | "concat" | "gate" (torch path; see `fastattn.nn.DIFAttention`).
+    aap_weight: λ of the attribute-prediction loss (the paper uses 5–10; 0 disables it).
+    """
+
+    attribute_sizes: tuple[int, ...] = ()
+    attribute_dim: int = 16
+    fusion: str = "sum"
+    aap_weight: float = 5.0
+    attn_dropout: float = 0.3
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.attribute_sizes, (int, str)) or not isinstance(self.attribute_sizes, Sequence):
+            raise ValueError(f"attribute_sizes must be a tuple of ints (one per feature), got {self.attribute_sizes!r}")
+        self.attribute_sizes = tuple(self.attribute_sizes)
+        if not self.attribute_sizes:
+            raise ValueError("attribute_sizes must name at least one item feature (DIF-SR needs attributes)")
+        for f, size in enumerate(self.attribute_sizes):
+            check_int(f"attribute_sizes[{f}]", size, minimum=2)
+        check_int("attribute_dim", self.attribute_dim)
+        if self.attribute_dim % self.heads != 0:
+            raise ValueError(f"attribute_dim ({self.attribute_dim}) must be divisible by heads ({self.heads})")
+        check_choice("fusion", self.fusion, FUSIONS)
+        if (isinstance(self.aap_weight, bool) or not isinstance(self.aap_weight, (int, float))
+                or not (math.isfinite(self.aap_weight) and self.aap_weight >= 0)):
+            raise ValueError(f"aap_weight must be a finite float >= 0, got {self.aap_weight!r}")
+
+
+class DIFSR(SequentialRecommender):
+    """DIF-SR on fastattn kernels; see the module docstring for the math.
+
+    losses(TrainBatch) → {"loss", "ce", "aap"}; user_vectors(EvalBatch) → (B, D) hidden state at
+    column L-1; item_table() → (item embedding (num_items+1, D), None). Batches must carry one
+    attribute tensor per `attribute_sizes` entry (and target_attributes for the AAP loss).
+    """
+
+    def __init__(self, config: DIFSRConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DIFSRConfig):
+            raise TypeError(f"config must be a DIFSRConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        n_features = len(config.attribute_sizes)
+        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
+        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
+        self.attribute_embeddings = torch.nn.ModuleList(
+            torch.nn.Embedding(size, config.attribute_dim, padding_idx=0) for size in config.attribute_sizes)
+        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.dropout = torch.nn.Dropout(config.dropout)
+        self.layers = torch.nn.ModuleList(
+            TransformerLayer(config, (config.attribute_dim,) * n_features, use_position=True, fusion=config.fusion)
+            for _ in range(config.layers))
+        # One logit per attribute value 1..size-1 (padding value 0 has no output).
+        self.attribute_heads = torch.nn.ModuleList(
+            torch.nn.Linear(config.hidden, size - 1) for size in config.attribute_sizes)
+        init_weights(self, config.init_std)
+
+    def _check_attributes(self, attributes: Sequence[torch.Tensor], items: torch.Tensor, name: str) -> None:
+        sizes = self.config.attribute_sizes
+        if len(attributes) == 0:
+            raise ValueError(f"DIFSR needs item attributes but batch.{name} is empty "
+                             f"(expected {len(sizes)} tensors, one per attribute_sizes entry)")
+        if len(attributes) != len(sizes):
+            raise ValueError(f"batch.{name} holds {len(attributes)} tensors but the model has "
+                             f"{len(sizes)} features (attribute_sizes={sizes})")
+        for f, (ids, size) in enumerate(zip(attributes, sizes)):
+            if (not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 3
+                    or ids.shape[:2] != items.shape):
+                raise ValueError(f"batch.{name}[{f}] must be an int64 tensor of shape "
+                                 f"(B, L, A) = ({items.shape[0]}, {items.shape[1]}, A), got "
+                                 f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+                raise ValueError(f"batch.{name}[{f}] holds ids outside [0, {size}) (attribute_sizes[{f}]={size})")
+
+    def encode(self, items: torch.Tensor, attributes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """items (B, L) left padded, attributes[f] (B, L, A_f) → hidden states (B, L, D)."""
+        padding = items == 0
+        x = self.dropout(self.norm(self.item_embedding(items)))
+        position = self.position_embedding(positions_from_padding(padding))
+        pooled = [sum_pool(emb.weight, ids) for emb, ids in zip(self.attribute_embeddings, attributes)]
+        for layer in self.layers:
+            x = layer(x, position, pooled, padding)
+        return x
+
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        check_items(batch, self.config.num_items, self.config.max_len)
+        self._check_attributes(batch.attributes, batch.items, "attributes")
+        hidden = self.encode(batch.items, batch.attributes)
+        mask = valid_positions(batch)
+        rows = hidden[mask]
+        ce = full_softmax_loss(rows, batch.targets[mask], self.item_embedding.weight, self.config.backend)
+        if self.config.aap_weight == 0:
+            aap = ce.new_zeros(())
+        else:
+            self._check_attributes(batch.target_attributes, batch.items, "target_attributes")
+            aap = self.attribute_loss(rows, [t[mask] for t in batch.target_attributes])
+        return {"loss": ce + self.config.aap_weight * aap, "ce": ce, "aap": aap}
+
+    def attribute_loss(self, rows: torch.Tensor, target_ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """AAP: Σ_f mean BCE-with-logits of head_f(rows) (N, V_f-1) against the multi-hot of
+        target_ids[f] (N, A_f) (value 0 = padding, excluded). N = 0 gives 0."""
+        total = rows.sum() * 0.0
+        if rows.shape[0] == 0:
+            return total
+        for head, ids, size in zip(self.attribute_heads, target_ids, self.config.attribute_sizes):
+            labels = rows.new_zeros(rows.shape[0], size)
+            labels.scatter_(1, ids, 1.0)  # padding ids land in column 0, dropped below
+            logits = head(rows)
+            total = total + torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[:, 1:])
+        return total
+
+    def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
+        check_items(batch, self.config.num_items, self.config.max_len)
+        self._check_attributes(batch.attributes, batch.items, "attributes")
+        return self.encode(batch.items, batch.attributes)[:, -1]
+
+    def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.item_embedding.weight, None

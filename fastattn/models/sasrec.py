@@ -1,0 +1,118 @@
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item history, tied output layer.
+
+Architecture (RecBole's SASRec), for a left-padded batch items (B, L)::
+
+    x_0 = Dropout(LayerNorm(s · E[items] + P[pos]))         s = sqrt(hidden) for loss="bce", else 1
+    x_l = FFN_l(MHA_l(x_{l-1}))                              post-LN blocks, causal + key padding mask
+    score(b, t, j) = x_L[b, t] · E[j]                        output tied to the item table E (num_items+1, D)
+
+pos counts from each row's first real item (`positions_from_padding`), so left padding never
+shifts positions. Attention runs on `fastattn.dif_attention` (no extra streams).
+
+Two recipes (`SASRecConfig.loss`), over the valid positions (input item and next item present):
+
+- "ce" (RecBole): full softmax over all items, mean_n [logsumexp_j x_n·E_j − x_n·E_{y_n}],
+  by `fastattn.full_item_cross_entropy` on the gathered valid rows (never N×V logits).
+- "bce" (the paper): one uniformly sampled negative item z_n ≠ y_n per position,
+  mean_n [−log σ(x_n·E_{y_n}) − log(1 − σ(x_n·E_{z_n}))]; negatives come from torch's RNG.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..data.batch import EvalBatch, TrainBatch
+from .base import SequentialRecommender
+from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_items, full_softmax_loss, init_weights,
+                     positions_from_padding, valid_positions)
+
+LOSSES = ("ce", "bce")
+
+
+@dataclass(kw_only=True)
+class SASRecConfig(EncoderConfig):
+    """SASRec options: the `EncoderConfig` fields (defaults = RecBole's small CPU recipe: hidden 64,
+    2 layers, 2 heads, inner 256, dropout 0.5, attn_dropout 0.5, max_len 50) plus
+
+    loss: "ce" (full-softmax cross-entropy) | "bce" (original recipe: sqrt(hidden)-scaled
+    embeddings, BCE with one sampled negative; needs num_items >= 2).
+    """
+
+    loss: str = "ce"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("loss", self.loss, LOSSES)
+        if self.loss == "bce" and self.num_items < 2:
+            raise ValueError(f"num_items must be >= 2 for loss='bce' (a negative must differ from the target), "
+                             f"got {self.num_items}")
+
+
+class SASRec(SequentialRecommender):
+    """SASRec on fastattn kernels; see the module docstring for the math.
+
+    losses(TrainBatch) → {"loss", "ce" or "bce"}; user_vectors(EvalBatch) → (B, D) hidden state at
+    column L-1; item_table() → (item embedding (num_items+1, D), None).
+    """
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        if not isinstance(config, SASRecConfig):
+            raise TypeError(f"config must be a SASRecConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
+        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
+        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.dropout = torch.nn.Dropout(config.dropout)
+        self.layers = torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
+        self.input_scale = math.sqrt(config.hidden) if config.loss == "bce" else 1.0
+        init_weights(self, config.init_std)
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """items (B, L) int64, left padded with 0 → hidden states (B, L, D) at every position."""
+        padding = items == 0
+        x = self.item_embedding(items)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        x = self.dropout(self.norm(x + self.position_embedding(positions_from_padding(padding))))
+        for layer in self.layers:
+            x = layer(x, key_padding_mask=padding)
+        return x
+
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        check_items(batch, self.config.num_items, self.config.max_len)
+        hidden = self.encode(batch.items)
+        mask = valid_positions(batch)
+        rows, targets = hidden[mask], batch.targets[mask]
+        weight = self.item_embedding.weight
+        if self.config.loss == "ce":
+            loss = full_softmax_loss(rows, targets, weight, self.config.backend)
+            return {"loss": loss, "ce": loss}
+        negatives = self.sample_negatives(targets)
+        pos_logit = (rows * weight[targets]).sum(-1)
+        neg_logit = (rows * weight[negatives]).sum(-1)
+        # −log σ(a) = softplus(−a), −log(1 − σ(b)) = softplus(b)
+        per_row = torch.nn.functional.softplus(-pos_logit) + torch.nn.functional.softplus(neg_logit)
+        loss = per_row.mean() if per_row.numel() else rows.sum() * 0.0
+        return {"loss": loss, "bce": loss}
+
+    def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
+        """One uniform item in 1..num_items per target, redrawn while it equals the target (torch RNG)."""
+        n = self.config.num_items
+        negatives = torch.randint(1, n + 1, targets.shape, device=targets.device)
+        clash = negatives == targets
+        while bool(clash.any()):
+            negatives[clash] = torch.randint(1, n + 1, (int(clash.sum()),), device=targets.device)
+            clash = negatives == targets
+        return negatives
+
+    def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
+        check_items(batch, self.config.num_items, self.config.max_len)
+        return self.encode(batch.items)[:, -1]
+
+    def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.item_embedding.weight, None
