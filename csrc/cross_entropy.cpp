@@ -315,6 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   at::Tensor dh = at::empty({n, d}, h.options());
   at::Tensor de = at::empty({v, d}, h.options());
   at::Tensor db = at::empty({sb.defined() ? v : 0}, h.options());
+  if (n == 0) {  // no rows: no block runs, and dE/db must still be defined (zero)
+    return {dh, de.zero_(), db.zero_()};
+  }
   const at::Tensor ones = at::ones({blk.rows}, h.options());
   // dH of the current row block, one accumulator per thread (rows are shared by all chunks).
   const at::Tensor dh_parts = at::empty({num_threads(), blk.rows, d}, h.options());

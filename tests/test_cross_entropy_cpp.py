@@ -236,3 +236,18 @@ def test_functional_bad_input_still_checked_in_python() -> None:
         fastattn.full_item_cross_entropy(case["hidden"], case["weight"], torch.tensor([0, 1, 13, 2, 3]), backend="cpp")
     with pytest.raises(ValueError, match="exclude holds item ids >= 13"):
         fastattn.topk_items(case["hidden"], case["weight"], 3, exclude=torch.full((5, 2), 13))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_zero_rows_give_zero_gradients(with_bias: bool) -> None:
+    """N = 0 (e.g. a batch with no valid position): the catalog gradients are exactly zero."""
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(37, 8, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True) if with_bias else None
+    loss = fastattn.full_item_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.int64), bias=bias,
+                                            reduction="sum", backend="cpp")
+    loss.backward()
+    assert float(loss) == 0.0 and hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    if with_bias:
+        assert torch.equal(bias.grad, torch.zeros_like(bias))
