@@ -207,6 +207,67 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in model.parameters())
 
         train_secs, valid_secs, valid_ndcg10, valid_results, losses = [], [], [], [], []
+        # test metrics evaluated whenever validation NDCG@10 improves (= the
+        # checkpoint RecBole keeps), so a run cut short still has a test number
+        test_at_best = {"epoch": None, "metrics": None, "seconds": []}
+        counts = {
+            # RecBole adds padding id 0 ("[PAD]") to the user and item vocabularies
+            "user_num_incl_pad": int(dataset.user_num),
+            "item_num_incl_pad": int(dataset.item_num),
+            "inter_num": int(dataset.inter_num),
+            "train_samples_per_epoch": len(train_data._dataset),
+            "valid_samples": len(valid_data._dataset),
+            "test_samples": len(test_data._dataset),
+            "train_batches_per_epoch": len(train_data),
+        }
+
+        def report(status: str, **extra) -> dict:
+            best_epoch = (
+                max(range(len(valid_ndcg10)), key=lambda i: (valid_ndcg10[i], -i))
+                if valid_ndcg10 else None
+            )
+            r = {
+                "benchmark": "peer: RecBole SASRec on Amazon Beauty (CPU)",
+                "status": status,
+                "epochs_done": len(valid_ndcg10),
+                "recbole_version": recbole.__version__,
+                "torch_version": torch.__version__,
+                "numpy_version": __import__("numpy").__version__,
+                "pandas_version": __import__("pandas").__version__,
+                "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                "data": data_path,
+                "raw_counts": raw,
+                "recbole_counts": counts,
+                "n_params": n_params,
+                "settings": {k: v for k, v in cfg_dict.items() if k not in ("data_path", "checkpoint_dir")},
+                "torch_num_threads": torch.get_num_threads(),
+                "machine": machine(),
+                "per_epoch_train_seconds": train_secs,
+                "median_train_seconds": statistics.median(train_secs) if train_secs else None,
+                "min_train_seconds": min(train_secs) if train_secs else None,
+                "per_epoch_valid_seconds": valid_secs,
+                "median_valid_seconds": statistics.median(valid_secs) if valid_secs else None,
+                "per_epoch_train_loss": losses,
+                "per_epoch_valid_ndcg10": valid_ndcg10,
+                "per_epoch_valid_metrics": valid_results,
+                "best_epoch": best_epoch,
+                "best_valid_ndcg10": valid_ndcg10[best_epoch] if valid_ndcg10 else None,
+                "best_valid_metrics": valid_results[best_epoch] if valid_results else None,
+                "test_metrics_at_best_epoch": test_at_best["metrics"],
+                "test_metrics_epoch": test_at_best["epoch"],
+                "test_eval_seconds": test_at_best["seconds"],
+                "data_prep_seconds": t_data,
+                "total_wall_seconds": time.perf_counter() - t_wall0,
+            }
+            r.update(extra)
+            return r
+
+        def dump(r: dict) -> None:
+            if out_path:
+                os.makedirs(os.path.dirname(out_path), exist_ok=True)
+                with open(out_path + ".tmp", "w") as f:
+                    f.write(json.dumps(r, indent=2) + "\n")
+                os.replace(out_path + ".tmp", out_path)
 
         class TimedTrainer(Trainer):
             def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
@@ -221,9 +282,20 @@ def main(argv=None) -> int:
                 s = time.perf_counter()
                 score, result = super()._valid_epoch(valid_data, show_progress)
                 valid_secs.append(time.perf_counter() - s)
+                epoch = len(valid_secs) - 1
+                improved = not valid_ndcg10 or score > max(valid_ndcg10)
                 valid_ndcg10.append(float(score))
                 valid_results.append({k: float(v) for k, v in result.items()})
-                print(f"[peer] epoch {len(valid_secs) - 1} valid {valid_secs[-1]:.2f}s NDCG@10 {score:.4f}", flush=True)
+                print(f"[peer] epoch {epoch} valid {valid_secs[-1]:.2f}s NDCG@10 {score:.4f}", flush=True)
+                if improved:
+                    # eval mode, no RNG use: does not change the training run
+                    s = time.perf_counter()
+                    test = self.evaluate(test_data, load_best_model=False, show_progress=False)
+                    test_at_best["seconds"].append(time.perf_counter() - s)
+                    test_at_best["epoch"] = epoch
+                    test_at_best["metrics"] = {k: float(v) for k, v in test.items()}
+                    print(f"[peer] epoch {epoch} test {test_at_best['metrics']}", flush=True)
+                dump(report("running"))
                 return score, result
 
         trainer = TimedTrainer(config, model)
@@ -234,69 +306,28 @@ def main(argv=None) -> int:
         t_fit = time.perf_counter() - t0
 
         # test with the last-epoch weights (cheap extra information)
-        s = time.perf_counter()
         test_last = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-        t_test = time.perf_counter() - s
-        # test with the best-validation checkpoint (RecBole's reported number)
+        # cross-check: reload RecBole's best-validation checkpoint and re-test
         ckpt = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
         model.load_state_dict(ckpt["state_dict"])
         model.load_other_parameter(ckpt.get("other_parameter"))
-        test_best = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-        best_epoch = max(range(len(valid_ndcg10)), key=lambda i: (valid_ndcg10[i], -i))
-        assert ckpt["epoch"] == best_epoch, (ckpt["epoch"], best_epoch)
+        test_ckpt = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+        test_ckpt = {k: float(v) for k, v in test_ckpt.items()}
+        assert ckpt["epoch"] == test_at_best["epoch"], (ckpt["epoch"], test_at_best["epoch"])
         logger.info(f"best valid: {best_valid_result}")
-        logger.info(f"test (best epoch {best_epoch}): {test_best}")
-
-        report = {
-            "benchmark": "peer: RecBole SASRec on Amazon Beauty (CPU)",
-            "recbole_version": recbole.__version__,
-            "torch_version": torch.__version__,
-            "numpy_version": __import__("numpy").__version__,
-            "pandas_version": __import__("pandas").__version__,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "data": data_path,
-            "raw_counts": raw,
-            "recbole_counts": {
-                # RecBole adds padding id 0 ("[PAD]") to the user and item vocabularies
-                "user_num_incl_pad": int(dataset.user_num),
-                "item_num_incl_pad": int(dataset.item_num),
-                "inter_num": int(dataset.inter_num),
-                "train_samples_per_epoch": len(train_data._dataset),
-                "valid_samples": len(valid_data._dataset),
-                "test_samples": len(test_data._dataset),
-                "train_batches_per_epoch": len(train_data),
-            },
-            "n_params": n_params,
-            "settings": {k: v for k, v in cfg_dict.items() if k not in ("data_path", "checkpoint_dir")},
-            "torch_num_threads": torch.get_num_threads(),
-            "machine": machine(),
-            "per_epoch_train_seconds": train_secs,
-            "median_train_seconds": statistics.median(train_secs),
-            "per_epoch_valid_seconds": valid_secs,
-            "median_valid_seconds": statistics.median(valid_secs),
-            "per_epoch_train_loss": losses,
-            "per_epoch_valid_ndcg10": valid_ndcg10,
-            "per_epoch_valid_metrics": valid_results,
-            "best_epoch": best_epoch,
-            "best_valid_ndcg10": float(best_valid_score),
-            "best_valid_metrics": {k: float(v) for k, v in best_valid_result.items()},
-            "test_metrics_at_best_epoch": {k: float(v) for k, v in test_best.items()},
-            "test_metrics_at_last_epoch": {k: float(v) for k, v in test_last.items()},
-            "test_eval_seconds": t_test,
-            "data_prep_seconds": t_data,
-            "fit_seconds": t_fit,
-            "total_wall_seconds": time.perf_counter() - t_wall0,
-        }
+        logger.info(f"test (best epoch {ckpt['epoch']}): {test_ckpt}")
+        final = report(
+            "complete",
+            test_metrics_at_best_epoch_from_checkpoint=test_ckpt,
+            test_metrics_at_last_epoch={k: float(v) for k, v in test_last.items()},
+            fit_seconds=t_fit,
+        )
     finally:
         os.chdir(old_cwd)
         tmp.cleanup()
 
-    text = json.dumps(report, indent=2)
-    print(text)
-    if out_path:
-        os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        with open(out_path, "w") as f:
-            f.write(text + "\n")
+    print(json.dumps(final, indent=2))
+    dump(final)
     return 0
 
 
