@@ -96,7 +96,8 @@ _MODEL_FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("epochs", int, "maximum epochs"),
-    ("batch-size", int, "training batch size (sequences)"),
+    ("batch-size", int, "training batch size, in --batch-unit"),
+    ("batch-unit", str, "targets (next-item predictions, RecBole's samples) | sequences"),
     ("eval-batch-size", int, "evaluation batch size"),
     ("lr", float, "Adam learning rate"),
     ("weight-decay", float, "Adam weight decay"),

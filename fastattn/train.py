@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .data import (EvalSet, SequenceDataset, Splits, eval_batches, load_dataset, num_train_batches,
+from .data import (BATCH_UNITS, EvalSet, SequenceDataset, Splits, eval_batches, load_dataset, num_train_batches,
                    split_dataset, train_batches)
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
 from .models.base import SequentialRecommender
@@ -68,6 +68,8 @@ MODELS: dict[str, ModelSpec] = {
 
 # Hyper-parameters per preset and model. Training keys belong to TrainConfig, the rest to the
 # model's config dataclass. "small" is the CPU recipe (RecBole's SASRec defaults with batch 256);
+# batch sizes count next-item targets (RecBole's training samples: one per prefix) unless the
+# preset says "sequences" (the SASRec paper's batches of whole sequences);
 # "paper" is each paper's published setting (SASRec: Kang & McAuley 2018, sparse data sets;
 # DIF-SR: the official configs/Amazon_Beauty.yaml, fusion kept at "sum" so it runs on the fused
 # kernel — the official file uses "gate", available with --fusion gate).
@@ -80,7 +82,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "paper": {
         "sasrec": {"hidden": 50, "layers": 2, "heads": 1, "inner": 50, "dropout": 0.5, "attn_dropout": 0.5,
-                   "max_len": 50, "lr": 1e-3, "batch_size": 128, "loss": "bce", "epochs": 200},
+                   "max_len": 50, "lr": 1e-3, "batch_size": 128, "batch_unit": "sequences", "loss": "bce",
+                   "epochs": 200},
         "difsr": {"hidden": 256, "layers": 4, "heads": 8, "inner": 256, "dropout": 0.5, "attn_dropout": 0.3,
                   "attribute_dim": 64, "aap_weight": 10.0, "fusion": "sum", "max_len": 50, "lr": 1e-4,
                   "batch_size": 2048, "epochs": 200},
@@ -98,6 +101,7 @@ class TrainConfig:
     preset: str = "small"
     epochs: int = 50
     batch_size: int = 256
+    batch_unit: str = "targets"
     eval_batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -129,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if self.batch_unit not in BATCH_UNITS:
+            raise ValueError(f"--batch-unit must be one of {BATCH_UNITS}, got {self.batch_unit!r}")
         if self.backend not in ("auto", "triton", "cpp", "torch"):
             raise ValueError(f"--backend must be auto, triton, cpp or torch, got {self.backend!r}")
         try:
@@ -276,7 +282,9 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
 
     torch.manual_seed(config.seed)
     model = build_model(config, dataset).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel over all parameters (CPU and CUDA), the per-step overhead of small batches
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=device.type in ("cpu", "cuda"))
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "metric": -1.0, "valid": {}, "state": None}
     train_seconds, start_epoch = 0.0, 0
@@ -293,15 +301,16 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     log(f"model: {config.model} ({params:,} parameters) on {device}, preset {config.preset}, "
         f"options {config.model_options}")
 
-    steps = num_train_batches(splits.train, config.batch_size)
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if epoch - best["epoch"] > config.patience and best["epoch"] > 0:
             break
         model.train()
+        steps = num_train_batches(splits.train, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
+                                  seed=config.seed, epoch=epoch)
         sums: dict[str, float] = {}
         rows, tick = 0, time.perf_counter()
         bar = _progress(train_batches(splits.train, config.batch_size, config.max_len, shuffle=True,
-                                      seed=config.seed, epoch=epoch),
+                                      seed=config.seed, epoch=epoch, unit=config.batch_unit),
                         steps, f"epoch {epoch}/{config.epochs}", config.progress)
         for step, batch in enumerate(bar, 1):
             batch = batch.to(device)

@@ -14,7 +14,7 @@ import torch
 from fastattn.data import (EvalBatch, EvalSet, ItemFeature, SequenceDataset, SyntheticConfig, TrainBatch,
                            eval_batches, load_dataset, make_synthetic, num_train_batches, read_crossdomain_tsv,
                            read_recbole, read_s3rec, split_dataset, train_batches)
-from fastattn.data.batching import train_order
+from fastattn.data.batching import batch_rows, num_train_batches, train_order
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -327,9 +327,9 @@ def test_train_batches_epoch_coverage_and_determinism() -> None:
     ds = make_synthetic(SyntheticConfig(num_users=300, min_len=1, max_len=12, seed=5))
     eligible = [tuple(ds.sequence(u)) for u in range(ds.num_users) if len(ds.sequence(u)) >= 2]
 
-    def rows(seed: int, epoch: int, max_len: int = 50) -> list[tuple[int, ...]]:
+    def rows(seed: int, epoch: int, max_len: int = 50, unit: str = "sequences") -> list[tuple[int, ...]]:
         out = []
-        for batch in train_batches(ds, 32, max_len, seed=seed, epoch=epoch):
+        for batch in train_batches(ds, 32, max_len, seed=seed, epoch=epoch, unit=unit):
             for x, y in zip(batch.items.numpy(), batch.targets.numpy()):
                 real = x != 0
                 assert real[-1] and (np.diff(real.astype(int)) >= 0).all()  # left padded
@@ -347,6 +347,30 @@ def test_train_batches_epoch_coverage_and_determinism() -> None:
     _eq(next(train_batches(ds, 32, 50, seed=0, epoch=0)).targets[0, -1], ds.sequence(int(order[0]))[-1])
     for batch in train_batches(ds, 32, 4, seed=0, epoch=0):
         assert batch.items.shape[1] <= 4
+    # the same guarantees when batches are cut by target count
+    by_targets = rows(0, 0, unit="targets")
+    assert sorted(by_targets) == sorted(eligible) and rows(0, 0, unit="targets") == by_targets
+    assert rows(0, 1, unit="targets") != by_targets
+
+
+@pytest.mark.parametrize("batch_size, max_len", [(1, 50), (7, 3), (40, 12), (10_000, 50)])
+def test_batches_by_target_count(batch_size: int, max_len: int) -> None:
+    ds = make_synthetic(SyntheticConfig(num_users=400, min_len=2, max_len=30, seed=2))
+    counts = np.minimum(ds.lengths() - 1, max_len)
+    batches = batch_rows(ds, batch_size, max_len, unit="targets", seed=3, epoch=1)
+    assert num_train_batches(ds, batch_size, unit="targets", max_len=max_len, seed=3, epoch=1) == len(batches)
+    _eq(np.sort(np.concatenate(batches)), np.flatnonzero(ds.lengths() >= 2))
+    sizes = np.array([counts[b].sum() for b in batches])
+    # a batch ends once the running count crosses a multiple of batch_size: never more than one
+    # sequence past it, and the total over the epoch is preserved
+    assert sizes.sum() == counts[ds.lengths() >= 2].sum()
+    assert sizes.max() <= batch_size + 2 * max_len
+    assert np.median(sizes) >= min(batch_size, sizes.sum()) - max_len
+    # bucketing: rows of a batch have similar lengths, so there is little padding
+    widths = np.array([counts[b].max() for b in batches])
+    assert len(batches) == 1 or (widths * np.array([len(b) for b in batches])).sum() <= 1.5 * sizes.sum() + len(batches) * max_len
+    with pytest.raises(ValueError, match="unit must be one of"):
+        batch_rows(ds, 8, 8, unit="tokens")
 
 
 def test_eval_batches_exact() -> None:

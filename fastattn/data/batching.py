@@ -16,7 +16,7 @@ from .batch import EvalBatch, TrainBatch
 from .dataset import ItemFeature, SequenceDataset
 from .splits import EvalSet
 
-__all__ = ["eval_batches", "num_train_batches", "train_batches", "train_order"]
+__all__ = ["BATCH_UNITS", "batch_rows", "eval_batches", "num_train_batches", "train_batches", "train_order"]
 
 
 def _trainable(train: SequenceDataset) -> np.ndarray:
@@ -24,12 +24,60 @@ def _trainable(train: SequenceDataset) -> np.ndarray:
     return np.flatnonzero(train.lengths() >= 2)
 
 
-def num_train_batches(train: SequenceDataset, batch_size: int, *, drop_last: bool = False) -> int:
-    """How many batches `train_batches` yields per epoch (sequences of length >= 2 only)."""
+BATCH_UNITS = ("sequences", "targets")
+BUCKET_BATCHES = 100  # "targets" batches are cut from pools this many batches long, sorted by length
+
+
+def num_train_batches(train: SequenceDataset, batch_size: int, *, drop_last: bool = False,
+                      unit: str = "sequences", max_len: Optional[int] = None, shuffle: bool = True,
+                      seed: int = 0, epoch: int = 0) -> int:
+    """How many batches `train_batches` yields for the same arguments (sequences of length >= 2)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if unit == "targets":  # depends on the epoch's order: count the real partition
+        return len(batch_rows(train, batch_size, max_len or 1 << 62, unit=unit, shuffle=shuffle, seed=seed,
+                              epoch=epoch, drop_last=drop_last))
     n = len(_trainable(train))
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batch_rows(train: SequenceDataset, batch_size: int, max_len: int, *, unit: str = "sequences",
+               shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False) -> list[np.ndarray]:
+    """The sequence indices of every batch of one epoch, in order.
+
+    unit="sequences": `batch_size` sequences per batch, in `train_order`.
+    unit="targets": about `batch_size` next-item targets per batch (a batch ends where the running
+    count crosses a multiple of batch_size; a sequence is never split) — RecBole's notion of a
+    training sample, so the number of optimizer steps per epoch matches a prefix-augmented trainer. Sequences are
+    sorted by length within pools of BUCKET_BATCHES batches (less padding), then the batch order
+    is shuffled; all randomness comes from (seed, epoch).
+    """
+    if unit not in BATCH_UNITS:
+        raise ValueError(f"unit must be one of {BATCH_UNITS}, got {unit!r}")
+    order = train_order(train, shuffle=shuffle, seed=seed, epoch=epoch)
+    if unit == "sequences":
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+    counts = np.minimum(train.lengths()[order] - 1, max_len)
+    mean = max(1.0, float(counts.mean())) if len(counts) else 1.0
+    pool = max(1, int(BUCKET_BATCHES * batch_size / mean))
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), pool):
+        rows, c = order[start:start + pool], counts[start:start + pool]
+        by_length = np.argsort(c, kind="stable")
+        rows, c = rows[by_length], c[by_length]
+        # a batch ends at the sequence where the running target count reaches a multiple of batch_size
+        total = np.cumsum(c)
+        marks = np.arange(1, -(-int(total[-1]) // batch_size) + 1, dtype=np.int64) * batch_size
+        ends = np.unique(np.minimum(np.searchsorted(total, marks) + 1, len(rows)))
+        starts = np.concatenate([[0], ends[:-1]])
+        batches.extend(rows[a:b] for a, b in zip(starts, ends))
+    if drop_last and batches and int(np.minimum(train.lengths()[batches[-1]] - 1, max_len).sum()) < batch_size:
+        batches.pop()
+    if shuffle:
+        rng = np.random.default_rng([int(seed), int(epoch), 1])
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
 def train_order(train: SequenceDataset, *, shuffle: bool = True, seed: int = 0, epoch: int = 0) -> np.ndarray:
@@ -64,22 +112,21 @@ def _attributes(features: Sequence[ItemFeature], items: np.ndarray) -> tuple[tor
 
 
 def train_batches(train: SequenceDataset, batch_size: int, max_len: int, *, shuffle: bool = True,
-                  seed: int = 0, epoch: int = 0, drop_last: bool = False) -> Iterator[TrainBatch]:
+                  seed: int = 0, epoch: int = 0, drop_last: bool = False,
+                  unit: str = "sequences") -> Iterator[TrainBatch]:
     """Next-item training batches over every sequence s with len(s) >= 2, once per epoch.
 
     Row of sequence s: items = s[:-1][-max_len:], targets = s[1:][-max_len:], both left padded with
     0 to the longest row of the batch (L <= max_len). attributes / target_attributes hold
     feature.values[items] / [targets] (B, L, A_f) per feature of `train.features`; domains /
-    target_domains (B, L) when `train.domains` is not None (0 at padding). The order is
-    `train_order(train, shuffle=..., seed=..., epoch=...)`; drop_last drops a final short batch.
+    target_domains (B, L) when `train.domains` is not None (0 at padding). Which sequences form
+    each batch: `batch_rows` (`unit` = "sequences" or "targets"); drop_last drops a final short batch.
     """
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
-    order = train_order(train, shuffle=shuffle, seed=seed, epoch=epoch)
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
     lengths = train.lengths()
-    for start in range(0, stop, batch_size):
-        users = order[start:start + batch_size]
+    for users in batch_rows(train, batch_size, max_len, unit=unit, shuffle=shuffle, seed=seed, epoch=epoch,
+                            drop_last=drop_last):
         ends = train.indptr[users + 1]
         counts = np.minimum(lengths[users] - 1, max_len)
         width = int(counts.max())
