@@ -259,11 +259,17 @@ def _load_splits(config: TrainConfig, log: Callable[[str], None]) -> tuple[Seque
 def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, disable=not enabled,
+    # disable=None: no bar when stderr is not a terminal (logs redirected to a file stay readable)
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, disable=None if enabled else True,
                 dynamic_ncols=True, mininterval=0.5)
 
 
-def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def say(message: str) -> None:
+    """Default log: a line on stdout, flushed (logs redirected to files stay current)."""
+    print(message, flush=True)
+
+
+def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = say) -> dict[str, Any]:
     """Run (or continue, with `resume`) the training described by `config`; returns metrics.json's dict."""
     out = Path(config.out)
     ckpt_path = out / CHECKPOINT
@@ -429,7 +435,7 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
 
 
 def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled: Optional[bool] = None,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = say) -> dict[str, Any]:
     """Valid and test metrics of the best state stored in a training checkpoint."""
     path = Path(path)
     if not path.exists():
