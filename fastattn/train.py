@@ -174,18 +174,23 @@ def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -
     return config
 
 
+def load_checkpoint(path: Path, flag: str) -> dict[str, Any]:
+    """A training checkpoint's dict; ValueError naming `flag` when missing or not ours."""
+    if not path.exists():
+        raise ValueError(f"{flag}: no checkpoint at {path} (no such file)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint")
+    return state
+
+
 def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:
     """The config saved in `out`/checkpoint.pt, with the few options a resumed run may change.
 
     Any other explicit override must equal the saved value (ValueError otherwise), so a resumed
     run is the run it claims to continue.
     """
-    path = Path(out) / CHECKPOINT
-    if not path.exists():
-        raise ValueError(f"--resume: no checkpoint at {path} (check --out)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume: {path} is not a fastattn training checkpoint")
+    state = load_checkpoint(Path(out) / CHECKPOINT, "--resume")
     config = TrainConfig(**state["config"])
     for key, value in overrides.items():
         if value is None:
@@ -275,9 +280,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     ckpt_path = out / CHECKPOINT
     state: Optional[dict[str, Any]] = None
     if resume:
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path, "--resume")
         _check_resumable(state, config)
     config.validate()
     device = torch.device(config.device)
@@ -437,12 +440,7 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
 def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled: Optional[bool] = None,
                         log: Callable[[str], None] = say) -> dict[str, Any]:
     """Valid and test metrics of the best state stored in a training checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"--checkpoint {str(path)!r}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--checkpoint {str(path)!r} is not a fastattn training checkpoint")
+    state = load_checkpoint(Path(path), "--checkpoint")
     raw = dict(state["config"])
     config = TrainConfig(**raw)
     if device is not None:
