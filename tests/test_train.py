@@ -13,7 +13,7 @@ import fastattn.train as training
 from fastattn.__main__ import main
 from fastattn.data import SyntheticConfig, make_synthetic, split_dataset
 
-TINY = {"hidden": 16, "layers": 1, "heads": 2, "inner": 32, "batch_size": 64, "eval_batch_size": 128,
+TINY = {"hidden": 16, "layers": 1, "heads": 2, "inner": 32, "batch_size": 200, "eval_batch_size": 128,
         "max_len": 12, "progress": False}
 
 
