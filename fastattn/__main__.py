@@ -118,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides.update(data=args.data, format=args.format)
     overrides["sampled_eval"] = True if args.sampled_eval else None
     overrides["progress"] = False if args.no_progress else None
+    overrides["track_test"] = True if args.track_test else None
     try:
         if args.resume:
             if args.out is None:
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         train.add_argument("--" + name, type=kind, default=None, help=text)
     train.add_argument("--sampled-eval", action="store_true",
                        help="also report the sampled protocol (100 negatives), keys prefixed sampled_")
+    train.add_argument("--track-test", action="store_true",
+                       help="score the test split whenever validation improves and keep it in each epoch's "
+                       "history: the result of any shorter epoch budget, for comparisons")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)

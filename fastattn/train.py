@@ -38,7 +38,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 SELECT_METRIC = "NDCG@10"
 CHECKPOINT_FORMAT = 1
-RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience"})
+RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class TrainConfig:
     backend: str = "auto"
     out: str = "runs/default"
     sampled_eval: bool = False
+    track_test: bool = False
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -349,6 +350,11 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
         if improved:
             best = {"epoch": epoch, "metric": valid[SELECT_METRIC], "valid": valid,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            if config.track_test:  # what a run stopped after this epoch would report (eval only: no RNG)
+                best["test"] = _evaluate(model, splits.test, dataset, config, device, seed_offset=2)
+        if config.track_test:
+            record["test_at_best"] = {k: v for k, v in best["test"].items() if k != "users"}
+            record["best_epoch_so_far"] = best["epoch"]
         log(f"epoch {epoch:3d}  loss {record.get('loss', float('nan')):.4f}  valid HR@10 {valid['HR@10']:.4f} "
             f"NDCG@10 {valid['NDCG@10']:.4f}{'  *' if improved else ''}  "
             f"train {epoch_seconds:.1f} s  eval {eval_seconds:.1f} s")

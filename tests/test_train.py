@@ -85,6 +85,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_track_test_reports_every_shorter_budget(tmp_path: Path) -> None:
+    """With track_test, epoch n's history holds the test metrics a run of n epochs would report."""
+    tracked = _run(tmp_path / "tracked", "sasrec", epochs=3, seed=5, track_test=True)
+    short = _run(tmp_path / "short", "sasrec", epochs=2, seed=5)
+    record = tracked["history"][1]
+    assert record["best_epoch_so_far"] == short["best_epoch"]
+    assert record["test_at_best"] == {k: v for k, v in short["test"].items() if k != "users"}
+    assert tracked["history"][2]["test_at_best"] == {k: v for k, v in tracked["test"].items() if k != "users"}
+
+
 def test_resume_refuses_changed_options(tmp_path: Path) -> None:
     _run(tmp_path, "sasrec", epochs=1)
     with pytest.raises(ValueError, match="--hidden 32 differs from the checkpointed run"):
