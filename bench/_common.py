@@ -79,7 +79,7 @@ def make_step(mode: str, forward: Forward, inputs: Sequence[torch.Tensor], devic
             synchronize(device)
         return step
 
-    del out  # fwd+bwd rebuilds the graph every round; do not keep one alive beside it
+    out = None  # fwd+bwd rebuilds the graph every round; do not keep one alive beside it
 
     def step() -> None:
         torch.autograd.grad(forward(), inputs, grad_out)

@@ -14,7 +14,7 @@ import torch
 from fastattn.data import (EvalBatch, EvalSet, ItemFeature, SequenceDataset, SyntheticConfig, TrainBatch,
                            eval_batches, load_dataset, make_synthetic, num_train_batches, read_crossdomain_tsv,
                            read_recbole, read_s3rec, split_dataset, train_batches)
-from fastattn.data.batching import batch_rows, num_train_batches, train_order
+from fastattn.data.batching import batch_rows, train_order
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
