@@ -149,6 +149,12 @@ class TrainConfig:
         if unknown:
             flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
             raise ValueError(f"{flags} do(es) not apply to model {self.model!r}")
+        # The model's own checks (hidden % heads, dropout range, fusion, ...) now, before any data
+        # is read; the catalog fields are placeholders until the data set is known.
+        placeholders = {"num_items": 2, "attribute_sizes": (2,)}
+        spec = MODELS[self.model].config_cls(**{k: v for k, v in placeholders.items() if k in known},
+                                             **self.model_options)
+        spec.validate()
 
 
 def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -> TrainConfig:

@@ -132,6 +132,9 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "--device"),
     ({"backend": "fast"}, "--backend must be"),
     ({"model": "sasrec", "fusion": "sum"}, "--fusion do\\(es\\) not apply to model 'sasrec'"),
+    ({"hidden": 30, "heads": 4}, "divisible"),
+    ({"fusion": "mean"}, "fusion"),
+    ({"model": "sasrec", "loss": "hinge"}, "loss"),
 ])
 def test_bad_options_raise_before_work(kwargs: dict[str, Any], message: str) -> None:
     model = kwargs.pop("model", "difsr")
