@@ -5,6 +5,7 @@ Every model is a `SequentialRecommender`: `losses(TrainBatch)`, `user_vectors(Ev
 """
 from .base import SequentialRecommender
 from .difsr import DIFSR, DIFSRConfig
+from .mqsa_ted import MQSATED, MQSATEDConfig
 from .sasrec import SASRec, SASRecConfig
 
-__all__ = ["DIFSR", "DIFSRConfig", "SASRec", "SASRecConfig", "SequentialRecommender"]
+__all__ = ["DIFSR", "DIFSRConfig", "MQSATED", "MQSATEDConfig", "SASRec", "SASRecConfig", "SequentialRecommender"]

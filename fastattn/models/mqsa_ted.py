@@ -1,0 +1,239 @@
+"""MQSA-TED: multi-query self-attention (short + long query towers) with transition-based
+teacher distillation (DESIGN §8), on fastattn's kernels.
+
+Architecture, for a left-padded batch items (B, T)::
+
+    x_0 = Dropout(LayerNorm(E[items] + P[pos]))             as SASRec's "ce" recipe (no input scaling)
+    s   = SASRec encoder(x_0)                               short query tower: causal, key padding mask
+    q_t = mean{ s_u : t-L+1 <= u <= t, u not padding }       long query (L = long_query_len)
+    l   = FFN(LayerNorm(q + Dropout(W_o · Attn(W_q q, W_k s, W_v s))))
+                                                            long tower: multi-head cross attention,
+                                                            causal (key u <= t), key padding mask
+    h   = α · s + (1 − α) · l                               per position
+    score(b, t, j) = h[b, t] · E[j]                         tied to the item table E
+
+Choice for the long tower: one cross-attention block with its own projections (W_q, W_k, W_v,
+W_o), residual to the long query, post-LN, and its own feed-forward sublayer — a
+TransformerLayer whose queries differ from its keys/values. Attention runs on
+`fastattn.dif_attention` (q = projected long queries, k/v = projected short-tower states).
+Because the scores are linear in h with a tied table, mixing the representations equals mixing
+the two towers' logits α·short + (1−α)·long.
+
+Losses over the valid positions (input item and next item present):
+
+- ce = mean_n [logsumexp_j h_n·E_j − h_n·E_{y_n}] (full softmax, `full_softmax_loss`).
+- kd (TED): for the input item i_n at each valid position, the teacher row
+  t_i = softmax_j((c(i→j) / max_j c(i→j)) / τ) from next-item transition counts of the training
+  sequences (`ted_teacher`, a base weight + CSR part, never items×items), the student
+  softmax_j(e_i·E_j / τ); kd = mean_n CE(t_{i_n}, student_n) by `full_item_cross_entropy` with
+  a `SoftTarget` and temperature τ. Items with no observed successor get the uniform teacher.
+- loss = ce + kd_weight · kd (kd_weight = 0 disables distillation; kd is then reported as 0).
+
+The teacher is set once with `set_teacher(train_sequences)`; it is a plain attribute (not in the
+state dict), moved to the batch's device on use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..data.batch import EvalBatch, TrainBatch
+from ..functional import dif_attention, full_item_cross_entropy
+from ..ops.cross_entropy.targets import SoftTarget, ted_teacher
+from .base import SequentialRecommender
+from .blocks import (EncoderConfig, FeedForward, TransformerLayer, check_int, check_positive,
+                     check_items, full_softmax_loss, init_weights, positions_from_padding, valid_positions)
+
+
+@dataclass(kw_only=True)
+class MQSATEDConfig(EncoderConfig):
+    """MQSA-TED options: the `EncoderConfig` fields plus
+
+    long_query_len: L, the long query at position t averages the short-tower states of the last
+        L valid positions up to t (>= 1).
+    alpha: weight of the short tower, h = α·short + (1−α)·long, in [0, 1].
+    tau: temperature τ > 0 of the TED teacher and student softmaxes.
+    kd_weight: λ_kd >= 0, weight of the distillation loss (0 disables it; no teacher needed).
+    """
+
+    long_query_len: int = 3
+    alpha: float = 0.5
+    tau: float = 0.1
+    kd_weight: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("long_query_len", self.long_query_len)
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                or not 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be a float in [0, 1], got {self.alpha!r}")
+        check_positive("tau", self.tau)
+        if (isinstance(self.kd_weight, bool) or not isinstance(self.kd_weight, (int, float))
+                or not math.isfinite(self.kd_weight) or self.kd_weight < 0):
+            raise ValueError(f"kd_weight must be a finite float >= 0, got {self.kd_weight!r}")
+
+
+class LongQueryAttention(torch.nn.Module):
+    """The long-query tower: multi-head cross attention (queries ≠ keys/values), causal with a key
+    padding mask, on `fastattn.dif_attention`, then residual + LayerNorm and a feed-forward sublayer.
+
+    forward(query (B, T, D), states (B, T, D), key_padding_mask (B, T) bool) → (B, T, D).
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.heads = config.heads
+        self.attn_dropout = config.attn_dropout
+        self.backend = config.backend
+        self.query = torch.nn.Linear(config.hidden, config.hidden)
+        self.key = torch.nn.Linear(config.hidden, config.hidden)
+        self.value = torch.nn.Linear(config.hidden, config.hidden)
+        self.dense = torch.nn.Linear(config.hidden, config.hidden)
+        self.dropout = torch.nn.Dropout(config.dropout)
+        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, states: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(self.query(query)), self.split(self.key(states)), self.split(self.value(states))
+        out = dif_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                            dropout_p=self.attn_dropout if self.training else 0.0, backend=self.backend)
+        out = out.transpose(1, 2).reshape(query.shape)
+        return self.feed_forward(self.norm(query + self.dropout(self.dense(out))))
+
+
+def long_queries(states: torch.Tensor, padding: torch.Tensor, length: int) -> torch.Tensor:
+    """Mean of the states of the last `length` non-padded positions up to each t.
+
+    states (B, T, D), padding (B, T) bool (True = padding) → (B, T, D); q_t = mean of s_u over
+    t-length+1 <= u <= t with u not padding (fewer when the row has fewer items so far; with left
+    padding these are exactly the last `length` valid positions); 0 at a position with none.
+    """
+    keep = (~padding).to(states.dtype).unsqueeze(-1)
+    masked = states * keep
+    total = torch.zeros_like(states)
+    count = torch.zeros_like(keep)
+    steps = states.shape[1]
+    for shift in range(min(length, steps)):
+        if shift == 0:
+            total = total + masked
+            count = count + keep
+        else:
+            total = total + torch.nn.functional.pad(masked[:, :-shift], (0, 0, shift, 0))
+            count = count + torch.nn.functional.pad(keep[:, :-shift], (0, 0, shift, 0))
+    return total / count.clamp_min(1.0)
+
+
+def _sequences_of(sequences: Any) -> Iterable[Sequence[int]]:
+    """A `SequenceDataset`-like CSR object (indptr, items), an (indptr, items) pair, or an iterable
+    of item-id sequences → an iterable of 1-D int64 arrays."""
+    if hasattr(sequences, "indptr") and hasattr(sequences, "items") and not callable(sequences.items):
+        indptr, items = np.asarray(sequences.indptr, np.int64), np.asarray(sequences.items, np.int64)
+        return [items[indptr[u]:indptr[u + 1]] for u in range(len(indptr) - 1)]
+    return [np.asarray(torch.as_tensor(s).cpu() if isinstance(s, torch.Tensor) else s, dtype=np.int64).reshape(-1)
+            for s in sequences]
+
+
+class MQSATED(SequentialRecommender):
+    """MQSA-TED on fastattn kernels; see the module docstring for the math.
+
+    set_teacher(train_sequences) must be called before `losses` when kd_weight > 0.
+    losses(TrainBatch) → {"loss", "ce", "kd"}; user_vectors(EvalBatch) → (B, D) mixed
+    representation at column T-1; item_table() → (item embedding (num_items+1, D), None).
+    """
+
+    def __init__(self, config: MQSATEDConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MQSATEDConfig):
+            raise TypeError(f"config must be an MQSATEDConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        # Short tower: the same module names as SASRec, so a SASRec state dict loads into it.
+        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
+        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
+        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.dropout = torch.nn.Dropout(config.dropout)
+        self.layers = torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
+        self.long_attention = LongQueryAttention(config)
+        init_weights(self, config.init_std)
+        self.teacher: Optional[SoftTarget] = None
+
+    def set_teacher(self, sequences: Union[Any, Iterable[Sequence[int]]]) -> SoftTarget:
+        """Build the TED teacher from the TRAINING sequences (item ids 1..num_items, 0 = padding,
+        pairs touching padding skipped): a `SequenceDataset`-like object with `indptr` / `items`
+        (CSR), or an iterable of 1-D sequences (lists, arrays, tensors). Row i-1 / column j-1 of
+        the returned `SoftTarget` is item i → item j (the catalog without the padding item);
+        returned and kept as `self.teacher`."""
+        shifted = [seq - 1 for seq in _sequences_of(sequences)]  # padding 0 → -1, skipped as pad_id
+        for seq in shifted:
+            if seq.size and (int(seq.min()) < -1 or int(seq.max()) >= self.config.num_items):
+                raise ValueError(f"teacher sequences hold item ids outside [0, {self.config.num_items}]")
+        self.teacher = ted_teacher(shifted, self.config.num_items, self.config.tau, pad_id=-1)
+        return self.teacher
+
+    def encode_short(self, items: torch.Tensor) -> torch.Tensor:
+        """items (B, T) → short-tower (SASRec) states (B, T, D)."""
+        padding = items == 0
+        x = self.item_embedding(items) + self.position_embedding(positions_from_padding(padding))
+        x = self.dropout(self.norm(x))
+        for layer in self.layers:
+            x = layer(x, key_padding_mask=padding)
+        return x
+
+    def encode_towers(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (B, T) → (short (B, T, D), long (B, T, D)) tower outputs."""
+        padding = items == 0
+        short = self.encode_short(items)
+        query = long_queries(short, padding, self.config.long_query_len)
+        return short, self.long_attention(query, short, padding)
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """items (B, T) int64, left padded → mixed representation α·short + (1−α)·long (B, T, D)."""
+        short, long = self.encode_towers(items)
+        alpha = self.config.alpha
+        return alpha * short + (1.0 - alpha) * long
+
+    def kd_loss(self, items: torch.Tensor) -> torch.Tensor:
+        """Mean over the given input items (N,) in 1..num_items of CE(teacher row, softmax(e_i·Eᵀ/τ))."""
+        if self.teacher is None:
+            raise ValueError("MQSATED needs a teacher when kd_weight > 0: call model.set_teacher(train_sequences) "
+                             "before training (or set kd_weight=0)")
+        weight = self.item_embedding.weight
+        if items.numel() == 0:
+            return weight.sum() * 0.0
+        if self.teacher.base.device != items.device:
+            self.teacher = self.teacher.to(items.device)
+        target = self.teacher.rows(items - 1)
+        return full_item_cross_entropy(weight[items], weight[1:], target, temperature=self.config.tau,
+                                       backend=self.config.backend)
+
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        check_items(batch, self.config.num_items, self.config.max_len)
+        if self.config.kd_weight > 0 and self.teacher is None:
+            raise ValueError("MQSATED needs a teacher when kd_weight > 0: call model.set_teacher(train_sequences) "
+                             "before training (or set kd_weight=0)")
+        hidden = self.encode(batch.items)
+        mask = valid_positions(batch)
+        weight = self.item_embedding.weight
+        ce = full_softmax_loss(hidden[mask], batch.targets[mask], weight, self.config.backend)
+        if self.config.kd_weight > 0:
+            kd = self.kd_loss(batch.items[mask])
+            loss = ce + self.config.kd_weight * kd
+        else:
+            kd = ce.detach() * 0.0
+            loss = ce
+        return {"loss": loss, "ce": ce, "kd": kd}
+
+    def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
+        check_items(batch, self.config.num_items, self.config.max_len)
+        return self.encode(batch.items)[:, -1]
+
+    def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.item_embedding.weight, None
