@@ -93,6 +93,10 @@ _MODEL_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("aap-weight", float, "DIF-SR: weight lambda of the attribute-prediction (AAP) loss"),
     ("fusion", str, "DIF-SR: sum (fused kernel) | concat | gate (reference path)"),
     ("loss", str, "SASRec: ce (full softmax) | bce (original, one sampled negative)"),
+    ("long-query-len", int, "MQSA-TED: positions averaged into the long query"),
+    ("alpha", float, "MQSA-TED: weight of the short tower (1 - alpha: long tower)"),
+    ("tau", float, "MQSA-TED: distillation temperature"),
+    ("kd-weight", float, "MQSA-TED: weight of the TED distillation loss"),
 )
 _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("epochs", int, "maximum epochs"),
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train and evaluate a recommender",
                            description="Train a model, evaluate full ranking (HR/NDCG@5,10,20) on the "
                            "leave-one-out validation split every epoch, test the best epoch.")
-    train.add_argument("--model", choices=["sasrec", "difsr"], default=None, help="default difsr")
+    train.add_argument("--model", choices=["sasrec", "difsr", "mqsa_ted"], default=None, help="default difsr")
     train.add_argument("--data", default=None,
                        help="'synthetic' (default, no files needed) or a path: S3Rec .txt, RecBole "
                        ".inter / directory, or cross-domain .tsv(.gz)")

@@ -35,7 +35,7 @@ def _run(tmp: Path, model: str = "difsr", **kw: Any) -> dict[str, Any]:
     return training.train(config, log=_quiet)
 
 
-@pytest.mark.parametrize("model", ["sasrec", "difsr"])
+@pytest.mark.parametrize("model", ["sasrec", "difsr", "mqsa_ted"])
 def test_train_writes_metrics_and_checkpoint(tmp_path: Path, model: str) -> None:
     metrics = _run(tmp_path, model, epochs=2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
