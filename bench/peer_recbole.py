@@ -38,8 +38,10 @@ What it does:
   3. evaluates the test split with the checkpoint of the best validation
      NDCG@10 epoch and writes a JSON report.
 
-Reproduce:
-    /work/recbole-venv/bin/python bench/peer_recbole.py --epochs 20 \
+Reproduce (the committed result used --threads 1: on the shared 2-core box
+two OpenMP threads competing with other jobs spin-waited, >20 min/epoch;
+uncontended, torch's default 2 threads took ~186 s/epoch, 1 thread ~270-300 s):
+    /work/recbole-venv/bin/python bench/peer_recbole.py --epochs 20 --threads 1 \
         --out bench/results/peer-recbole-beauty.json
 """
 
@@ -198,6 +200,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         dataset = create_dataset(config)
         logger.info(dataset)
+        # before data_preparation: SequentialDataset.build() later replaces
+        # inter_feat with the prefix-augmented samples (inter - users rows)
+        loaded_inter_num = int(dataset.inter_num)
         train_data, valid_data, test_data = data_preparation(config, dataset)
         t_data = time.perf_counter() - t0
 
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
             # RecBole adds padding id 0 ("[PAD]") to the user and item vocabularies
             "user_num_incl_pad": int(dataset.user_num),
             "item_num_incl_pad": int(dataset.item_num),
-            "inter_num": int(dataset.inter_num),
+            "inter_num": loaded_inter_num,
+            "augmented_samples_total": int(dataset.inter_num),
             "train_samples_per_epoch": len(train_data._dataset),
             "valid_samples": len(valid_data._dataset),
             "test_samples": len(test_data._dataset),
