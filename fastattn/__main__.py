@@ -151,7 +151,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         metrics = training.evaluate_checkpoint(args.checkpoint, device=args.device,
-                                               sampled=True if args.sampled_eval else None)
+                                               sampled=True if args.sampled_eval else None,
+                                               exclude_history=not args.keep_history)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--sampled-eval", action="store_true")
     evaluate.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    evaluate.add_argument("--keep-history", action="store_true",
+                          help="rank the user's past items too (RecBole's protocol for sequential models)")
     evaluate.set_defaults(run=_evaluate)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -99,8 +99,11 @@ def sampled_ranks(user_vectors: torch.Tensor, item_weight: torch.Tensor, target:
 @torch.no_grad()
 def evaluate_model(model: SequentialRecommender, batches: Iterable[EvalBatch], device: torch.device | str,
                    ks: Sequence[int] = DEFAULT_KS, sampled: bool = False, seed: int = 0,
-                   backend: str = "auto") -> dict[str, float]:
+                   backend: str = "auto", exclude_history: bool = True) -> dict[str, float]:
     """Full-ranking HR@K / NDCG@K of `model` over `batches` (+ ``sampled_`` keys when `sampled`).
+
+    exclude_history=False ranks the user's past items too (only the padding item, the first
+    column of `EvalBatch.exclude`, stays out) — RecBole's protocol for sequential models.
 
     The model is put in eval mode (no dropout) for the pass and restored afterwards.
     """
@@ -117,7 +120,8 @@ def evaluate_model(model: SequentialRecommender, batches: Iterable[EvalBatch], d
         for batch in batches:
             batch = batch.to(device)
             vectors = model.user_vectors(batch).to(weight.dtype)
-            full.append(full_ranking_ranks(vectors, weight, batch.target, batch.exclude, k, bias, backend).cpu())
+            exclude = batch.exclude if exclude_history else batch.exclude[:, :1].contiguous()
+            full.append(full_ranking_ranks(vectors, weight, batch.target, exclude, k, bias, backend).cpu())
             if sampled:
                 samp.append(sampled_ranks(vectors, weight, batch.target, batch.exclude, generator, bias).cpu())
     finally:

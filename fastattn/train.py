@@ -39,7 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 SELECT_METRIC = "NDCG@10"
 CHECKPOINT_FORMAT = 1
-RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test"})
+RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test", "exclude_history"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ class TrainConfig:
     out: str = "runs/default"
     sampled_eval: bool = False
     track_test: bool = False
+    exclude_history: bool = True
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -269,7 +270,7 @@ def _evaluate(model: SequentialRecommender, split: EvalSet, dataset: SequenceDat
               device: torch.device, seed_offset: int) -> dict[str, float]:
     batches = eval_batches(split, dataset.features, config.eval_batch_size, config.max_len)
     return evaluate_model(model, batches, device, DEFAULT_KS, sampled=config.sampled_eval,
-                          seed=config.seed + seed_offset)
+                          seed=config.seed + seed_offset, exclude_history=config.exclude_history)
 
 
 def _load_splits(config: TrainConfig, log: Callable[[str], None]) -> tuple[SequenceDataset, Splits]:
@@ -464,7 +465,7 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
 
 
 def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled: Optional[bool] = None,
-                        log: Callable[[str], None] = say) -> dict[str, Any]:
+                        log: Callable[[str], None] = say, exclude_history: bool = True) -> dict[str, Any]:
     """Valid and test metrics of the best state stored in a training checkpoint."""
     state = load_checkpoint(Path(path), "--checkpoint")
     raw = dict(state["config"])
@@ -473,6 +474,7 @@ def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled:
         config.device = device
     if sampled is not None:
         config.sampled_eval = sampled
+    config.exclude_history = exclude_history
     config.validate()
     dev = torch.device(config.device)
     dataset, splits = _load_splits(config, log)

@@ -102,3 +102,13 @@ def test_evaluate_model_restores_training_mode() -> None:
     assert out["users"] == 2
     sampled = evaluate_model(model, batches, "cpu", ks=(1,), sampled=False)
     assert "sampled_HR@1" not in sampled
+
+
+def test_keeping_the_history_in_the_ranking() -> None:
+    model = _FixedModel()
+    batches = [EvalBatch(items=torch.tensor([[0, 6]]), target=torch.tensor([5]),
+                         exclude=torch.tensor([[0, 6]]))]
+    # item 6 (seen) outranks the target 5 only when the history stays in the ranking
+    assert evaluate_model(model, batches, "cpu", ks=(1,))["HR@1"] == 1.0
+    kept = evaluate_model(model, batches, "cpu", ks=(1, 2), exclude_history=False)
+    assert kept["HR@1"] == 0.0 and kept["HR@2"] == 1.0
