@@ -1,11 +1,13 @@
 """fastattn: fused Triton (and C++ CPU) kernels for attention-based sequential recommenders."""
 import os
 
-# OpenMP's default lets idle worker threads spin. When another process shares the cores, every
-# parallel region then waits for descheduled spinners: on a busy 2-core machine an epoch of the
-# synthetic DIF-SR run took 155-220 s spinning and 3.9 s with passive waiting. Only takes effect when
-# torch (which loads OpenMP) is imported after fastattn; OMP_WAIT_POLICY=ACTIVE overrides it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP (libgomp) lets idle worker threads spin for a long time. When another process shares
+# the cores, parallel regions then wait for descheduled spinners: on a busy 2-core machine an
+# epoch of the synthetic DIF-SR run took 155-220 s instead of ~4 s. A short spin (then sleep)
+# keeps that case fast and the idle case as fast as the default (Beauty SASRec epoch 13.5 s;
+# OMP_WAIT_POLICY=PASSIVE would make it 47 s). Only takes effect when torch (which loads
+# OpenMP) is imported after fastattn; set GOMP_SPINCOUNT yourself to override.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 from . import nn
 from ._dispatch import BackendUnavailable
 from .functional import dif_attention, full_item_cross_entropy, topk_items
