@@ -6,7 +6,8 @@ number of epochs N (default: as many as every run completed): test HR/NDCG@10 of
 with the best validation NDCG@10 within the first N epochs, and training seconds per epoch.
 Writes a markdown table and a plot of validation NDCG@10 per epoch.
 
-    python bench/beauty_report.py --recbole bench/results/peer-recbole-beauty.json \\
+    python bench/beauty_report.py --recbole bench/results/peer-recbole-beauty-masked.json \\
+        --recbole bench/results/peer-recbole-beauty.json \\
         --run "fastattn SASRec=bench/results/beauty-sasrec-cpu.json" \\
         --run "fastattn DIF-SR=bench/results/beauty-difsr-cpu.json" --out bench/results/beauty-cpu
 """
@@ -40,6 +41,7 @@ def fastattn_run(path: Path) -> dict[str, Any]:
         "best_epoch_at": lambda n: (history[n - 1].get("best_epoch_so_far", m["best_epoch"])
                                     if n <= len(history) else None),
         "options": m["config"]["model_options"],
+        "masked": m["config"].get("exclude_history", True),
     }
 
 
@@ -64,36 +66,41 @@ def recbole_run(path: Path) -> dict[str, Any]:
         "test_at": test_at,
         "best_epoch_at": lambda n: max(range(n), key=lambda i: (valid[i], -i)) + 1 if n <= len(valid) else None,
         "options": {"threads": r.get("torch_num_threads"), "recbole": r.get("recbole_version")},
+        "masked": bool(r.get("mask_history", False)),
     }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recbole", type=Path, required=True)
+    ap.add_argument("--recbole", type=Path, action="append", required=True,
+                    help="bench/peer_recbole.py JSON (repeatable; the first is the speed reference)")
     ap.add_argument("--run", action="append", default=[], help="LABEL=path/to/metrics.json (fastattn)")
     ap.add_argument("--epochs", type=int, default=None, help="compare at N epochs (default: the shortest run)")
     ap.add_argument("--out", type=Path, required=True, help="output stem: writes STEM.md and STEM.png")
     ap.add_argument("--machine", default="AMD EPYC, 2 cores, 24 GiB, torch 2.13.0+cpu")
     args = ap.parse_args(argv)
 
-    runs = {"RecBole 1.2.1 SASRec": recbole_run(args.recbole)}
+    runs = {}
+    for path in args.recbole:
+        run = recbole_run(path)
+        runs[f"RecBole 1.2.1 SASRec{'' if run['masked'] else ' (history not masked)'}"] = run
     for spec in args.run:
         label, _, path = spec.rpartition("=")
         runs[label] = fastattn_run(Path(path))
     n = args.epochs or min(r["epochs"] for r in runs.values())
-    peer = runs["RecBole 1.2.1 SASRec"]
+    peer = next(iter(runs.values()))
     peer_sec = statistics.median(peer["train_seconds"][:n])
-    lines = [f"Amazon Beauty (S3Rec files), leave-one-out, full ranking with history excluded; "
-             f"compared at {n} epochs (test at the best validation NDCG@10 within them). "
-             f"Machine: {args.machine}.", "",
-             "| run | best epoch | test HR@10 | test NDCG@10 | train s/epoch (median) | vs RecBole |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"Amazon Beauty (S3Rec files), leave-one-out, full ranking (history masked unless the row "
+             f"says otherwise: RecBole 1.2.1 masks nothing for sequential models); compared at {n} epochs "
+             f"(test at the best validation NDCG@10 within them). Machine: {args.machine}.", "",
+             "| run | history masked | best epoch | test HR@10 | test NDCG@10 | train s/epoch (median) | vs RecBole |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for label, run in runs.items():
         test = run["test_at"](n)
         sec = statistics.median(run["train_seconds"][:n])
         hr = f"{test['HR@10']:.4f}" if test else "n/a"
         nd = f"{test['NDCG@10']:.4f}" if test else "n/a"
-        lines.append(f"| {label} | {run['best_epoch_at'](n)} | {hr} | {nd} | {sec:.1f} | "
+        lines.append(f"| {label} | {'yes' if run['masked'] else 'no'} | {run['best_epoch_at'](n)} | {hr} | {nd} | {sec:.1f} | "
                      f"{peer_sec / sec:.1f}× |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

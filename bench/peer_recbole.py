@@ -134,6 +134,24 @@ def convert(src: str, dst_dir: str) -> dict:
     return {"users": len(users), "items": len(items), "interactions": n_inter}
 
 
+def user_histories(src: str, dataset) -> "torch.Tensor":
+    """(user_num, longest sequence) int64: each user's items in RecBole's internal ids, in order,
+    0-padded; row = RecBole's internal user id."""
+    import torch
+
+    seqs = {}
+    with open(src) as fin:
+        for line in fin:
+            parts = line.split()
+            if parts:
+                seqs[parts[0]] = parts[1:]
+    out = torch.zeros(int(dataset.user_num), max(len(v) for v in seqs.values()), dtype=torch.long)
+    for user, seq in seqs.items():
+        uid = int(dataset.token2id(dataset.uid_field, user))
+        out[uid, : len(seq)] = torch.as_tensor(dataset.token2id(dataset.iid_field, seq), dtype=torch.long)
+    return out
+
+
 def machine() -> dict:
     model = None
     try:
@@ -162,6 +180,9 @@ def main(argv=None) -> int:
                     help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--eval-batch-size", type=int, default=2048)
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--mask-history", action="store_true",
+                    help="exclude each user's whole history from the full ranking (fastattn's "
+                         "protocol, DESIGN §8); RecBole 1.2.1 masks nothing for sequential models")
     args = ap.parse_args(argv)
     data_path = os.path.abspath(args.data)
     out_path = os.path.abspath(args.out) if args.out else None
@@ -245,6 +266,7 @@ def main(argv=None) -> int:
                 "raw_counts": raw,
                 "recbole_counts": counts,
                 "n_params": n_params,
+                "mask_history": bool(args.mask_history),
                 "settings": {k: v for k, v in cfg_dict.items() if k not in ("data_path", "checkpoint_dir")},
                 "torch_num_threads": torch.get_num_threads(),
                 "machine": machine(),
@@ -275,7 +297,22 @@ def main(argv=None) -> int:
                     f.write(json.dumps(r, indent=2) + "\n")
                 os.replace(out_path + ".tmp", out_path)
 
+        history = user_histories(data_path, dataset) if args.mask_history else None
+
         class TimedTrainer(Trainer):
+            def _full_sort_batch_eval(self, batched_data):
+                interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
+                if history is not None:
+                    # timestamp = the target's position in the user's sequence, so the items
+                    # before it are exactly the history (validation: the training items; test:
+                    # those and the validation item). A repeated target is masked too: a miss.
+                    hist = history[interaction["user_id"].cpu()]
+                    pos = torch.arange(hist.shape[1])
+                    before = pos[None, :] < interaction["timestamp"].cpu().long()[:, None]
+                    hist = torch.where(before, hist, torch.zeros_like(hist))  # 0 = [PAD], masked anyway
+                    scores.scatter_(1, hist.to(scores.device), float("-inf"))
+                return interaction, scores, positive_u, positive_i
+
             def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
                 s = time.perf_counter()
                 loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)

@@ -97,6 +97,9 @@ _MODEL_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("alpha", float, "MQSA-TED: weight of the short tower (1 - alpha: long tower)"),
     ("tau", float, "MQSA-TED: distillation temperature"),
     ("kd-weight", float, "MQSA-TED: weight of the TED distillation loss"),
+    ("num-prototypes", int, "MAN: learned group prototypes"),
+    ("num-negatives", int, "MAN: sampled negatives per target in its sampled softmax"),
+    ("proto-weight", float, "MAN: weight of the prototype regularizer"),
 )
 _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("epochs", int, "maximum epochs"),
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train and evaluate a recommender",
                            description="Train a model, evaluate full ranking (HR/NDCG@5,10,20) on the "
                            "leave-one-out validation split every epoch, test the best epoch.")
-    train.add_argument("--model", choices=["sasrec", "difsr", "mqsa_ted"], default=None, help="default difsr")
+    train.add_argument("--model", choices=["sasrec", "difsr", "mqsa_ted", "man"], default=None, help="default difsr")
     train.add_argument("--data", default=None,
                        help="'synthetic' (default, no files needed) or a path: S3Rec .txt, RecBole "
                        ".inter / directory, or cross-domain .tsv(.gz)")

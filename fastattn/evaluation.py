@@ -6,6 +6,12 @@ item among the top max(K). The sampled protocol of the SASRec paper (the target 
 random negatives) is available too and every key it reports is prefixed with ``sampled_``
 so the two are never confused.
 
+Cross-domain data (batches with `target_domain`): the same full ranking, and the metrics again
+for the users of each target domain d under keys prefixed ``domain{d}_`` (``domain1_NDCG@10``,
+with ``domain{d}_users``); d is the data set's domain id (0..num_domains-1). The ranking is over
+the whole catalog in both cases (in KuaiRand the domain is the event type, not a property of
+the item, so there is no per-domain candidate set to restrict to).
+
 Metrics, for the 0-based rank r of the target (r = ∞ when it is not in the top K)::
 
     HR@K   = mean[r < K]
@@ -111,7 +117,7 @@ def evaluate_model(model: SequentialRecommender, batches: Iterable[EvalBatch], d
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    full, samp = [], []
+    full, samp, domains = [], [], []
     try:
         weight, bias = model.item_table()
         weight = weight.detach()
@@ -122,6 +128,8 @@ def evaluate_model(model: SequentialRecommender, batches: Iterable[EvalBatch], d
             vectors = model.user_vectors(batch).to(weight.dtype)
             exclude = batch.exclude if exclude_history else batch.exclude[:, :1].contiguous()
             full.append(full_ranking_ranks(vectors, weight, batch.target, exclude, k, bias, backend).cpu())
+            if batch.target_domain is not None:
+                domains.append(batch.target_domain.cpu())
             if sampled:
                 samp.append(sampled_ranks(vectors, weight, batch.target, batch.exclude, generator, bias).cpu())
     finally:
@@ -131,6 +139,22 @@ def evaluate_model(model: SequentialRecommender, batches: Iterable[EvalBatch], d
     if sampled:
         out.update(metrics_from_ranks(torch.cat(samp) if samp else ranks, ks, prefix="sampled_"))
     out["users"] = float(ranks.numel())
+    if domains and len(domains) == len(full):
+        out.update(per_domain_metrics(ranks, torch.cat(domains), ks))
+    return out
+
+
+def per_domain_metrics(ranks: torch.Tensor, domains: torch.Tensor, ks: Sequence[int] = DEFAULT_KS
+                       ) -> dict[str, float]:
+    """HR@K / NDCG@K of the users of each target domain: ranks (n,), domains (n,) int64 →
+    {"domain{d}_HR@5": ..., ..., "domain{d}_users": n_d} for every domain d present."""
+    if ranks.shape != domains.shape:
+        raise ValueError(f"ranks {tuple(ranks.shape)} and domains {tuple(domains.shape)} must have the same shape")
+    out: dict[str, float] = {}
+    for d in torch.unique(domains).tolist():
+        chosen = ranks[domains == d]
+        out.update(metrics_from_ranks(chosen, ks, prefix=f"domain{d}_"))
+        out[f"domain{d}_users"] = float(chosen.numel())
     return out
 
 

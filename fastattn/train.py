@@ -32,6 +32,7 @@ from .data import (BATCH_UNITS, EvalSet, SequenceDataset, Splits, eval_batches, 
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
 from .models.base import SequentialRecommender
 from .models.difsr import DIFSR, DIFSRConfig
+from .models.man import MAN, MANConfig
 from .models.mqsa_ted import MQSATED, MQSATEDConfig
 from .models.sasrec import SASRec, SASRecConfig
 
@@ -64,6 +65,10 @@ def _catalog_and_attributes(ds: SequenceDataset) -> dict[str, Any]:
     return {"num_items": ds.num_items, "attribute_sizes": tuple(f.num_values for f in ds.features)}
 
 
+def _catalog_and_domains(ds: SequenceDataset) -> dict[str, Any]:
+    return {"num_items": ds.num_items, "num_domains": ds.num_domains}
+
+
 def _ted_teacher(model: MQSATED, train: SequenceDataset) -> None:
     if model.config.kd_weight > 0:  # the sparse transition teacher of the training split
         model.set_teacher(train)
@@ -73,6 +78,7 @@ MODELS: dict[str, ModelSpec] = {
     "sasrec": ModelSpec(SASRecConfig, SASRec, _catalog),
     "difsr": ModelSpec(DIFSRConfig, DIFSR, _catalog_and_attributes),
     "mqsa_ted": ModelSpec(MQSATEDConfig, MQSATED, _catalog, _ted_teacher),
+    "man": ModelSpec(MANConfig, MAN, _catalog_and_domains),
 }
 
 # Hyper-parameters per preset and model. Training keys belong to TrainConfig, the rest to the
@@ -89,6 +95,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sasrec": {**_SMALL, "loss": "ce"},
         "difsr": {**_SMALL, "attribute_dim": 16, "aap_weight": 5.0, "fusion": "sum"},
         "mqsa_ted": {**_SMALL, "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
+        "man": {**_SMALL, "num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},
     },
     "paper": {
         "sasrec": {"hidden": 50, "layers": 2, "heads": 1, "inner": 50, "dropout": 0.5, "attn_dropout": 0.5,
@@ -99,6 +106,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "batch_size": 2048, "epochs": 200},
         # DESIGN §8's MQSA-TED settings (L=3, α=0.5, τ=0.1, λ_kd=0.1) on the SASRec CE backbone
         "mqsa_ted": {**_SMALL, "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
+        # MAN's official code is not public in a form we could check; the small recipe is kept
+        "man": {**_SMALL, "num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},
     },
 }
 
@@ -137,7 +146,7 @@ class TrainConfig:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.format not in (None, "s3rec", "recbole", "tsv"):
             raise ValueError(f"--format must be s3rec, recbole or tsv, got {self.format!r}")
-        if self.data != "synthetic" and not Path(self.data).exists():
+        if not _is_synthetic(self.data) and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or directory (or use 'synthetic')")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
             value = getattr(self, name)
@@ -170,6 +179,11 @@ class TrainConfig:
         spec.validate()
 
 
+def _is_synthetic(data: str) -> bool:
+    """`--data synthetic` or `synthetic:key=value,...` (SyntheticConfig overrides)."""
+    return data == "synthetic" or data.startswith("synthetic:")
+
+
 def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -> TrainConfig:
     """A TrainConfig from a preset, with `overrides` (training or model keys) on top.
 
@@ -188,7 +202,7 @@ def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -
         options["max_len"] = loop.get("max_len", TrainConfig.max_len)  # sizes the position table
     config = TrainConfig(model=model, preset=preset, model_options=options, **loop)
     if config.out == "runs/default":
-        stem = "synthetic" if config.data == "synthetic" else Path(config.data).name.split(".")[0]
+        stem = "synthetic" if _is_synthetic(config.data) else Path(config.data).name.split(".")[0]
         config.out = str(Path("runs") / f"{model}-{stem}")
     config.validate()
     return config
@@ -376,7 +390,9 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
         if config.track_test:
             record["test_at_best"] = {k: v for k, v in best["test"].items() if k != "users"}
             record["best_epoch_so_far"] = best["epoch"]
-        log(f"epoch {epoch:3d}  loss {record.get('loss', float('nan')):.4f}  valid HR@10 {valid['HR@10']:.4f} "
+        parts = "  ".join(f"{k} {record[k]:.4f}" for k in loss_keys(record) if k != "loss")
+        log(f"epoch {epoch:3d}  loss {record.get('loss', float('nan')):.4f}{'  ' + parts if parts else ''}  "
+            f"valid HR@10 {valid['HR@10']:.4f} "
             f"NDCG@10 {valid['NDCG@10']:.4f}{'  *' if improved else ''}  "
             f"train {epoch_seconds:.1f} s  eval {eval_seconds:.1f} s")
         atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "epoch": epoch,
@@ -432,6 +448,12 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
         raise ValueError(f"--resume: options differ from the checkpointed run ({detail})")
 
 
+def loss_keys(record: dict[str, Any]) -> list[str]:
+    """The per-epoch mean losses of a history record (what the model's `losses` returned)."""
+    return [k for k in record if k not in ("epoch", "train_seconds", "eval_seconds", "best_epoch_so_far")
+            and not k.startswith(("valid_", "test_"))]
+
+
 def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: Callable[[str], None]) -> None:
     """Loss and validation NDCG@10 per epoch (skipped with a note if matplotlib is missing)."""
     if not history:
@@ -445,9 +467,16 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
         log("matplotlib is not installed: no curves.png (pip install matplotlib)")
         return
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for key in [k for k in history[0] if k in ("loss", "ce", "aap", "bce")]:
+    losses = loss_keys(history[0])
+    extra = [k for k in ("acd",) if k in losses]  # a_cd (AutoCDSR) gets its own panel: other scale
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(4.5 * (2 + len(extra)), 3.2))
+    ax1, ax2 = axes[0], axes[1]
+    for key in [k for k in losses if k not in extra and not k.startswith("w_")]:
         ax1.plot(epochs, [h[key] for h in history], label=key)
+    for ax, key in zip(axes[2:], extra):
+        ax.plot(epochs, [h[key] for h in history], label=key, color="C3")
+        ax.set_xlabel("epoch")
+        ax.set_title("mean cross-domain attention a_cd (train)")
     ax1.set_xlabel("epoch")
     ax1.set_title("training loss")
     ax1.legend()
@@ -486,14 +515,19 @@ def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled:
     return {"valid": valid, "test": test, "best_epoch": best["epoch"], "config": raw}
 
 
-def print_metrics(metrics: dict[str, Any], stream: Any = sys.stdout) -> None:
-    """A small table of the valid/test metrics for the terminal (sampled-protocol rows labelled)."""
-    keys = [k for k in metrics["test"] if k != "users" and not k.startswith("sampled_")]
-    print(f"{'':16s}" + "".join(f"{k:>9s}" for k in keys), file=stream)
-    for prefix, label in (("", "full ranking"), ("sampled_", "sampled (100 neg)")):
+def print_metrics(metrics: dict[str, Any], stream: Any = None) -> None:
+    """A small table of the valid/test metrics for the terminal (stdout unless `stream`): full
+    ranking, then the sampled protocol (labelled) and the per-domain rows of cross-domain data."""
+    stream = sys.stdout if stream is None else stream
+    keys = [k for k in metrics["test"] if k != "users" and not k.startswith(("sampled_", "domain"))]
+    domains = sorted({k.split("_", 1)[0] for k in metrics["test"] if k.startswith("domain")},
+                     key=lambda d: int(d[len("domain"):]))
+    print(f"{'':20s}" + "".join(f"{k:>9s}" for k in keys), file=stream)
+    prefixes = [("", "{split}"), ("sampled_", "{split} sampled (100 neg)")]
+    prefixes += [(f"{d}_", f"{{split}} {d}") for d in domains]
+    for prefix, label in prefixes:
         for split in ("valid", "test"):
             row = metrics.get(split) or {}
             if prefix + keys[0] not in row:
                 continue
-            name = f"{split} {label}" if prefix else split
-            print(f"{name:16s}" + "".join(f"{row[prefix + k]:9.4f}" for k in keys), file=stream)
+            print(f"{label.format(split=split):20s}" + "".join(f"{row[prefix + k]:9.4f}" for k in keys), file=stream)

@@ -9,7 +9,7 @@ import torch
 
 from fastattn.data.batch import EvalBatch
 from fastattn.evaluation import (evaluate_model, full_ranking_ranks, metrics_from_ranks, ndcg_at,
-                                 sampled_ranks)
+                                 per_domain_metrics, sampled_ranks)
 from fastattn.models.base import SequentialRecommender
 
 
@@ -112,3 +112,30 @@ def test_keeping_the_history_in_the_ranking() -> None:
     assert evaluate_model(model, batches, "cpu", ks=(1,))["HR@1"] == 1.0
     kept = evaluate_model(model, batches, "cpu", ks=(1, 2), exclude_history=False)
     assert kept["HR@1"] == 0.0 and kept["HR@2"] == 1.0
+
+
+def test_per_domain_metrics_by_hand() -> None:
+    ranks = torch.tensor([0, 3, 30, 1])
+    domains = torch.tensor([1, 0, 1, 1])
+    out = per_domain_metrics(ranks, domains, ks=(2, 5))
+    assert out["domain0_users"] == 1 and out["domain1_users"] == 3
+    assert out["domain0_HR@2"] == 0.0 and out["domain0_HR@5"] == 1.0
+    assert out["domain0_NDCG@5"] == pytest.approx(1 / math.log2(5))
+    assert out["domain1_HR@2"] == pytest.approx(2 / 3)
+    assert out["domain1_NDCG@2"] == pytest.approx((1 + 1 / math.log2(3)) / 3)
+    assert "domain2_users" not in out
+    with pytest.raises(ValueError, match="same shape"):
+        per_domain_metrics(ranks, domains[:2])
+
+
+def test_evaluate_model_reports_target_domains() -> None:
+    model = _FixedModel()
+    batch = EvalBatch(items=torch.tensor([[0, 6], [0, 6]]), target=torch.tensor([5, 6]),
+                      exclude=torch.tensor([[0, -1], [0, -1]]), target_domain=torch.tensor([0, 1]))
+    out = evaluate_model(model, [batch], "cpu", ks=(1,), exclude_history=False)
+    assert out["domain0_users"] == 1 and out["domain1_users"] == 1
+    # item 6 outranks item 5 (history kept): the domain-1 user (target 6) hits, the domain-0 one misses
+    assert out["domain0_HR@1"] == 0.0 and out["domain1_HR@1"] == 1.0 and out["HR@1"] == 0.5
+    single = evaluate_model(model, [EvalBatch(items=batch.items, target=batch.target, exclude=batch.exclude)],
+                            "cpu", ks=(1,))
+    assert not [k for k in single if k.startswith("domain")]

@@ -35,7 +35,7 @@ def _run(tmp: Path, model: str = "difsr", **kw: Any) -> dict[str, Any]:
     return training.train(config, log=_quiet)
 
 
-@pytest.mark.parametrize("model", ["sasrec", "difsr", "mqsa_ted"])
+@pytest.mark.parametrize("model", ["sasrec", "difsr", "mqsa_ted", "man"])
 def test_train_writes_metrics_and_checkpoint(tmp_path: Path, model: str) -> None:
     metrics = _run(tmp_path, model, epochs=2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -156,6 +156,28 @@ def test_cli_train_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # resume with more epochs continues from epoch 1
     assert main(["train", "--resume", "--out", str(tmp_path), "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs_run"] == 2
+
+
+def test_per_domain_metrics_in_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Cross-domain data: every split's metrics again per target domain, counted right, and printed."""
+    metrics = _run(tmp_path, "man", epochs=1)
+    data = training.load_dataset("synthetic")
+    assert data.num_domains == 2
+    target_domains = split_dataset(data).test.target_domain
+    for d in range(2):
+        assert metrics["test"][f"domain{d}_users"] == float((target_domains == d).sum())
+    # the overall HR@10 is the users-weighted mean of the per-domain ones
+    weighted = sum(metrics["test"][f"domain{d}_HR@10"] * metrics["test"][f"domain{d}_users"] for d in range(2))
+    assert weighted / metrics["test"]["users"] == pytest.approx(metrics["test"]["HR@10"])
+    training.print_metrics(metrics)
+    printed = capsys.readouterr().out
+    assert "test domain0" in printed and "valid domain1" in printed
+    assert "domain0_HR@5" not in printed  # per-domain keys are rows, not columns
+
+
+def test_synthetic_spec_is_accepted() -> None:
+    config = training.make_config("sasrec", "small", data="synthetic:num_users=50,seed=1")
+    assert config.out.endswith("sasrec-synthetic")
 
 
 def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

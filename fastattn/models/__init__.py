@@ -5,7 +5,8 @@ Every model is a `SequentialRecommender`: `losses(TrainBatch)`, `user_vectors(Ev
 """
 from .base import SequentialRecommender
 from .difsr import DIFSR, DIFSRConfig
+from .man import MAN, MANConfig
 from .mqsa_ted import MQSATED, MQSATEDConfig
 from .sasrec import SASRec, SASRecConfig
 
-__all__ = ["DIFSR", "DIFSRConfig", "MQSATED", "MQSATEDConfig", "SASRec", "SASRecConfig", "SequentialRecommender"]
+__all__ = ["DIFSR", "DIFSRConfig", "MAN", "MANConfig", "MQSATED", "MQSATEDConfig", "SASRec", "SASRecConfig", "SequentialRecommender"]
