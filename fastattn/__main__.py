@@ -1,6 +1,6 @@
 """Command line of fastattn.
 
-- `python -m fastattn train --model {sasrec,difsr} --data {synthetic|PATH} ...`: train and evaluate
+- `python -m fastattn train --model {sasrec,difsr,mqsa_ted,man,autocdsr,autocdsr_plus} --data {synthetic|PATH} ...`: train and evaluate
   a recommender (full ranking, leave-one-out); writes DIR/metrics.json and DIR/checkpoint.pt.
 - `python -m fastattn evaluate --checkpoint DIR/checkpoint.pt`: valid/test metrics of a saved run.
 - `python -m fastattn demo`: the fused attention against the float64 reference. On a machine
@@ -100,6 +100,13 @@ _MODEL_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("num-prototypes", int, "MAN: learned group prototypes"),
     ("num-negatives", int, "MAN: sampled negatives per target in its sampled softmax"),
     ("proto-weight", float, "MAN: weight of the prototype regularizer"),
+    ("acd-mode", str, "AutoCDSR: pareto (Pareto MTL weights each step) | fixed (rec + acd_weight * a_cd)"),
+    ("acd-weight", float, "AutoCDSR: weight of the mean a_cd in --acd-mode fixed"),
+    ("pareto-vectors", int, "AutoCDSR: K, preference vectors p_k = (cos k*pi/2K, sin k*pi/2K), k = 0..K"),
+    ("pareto-region", int, "AutoCDSR: k of the region Omega_k the solution is kept in"),
+    ("num-ib-tokens", int, "AutoCDSR+: information-bottleneck tokens"),
+    ("domain-layers", int, "AutoCDSR+: layers of each per-domain encoder"),
+    ("shared-layers", int, "AutoCDSR+: layers of the shared encoder"),
 )
 _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("epochs", int, "maximum epochs"),
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train and evaluate a recommender",
                            description="Train a model, evaluate full ranking (HR/NDCG@5,10,20) on the "
                            "leave-one-out validation split every epoch, test the best epoch.")
-    train.add_argument("--model", choices=["sasrec", "difsr", "mqsa_ted", "man"], default=None, help="default difsr")
+    train.add_argument("--model", choices=["sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus"], default=None, help="default difsr")
     train.add_argument("--data", default=None,
                        help="'synthetic' (default, no files needed) or a path: S3Rec .txt, RecBole "
                        ".inter / directory, or cross-domain .tsv(.gz)")

@@ -116,6 +116,11 @@ class DIFAttention(torch.nn.Module):
 
     forward(hidden (B, L, D), position (B, L, D) or None, attributes: sequence of (B, L, Da_f),
     key_padding_mask (B, L) bool, True = padding) → (B, L, D).
+
+    Optional keyword arguments of forward (AutoCDSR): ``domains`` (B, L) integer domain ids makes
+    the layer return ``(output, acd)`` with acd (B, H, L) float32 = Σ_j P_ij [dom(i) != dom(j)]
+    (pre-dropout P, computed inside the fused kernel; only for fusion "sum", else ValueError);
+    ``causal`` (bool) overrides the constructor's causal flag for this call.
     """
 
     def __init__(
@@ -211,9 +216,18 @@ class DIFAttention(torch.nn.Module):
         position: Optional[torch.Tensor] = None,
         attributes: Sequence[torch.Tensor] = (),
         key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        *,
+        domains: Optional[torch.Tensor] = None,
+        causal: Optional[bool] = None,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         attributes = tuple(attributes)
         self._check_inputs(hidden, position, attributes, key_padding_mask)
+        if domains is not None and self.fusion != "sum":
+            raise ValueError(f"domains (the a_cd output) needs fusion='sum' (the fused kernel), "
+                             f"but this layer has fusion={self.fusion!r}")
+        if causal is not None and not isinstance(causal, bool):
+            raise ValueError(f"causal must be a bool or None, got {causal!r}")
+        is_causal = self.causal if causal is None else causal
         b, length, _ = hidden.shape
         q, k, v = self._split_heads(self.in_proj(hidden), 3, self.head_dim)
         attr_q: list[torch.Tensor] = []
@@ -227,24 +241,28 @@ class DIFAttention(torch.nn.Module):
             attr_q.append(aq)
             attr_k.append(ak)
         dropout_p = self.attn_dropout if self.training else 0.0
+        acd: Optional[torch.Tensor] = None
         if self.fusion == "sum":
-            context = dif_attention(q, k, v, attr_q, attr_k, causal=self.causal, key_padding_mask=key_padding_mask,
-                                    scale=self.scale, dropout_p=dropout_p, backend=self.backend)
+            result = dif_attention(q, k, v, attr_q, attr_k, causal=is_causal, key_padding_mask=key_padding_mask,
+                                   scale=self.scale, dropout_p=dropout_p, domains=domains, backend=self.backend)
+            context, acd = result if domains is not None else (result, None)
         else:
-            context = self._mixed_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p)
+            context = self._mixed_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p, is_causal)
         context = context.transpose(1, 2).reshape(b, length, self.hidden)
-        return self.norm(hidden + self.out_dropout(self.dense(context)))
+        out = self.norm(hidden + self.out_dropout(self.dense(context)))
+        return out if acd is None else (out, acd)
 
     def _mixed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          attr_q: Sequence[torch.Tensor], attr_k: Sequence[torch.Tensor],
-                         key_padding_mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+                         key_padding_mask: Optional[torch.Tensor], dropout_p: float,
+                         causal: Optional[bool] = None) -> torch.Tensor:
         """Torch path of "concat"/"gate": materializes the per-stream scores (B, H, L, S, max_len)."""
         b, _, length, _ = q.shape
         assert self.fusion_layer is not None and self.max_len is not None
         per_stream = [q @ k.transpose(-1, -2)] + [qa @ ka.transpose(-1, -2) for qa, ka in zip(attr_q, attr_k)]
         scores = torch.stack(per_stream, dim=-2)  # (B, H, Lq, S, Lk)
         visible = torch.ones(b, 1, length, length, dtype=torch.bool, device=q.device)
-        if self.causal:
+        if self.causal if causal is None else causal:
             visible = visible & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         if key_padding_mask is not None:
             visible = visible & ~key_padding_mask[:, None, None, :]

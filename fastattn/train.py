@@ -31,6 +31,7 @@ from .data import (BATCH_UNITS, EvalSet, SequenceDataset, Splits, eval_batches, 
                    split_dataset, train_batches)
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
 from .models.base import SequentialRecommender
+from .models.autocdsr import AutoCDSR, AutoCDSRConfig, AutoCDSRPlus, AutoCDSRPlusConfig
 from .models.difsr import DIFSR, DIFSRConfig
 from .models.man import MAN, MANConfig
 from .models.mqsa_ted import MQSATED, MQSATEDConfig
@@ -69,6 +70,13 @@ def _catalog_and_domains(ds: SequenceDataset) -> dict[str, Any]:
     return {"num_items": ds.num_items, "num_domains": ds.num_domains}
 
 
+def _catalog_and_required_domains(ds: SequenceDataset) -> dict[str, Any]:
+    if ds.domains is None:
+        raise ValueError(f"AutoCDSR needs the domain of every interaction, but data set {ds.name!r} has none "
+                         "(use a cross-domain .tsv, or synthetic data)")
+    return _catalog_and_domains(ds)
+
+
 def _ted_teacher(model: MQSATED, train: SequenceDataset) -> None:
     if model.config.kd_weight > 0:  # the sparse transition teacher of the training split
         model.set_teacher(train)
@@ -79,6 +87,8 @@ MODELS: dict[str, ModelSpec] = {
     "difsr": ModelSpec(DIFSRConfig, DIFSR, _catalog_and_attributes),
     "mqsa_ted": ModelSpec(MQSATEDConfig, MQSATED, _catalog, _ted_teacher),
     "man": ModelSpec(MANConfig, MAN, _catalog_and_domains),
+    "autocdsr": ModelSpec(AutoCDSRConfig, AutoCDSR, _catalog_and_required_domains),
+    "autocdsr_plus": ModelSpec(AutoCDSRPlusConfig, AutoCDSRPlus, _catalog_and_required_domains),
 }
 
 # Hyper-parameters per preset and model. Training keys belong to TrainConfig, the rest to the
@@ -96,6 +106,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "difsr": {**_SMALL, "attribute_dim": 16, "aap_weight": 5.0, "fusion": "sum"},
         "mqsa_ted": {**_SMALL, "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
         "man": {**_SMALL, "num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},
+        "autocdsr": {**_SMALL, "acd_mode": "pareto"},
+        "autocdsr_plus": {**_SMALL, "acd_mode": "pareto", "num_ib_tokens": 4, "domain_layers": 2,
+                          "shared_layers": 1},
     },
     "paper": {
         "sasrec": {"hidden": 50, "layers": 2, "heads": 1, "inner": 50, "dropout": 0.5, "attn_dropout": 0.5,
@@ -108,6 +121,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "mqsa_ted": {**_SMALL, "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
         # MAN's official code is not public in a form we could check; the small recipe is kept
         "man": {**_SMALL, "num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},
+        # the official AutoCDSR Pareto setting (preference (1, 0) on (a_cd, rec)) on the CE backbone
+        "autocdsr": {**_SMALL, "acd_mode": "pareto"},
+        "autocdsr_plus": {**_SMALL, "acd_mode": "pareto", "num_ib_tokens": 4, "domain_layers": 2,
+                          "shared_layers": 1},
     },
 }
 
@@ -173,7 +190,7 @@ class TrainConfig:
             raise ValueError(f"{flags} do(es) not apply to model {self.model!r}")
         # The model's own checks (hidden % heads, dropout range, fusion, ...) now, before any data
         # is read; the catalog fields are placeholders until the data set is known.
-        placeholders = {"num_items": 2, "attribute_sizes": (2,)}
+        placeholders = {"num_items": 2, "attribute_sizes": (2,), "num_domains": 2}
         spec = MODELS[self.model].config_cls(**{k: v for k, v in placeholders.items() if k in known},
                                              **self.model_options)
         spec.validate()

@@ -35,7 +35,7 @@ def _run(tmp: Path, model: str = "difsr", **kw: Any) -> dict[str, Any]:
     return training.train(config, log=_quiet)
 
 
-@pytest.mark.parametrize("model", ["sasrec", "difsr", "mqsa_ted", "man"])
+@pytest.mark.parametrize("model", ["sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus"])
 def test_train_writes_metrics_and_checkpoint(tmp_path: Path, model: str) -> None:
     metrics = _run(tmp_path, model, epochs=2)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -173,6 +173,22 @@ def test_per_domain_metrics_in_the_report(tmp_path: Path, capsys: pytest.Capture
     printed = capsys.readouterr().out
     assert "test domain0" in printed and "valid domain1" in printed
     assert "domain0_HR@5" not in printed  # per-domain keys are rows, not columns
+
+
+def test_autocdsr_logs_the_mean_acd_per_epoch(tmp_path: Path) -> None:
+    metrics = _run(tmp_path, "autocdsr", epochs=2)
+    for record in metrics["history"]:
+        assert 0.0 < record["acd"] < 1.0 and record["rec"] > 0 and "w_acd" in record
+
+
+def test_autocdsr_needs_domains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    single = replace(make_synthetic(SyntheticConfig(num_users=50, num_items=40, seed=1)), domains=None,
+                     num_domains=1)
+    monkeypatch.setattr(training, "load_dataset", lambda spec, fmt=None: single)
+    with pytest.raises(ValueError, match="AutoCDSR needs the domain of every interaction"):
+        _run(tmp_path, "autocdsr", epochs=1)
 
 
 def test_synthetic_spec_is_accepted() -> None:

@@ -8,7 +8,7 @@ item of every row; shapes below use B (batch), L (batch length), D (hidden).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -97,7 +97,9 @@ class TransformerLayer(torch.nn.Module):
     Built from an `EncoderConfig`; `attribute_dims`, `use_position` and `fusion` choose the extra
     score streams (none: plain causal multi-head self-attention, as in SASRec).
     forward(hidden (B, L, D), position (B, L, D) or None, attributes: sequence of (B, L, Da_f),
-    key_padding_mask (B, L) bool True = padding) → (B, L, D).
+    key_padding_mask (B, L) bool True = padding) → (B, L, D). Keyword-only options: ``domains``
+    (B, L) integer ids → returns (output, acd (B, H, L) float32), the cross-domain attention mass of
+    each query row (fusion "sum" only, see `DIFAttention`); ``causal`` overrides causal=True.
     """
 
     def __init__(self, config: EncoderConfig, attribute_dims: Sequence[int] = (), use_position: bool = False,
@@ -110,9 +112,13 @@ class TransformerLayer(torch.nn.Module):
         self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, position: Optional[torch.Tensor] = None,
-                attributes: Sequence[torch.Tensor] = (), key_padding_mask: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        return self.feed_forward(self.attention(hidden, position, attributes, key_padding_mask))
+                attributes: Sequence[torch.Tensor] = (), key_padding_mask: Optional[torch.Tensor] = None,
+                *, domains: Optional[torch.Tensor] = None, causal: Optional[bool] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if domains is None:
+            return self.feed_forward(self.attention(hidden, position, attributes, key_padding_mask, causal=causal))
+        out, acd = self.attention(hidden, position, attributes, key_padding_mask, domains=domains, causal=causal)
+        return self.feed_forward(out), acd
 
 
 def positions_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
