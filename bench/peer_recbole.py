@@ -56,6 +56,10 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DATA = "/work/shared/data/s3rec/Beauty.txt"
 DATASET = "beauty"

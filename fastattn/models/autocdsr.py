@@ -66,7 +66,6 @@ Deviations from the paper / official code, and why:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -74,7 +73,7 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_int, check_items, full_softmax_loss,
+from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_finite, check_int, check_items, full_softmax_loss,
                      init_weights, positions_from_padding, valid_positions)
 from .pareto import NORMALIZATIONS, pareto_mtl_init_weights, pareto_mtl_weights, preference_vectors
 
@@ -82,11 +81,6 @@ ACD_MODES = ("pareto", "fixed")
 PARETO_SCALES = ("rec", "sum")
 
 __all__ = ["ACD_MODES", "PARETO_SCALES", "AutoCDSR", "AutoCDSRConfig", "AutoCDSRPlus", "AutoCDSRPlusConfig"]
-
-
-def _check_finite(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -123,7 +117,7 @@ class AutoCDSRConfig(EncoderConfig):
         super().validate()
         check_int("num_domains", self.num_domains)
         check_choice("acd_mode", self.acd_mode, ACD_MODES)
-        _check_finite("acd_weight", self.acd_weight)
+        check_finite("acd_weight", self.acd_weight)
         check_int("pareto_vectors", self.pareto_vectors)
         if (not isinstance(self.pareto_region, int) or isinstance(self.pareto_region, bool)
                 or not 0 <= self.pareto_region <= self.pareto_vectors):

@@ -7,6 +7,7 @@ item of every row; shapes below use B (batch), L (batch length), D (hidden).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -23,7 +24,8 @@ from ..nn import _check_probability as check_probability
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 __all__ = [
-    "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_int", "check_items",
+    "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_finite", "check_int",
+    "check_items",
     "check_positive", "check_probability", "full_softmax_loss", "init_weights", "positions_from_padding",
     "sum_pool", "valid_positions",
 ]
@@ -155,6 +157,14 @@ def init_weights(module: torch.nn.Module, std: float) -> None:
         if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None:
             with torch.no_grad():
                 m.weight[m.padding_idx].zero_()
+
+
+def check_finite(name: str, value: object, minimum: Optional[float] = None) -> None:
+    """ValueError naming `name` unless value is a finite real number (and >= minimum when given)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (minimum is not None and value < minimum)):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite float{bound}, got {value!r}")
 
 
 def check_items(batch: TrainBatch | EvalBatch, num_items: int, max_len: int) -> None:

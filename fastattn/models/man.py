@@ -85,7 +85,7 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..functional import dif_attention
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_int, check_items, init_weights, positions_from_padding,
+from .blocks import (EncoderConfig, TransformerLayer, check_finite, check_int, check_items, init_weights, positions_from_padding,
                      valid_positions)
 
 __all__ = ["MAN", "MANConfig", "CrossAttention", "PrototypeAttention", "SequenceEncoder", "last_index",
@@ -118,9 +118,7 @@ class MANConfig(EncoderConfig):
         check_int("num_domains", self.num_domains)
         check_int("num_prototypes", self.num_prototypes)
         check_int("num_negatives", self.num_negatives)
-        if (isinstance(self.proto_weight, bool) or not isinstance(self.proto_weight, (int, float))
-                or not math.isfinite(self.proto_weight) or self.proto_weight < 0):
-            raise ValueError(f"proto_weight must be a finite float >= 0, got {self.proto_weight!r}")
+        check_finite("proto_weight", self.proto_weight, minimum=0.0)
 
 
 # ---------------------------------------------------------------- building blocks

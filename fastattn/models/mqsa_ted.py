@@ -34,7 +34,6 @@ state dict), moved to the batch's device on use.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -45,7 +44,7 @@ from ..data.batch import EvalBatch, TrainBatch
 from ..functional import dif_attention, full_item_cross_entropy
 from ..ops.cross_entropy.targets import SoftTarget, ted_teacher
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, FeedForward, TransformerLayer, check_int, check_positive,
+from .blocks import (EncoderConfig, FeedForward, TransformerLayer, check_finite, check_int, check_positive,
                      check_items, full_softmax_loss, init_weights, positions_from_padding, valid_positions)
 
 
@@ -72,9 +71,7 @@ class MQSATEDConfig(EncoderConfig):
                 or not 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be a float in [0, 1], got {self.alpha!r}")
         check_positive("tau", self.tau)
-        if (isinstance(self.kd_weight, bool) or not isinstance(self.kd_weight, (int, float))
-                or not math.isfinite(self.kd_weight) or self.kd_weight < 0):
-            raise ValueError(f"kd_weight must be a finite float >= 0, got {self.kd_weight!r}")
+        check_finite("kd_weight", self.kd_weight, minimum=0.0)
 
 
 class LongQueryAttention(torch.nn.Module):
