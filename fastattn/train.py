@@ -140,6 +140,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 256
     batch_unit: str = "targets"
+    bucket_batches: int = 100
     eval_batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -165,6 +166,8 @@ class TrainConfig:
             raise ValueError(f"--format must be s3rec, recbole or tsv, got {self.format!r}")
         if not _is_synthetic(self.data) and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or directory (or use 'synthetic')")
+        if not isinstance(self.bucket_batches, int) or isinstance(self.bucket_batches, bool) or self.bucket_batches < 0:
+            raise ValueError(f"--bucket-batches must be an integer >= 0, got {self.bucket_batches!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -368,11 +371,12 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
             break
         model.train()
         steps = num_train_batches(splits.train, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
-                                  seed=config.seed, epoch=epoch)
+                                  seed=config.seed, epoch=epoch, bucket_batches=config.bucket_batches)
         sums: dict[str, float] = {}
         rows, tick = 0, time.perf_counter()
         bar = _progress(train_batches(splits.train, config.batch_size, config.max_len, shuffle=True,
-                                      seed=config.seed, epoch=epoch, unit=config.batch_unit),
+                                      seed=config.seed, epoch=epoch, unit=config.batch_unit,
+                                      bucket_batches=config.bucket_batches),
                         steps, f"epoch {epoch}/{config.epochs}", config.progress)
         for step, batch in enumerate(bar, 1):
             batch = batch.to(device)

@@ -373,6 +373,26 @@ def test_batches_by_target_count(batch_size: int, max_len: int) -> None:
         batch_rows(ds, 8, 8, unit="tokens")
 
 
+def test_unbucketed_target_batches_follow_the_shuffled_order() -> None:
+    """bucket_batches=0: the same target-count cut, over the epoch's shuffled order itself."""
+    ds = make_synthetic(SyntheticConfig(num_users=400, min_len=2, max_len=30, seed=2))
+    batches = batch_rows(ds, 40, 12, unit="targets", seed=3, epoch=1, bucket_batches=0)
+    assert num_train_batches(ds, 40, unit="targets", max_len=12, seed=3, epoch=1, bucket_batches=0) == len(batches)
+    order = train_order(ds, seed=3, epoch=1)
+    joined = np.concatenate(batches)
+    assert sorted(joined.tolist()) == sorted(order.tolist())
+    # consecutive runs of the shuffled order (the batch order itself is shuffled again)
+    starts = {int(b[0]): b for b in batches}
+    position = {int(u): i for i, u in enumerate(order)}
+    for b in starts.values():
+        idx = [position[int(u)] for u in b]
+        assert idx == list(range(idx[0], idx[0] + len(b)))
+    counts = np.minimum(ds.lengths() - 1, 12)
+    assert max(counts[b].sum() for b in batches) <= 40 + 2 * 12
+    with pytest.raises(ValueError, match="bucket_batches must be an int >= 0"):
+        batch_rows(ds, 8, 8, unit="targets", bucket_batches=-1)
+
+
 def test_eval_batches_exact() -> None:
     seqs = [[1, 2, 3, 4, 5], [6], [2, 3]]
     indptr, items = _csr(seqs)

@@ -131,6 +131,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ({"format": "csv"}, "--format must be s3rec, recbole or tsv"),
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "--device"),
     ({"backend": "fast"}, "--backend must be"),
+    ({"bucket_batches": -1}, "--bucket-batches must be an integer >= 0"),
     ({"model": "sasrec", "fusion": "sum"}, "--fusion do\\(es\\) not apply to model 'sasrec'"),
     ({"hidden": 30, "heads": 4}, "divisible"),
     ({"fusion": "mean"}, "fusion"),

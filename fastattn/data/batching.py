@@ -30,42 +30,48 @@ BUCKET_BATCHES = 100  # "targets" batches are cut from pools this many batches l
 
 def num_train_batches(train: SequenceDataset, batch_size: int, *, drop_last: bool = False,
                       unit: str = "sequences", max_len: Optional[int] = None, shuffle: bool = True,
-                      seed: int = 0, epoch: int = 0) -> int:
+                      seed: int = 0, epoch: int = 0, bucket_batches: int = BUCKET_BATCHES) -> int:
     """How many batches `train_batches` yields for the same arguments (sequences of length >= 2)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if unit == "targets":  # depends on the epoch's order: count the real partition
         return len(batch_rows(train, batch_size, max_len or 1 << 62, unit=unit, shuffle=shuffle, seed=seed,
-                              epoch=epoch, drop_last=drop_last))
+                              epoch=epoch, drop_last=drop_last, bucket_batches=bucket_batches))
     n = len(_trainable(train))
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def batch_rows(train: SequenceDataset, batch_size: int, max_len: int, *, unit: str = "sequences",
-               shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False) -> list[np.ndarray]:
+               shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False,
+               bucket_batches: int = BUCKET_BATCHES) -> list[np.ndarray]:
     """The sequence indices of every batch of one epoch, in order.
 
     unit="sequences": `batch_size` sequences per batch, in `train_order`.
     unit="targets": about `batch_size` next-item targets per batch (a batch ends where the running
     count crosses a multiple of batch_size; a sequence is never split) — RecBole's notion of a
     training sample, so the number of optimizer steps per epoch matches a prefix-augmented trainer. Sequences are
-    sorted by length within pools of BUCKET_BATCHES batches (less padding), then the batch order
-    is shuffled; all randomness comes from (seed, epoch).
+    sorted by length within pools of `bucket_batches` batches (less padding, but a batch of long
+    sequences holds few users), then the batch order is shuffled; bucket_batches=0 keeps the
+    shuffled order (every batch a random set of users, more padding). All randomness comes from
+    (seed, epoch).
     """
     if unit not in BATCH_UNITS:
         raise ValueError(f"unit must be one of {BATCH_UNITS}, got {unit!r}")
+    if not isinstance(bucket_batches, int) or isinstance(bucket_batches, bool) or bucket_batches < 0:
+        raise ValueError(f"bucket_batches must be an int >= 0, got {bucket_batches!r}")
     order = train_order(train, shuffle=shuffle, seed=seed, epoch=epoch)
     if unit == "sequences":
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
     counts = np.minimum(train.lengths()[order] - 1, max_len)
     mean = max(1.0, float(counts.mean())) if len(counts) else 1.0
-    pool = max(1, int(BUCKET_BATCHES * batch_size / mean))
+    pool = max(1, int(bucket_batches * batch_size / mean)) if bucket_batches else max(1, len(order))
     batches: list[np.ndarray] = []
     for start in range(0, len(order), pool):
         rows, c = order[start:start + pool], counts[start:start + pool]
-        by_length = np.argsort(c, kind="stable")
-        rows, c = rows[by_length], c[by_length]
+        if bucket_batches:
+            by_length = np.argsort(c, kind="stable")
+            rows, c = rows[by_length], c[by_length]
         # a batch ends at the sequence where the running target count reaches a multiple of batch_size
         total = np.cumsum(c)
         marks = np.arange(1, -(-int(total[-1]) // batch_size) + 1, dtype=np.int64) * batch_size
@@ -113,7 +119,7 @@ def _attributes(features: Sequence[ItemFeature], items: np.ndarray) -> tuple[tor
 
 def train_batches(train: SequenceDataset, batch_size: int, max_len: int, *, shuffle: bool = True,
                   seed: int = 0, epoch: int = 0, drop_last: bool = False,
-                  unit: str = "sequences") -> Iterator[TrainBatch]:
+                  unit: str = "sequences", bucket_batches: int = BUCKET_BATCHES) -> Iterator[TrainBatch]:
     """Next-item training batches over every sequence s with len(s) >= 2, once per epoch.
 
     Row of sequence s: items = s[:-1][-max_len:], targets = s[1:][-max_len:], both left padded with
@@ -126,7 +132,7 @@ def train_batches(train: SequenceDataset, batch_size: int, max_len: int, *, shuf
         raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
     lengths = train.lengths()
     for users in batch_rows(train, batch_size, max_len, unit=unit, shuffle=shuffle, seed=seed, epoch=epoch,
-                            drop_last=drop_last):
+                            drop_last=drop_last, bucket_batches=bucket_batches):
         ends = train.indptr[users + 1]
         counts = np.minimum(lengths[users] - 1, max_len)
         width = int(counts.max())
