@@ -111,8 +111,9 @@ _MODEL_FLAGS: tuple[tuple[str, type, str], ...] = (
 _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("epochs", int, "maximum epochs"),
     ("batch-size", int, "training batch size, in --batch-unit"),
-    ("batch-unit", str, "targets (next-item predictions, RecBole's samples) | sequences"),
-    ("bucket-batches", int, "with --batch-unit targets: sort sequences by length within pools of N batches "
+    ("batch-unit", str, "targets (next-item predictions, counted as RecBole counts samples) | sequences | "
+                        "prefixes (every history prefix its own row, loss at its end: RecBole's samples exactly)"),
+    ("bucket-batches", int, "with --batch-unit targets|prefixes: sort rows by length within pools of N batches "
                             "(less padding); 0 = batches of random users"),
     ("eval-batch-size", int, "evaluation batch size"),
     ("lr", float, "Adam learning rate"),

@@ -14,7 +14,7 @@ import torch
 from fastattn.data import (EvalBatch, EvalSet, ItemFeature, SequenceDataset, SyntheticConfig, TrainBatch,
                            eval_batches, load_dataset, make_synthetic, num_train_batches, read_crossdomain_tsv,
                            read_recbole, read_s3rec, split_dataset, train_batches)
-from fastattn.data.batching import batch_rows, train_order
+from fastattn.data.batching import batch_rows, prefix_sequences, train_order
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -391,6 +391,49 @@ def test_unbucketed_target_batches_follow_the_shuffled_order() -> None:
     assert max(counts[b].sum() for b in batches) <= 40 + 2 * 12
     with pytest.raises(ValueError, match="bucket_batches must be an int >= 0"):
         batch_rows(ds, 8, 8, unit="targets", bucket_batches=-1)
+
+
+def test_prefix_sequences_by_hand() -> None:
+    indptr, items = _csr([[1, 2, 3, 4, 5], [6], [7, 8]])
+    ds = SequenceDataset(name="p", indptr=indptr, items=items, num_items=8, domains=items % 2, num_domains=2)
+    rows = prefix_sequences(ds, max_len=2)
+    got = [rows.items[rows.indptr[i]:rows.indptr[i + 1]].tolist() for i in range(len(rows.indptr) - 1)]
+    # every (history of at most 2 items, next item) pair, in order; [6] has none
+    assert got == [[1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [7, 8]]
+    _eq(rows.domains, np.concatenate([np.asarray(r) % 2 for r in got]))
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        prefix_sequences(ds, 0)
+
+
+def test_prefix_batches_hold_every_sample_once() -> None:
+    """unit="prefixes": RecBole's training samples — each (history, next item) pair once per
+    epoch, one target per row at the last column, batch_size rows per batch."""
+    ds = make_synthetic(SyntheticConfig(num_users=60, min_len=2, max_len=20, seed=4))
+    max_len = 6
+    batches = list(train_batches(ds, 16, max_len, unit="prefixes", seed=1, epoch=2))
+    assert len(batches) == num_train_batches(ds, 16, unit="prefixes", max_len=max_len, seed=1, epoch=2)
+    samples = []
+    for b in batches:
+        assert b.items.shape[0] <= 16 and b.items.shape[1] <= max_len
+        assert not b.targets[:, :-1].any() and bool((b.targets[:, -1] > 0).all())
+        assert not b.target_domains[:, :-1].any()
+        for row, target in zip(b.items.tolist(), b.targets[:, -1].tolist()):
+            samples.append((tuple(i for i in row if i), target))
+    want = []
+    for u in range(len(ds.indptr) - 1):
+        seq = ds.items[ds.indptr[u]:ds.indptr[u + 1]].tolist()
+        want += [(tuple(seq[max(0, k - 1 - max_len):k - 1]), seq[k - 1]) for k in range(2, len(seq) + 1)]
+    assert sorted(samples) == sorted(want)
+    # the input domains stay aligned with the items (only targets are cut to the last column)
+    first = batches[0]
+    _eq(first.domains, np.where(first.items.numpy() > 0, _domain_of(ds, first.items.numpy()), 0))
+
+
+def _domain_of(ds: SequenceDataset, items: np.ndarray) -> np.ndarray:
+    """The (fixed) domain of each item of a synthetic data set (0 at padding)."""
+    table = np.zeros(ds.num_items + 1, dtype=np.int64)
+    table[ds.items] = ds.domains
+    return table[items]
 
 
 def test_eval_batches_exact() -> None:
