@@ -20,6 +20,33 @@ from typing import Any, Optional
 KEYS = ("HR@10", "NDCG@10")
 
 
+def checkpoint_acd(path: Path, batches: int = 100) -> float:
+    """Mean a_cd of a SASRec (or AutoCDSR) checkpoint's best state on its training split, eval mode:
+    the state is loaded into an AutoCDSR (same module names), whose layers report a_cd from the
+    fused kernel. So a plain SASRec's cross-domain attention can be set beside AutoCDSR's."""
+    import torch
+
+    from fastattn.data import load_dataset, split_dataset, train_batches
+    from fastattn.train import build_model, load_checkpoint, make_config
+
+    state = load_checkpoint(path, "--acd-checkpoint")
+    config = state["config"]
+    data = load_dataset(config["data"], config.get("format"))
+    options = {k: v for k, v in config["model_options"].items() if k in ("hidden", "layers", "heads", "inner")}
+    model = build_model(make_config("autocdsr", "small", data=config["data"], acd_mode="fixed",
+                                    max_len=config["max_len"], **options), data)
+    model.load_state_dict(state["best"]["state"] or state["model"], strict=False)
+    model.eval()
+    values = []
+    with torch.no_grad():
+        for i, batch in enumerate(train_batches(split_dataset(data).train, 256, config["max_len"], shuffle=False,
+                                                unit="targets")):
+            if i == batches:
+                break
+            values.append(float(model.losses(batch)["acd"]))
+    return sum(values) / max(1, len(values))
+
+
 def load(path: Path) -> dict[str, Any]:
     m = json.loads(path.read_text())
     if not m.get("history"):
@@ -44,6 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--run", action="append", required=True, help="LABEL=path/to/metrics.json (repeatable)")
     ap.add_argument("--epochs", type=int, default=None, help="compare at N epochs (default: the shortest run)")
     ap.add_argument("--out", type=Path, required=True, help="output stem: writes STEM.md and STEM.png")
+    ap.add_argument("--acd-checkpoint", action="append", default=[],
+                    help="LABEL=DIR/checkpoint.pt: also report that model's mean a_cd on its training split")
     ap.add_argument("--machine", default="AMD EPYC, 2 cores, 24 GiB, torch 2.13.0+cpu, one thread per run")
     args = ap.parse_args(argv)
 
@@ -75,6 +104,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells.append(f"{acd[0]:.4f} → {acd[-1]:.4f}" if acd else "—")
         cells.append(f"{statistics.median(h['train_seconds'] for h in history):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
+    for spec in args.acd_checkpoint:
+        label, _, path = spec.rpartition("=")
+        lines += ["", f"{label}: mean a_cd of its best state on the training split (eval mode, first 100 "
+                  f"batches): {checkpoint_acd(Path(path)):.4f}"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
