@@ -462,7 +462,8 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
     """The checkpoint must come from the same run; only epochs, device, progress and output may change."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--resume: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
-    saved = state["config"]
+    # an option newer than the checkpoint was, for that run, at its default
+    saved = {**asdict(TrainConfig()), **state["config"]}
     diffs = [k for k, v in asdict(config).items() if k not in RESUME_MUTABLE and saved.get(k) != v]
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in diffs)

@@ -192,6 +192,18 @@ def test_autocdsr_needs_domains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         _run(tmp_path, "autocdsr", epochs=1)
 
 
+def test_resume_of_a_checkpoint_older_than_an_option(tmp_path: Path) -> None:
+    """A checkpoint written before an option existed resumes with that option at its default."""
+    _run(tmp_path, "sasrec", epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["bucket_batches"]
+    torch.save(state, path)
+    config = training.resume_config(tmp_path, epochs=2, progress=False)
+    assert config.bucket_batches == training.TrainConfig.bucket_batches
+    assert len(training.train(config, resume=True, log=_quiet)["history"]) == 2
+
+
 def test_synthetic_spec_is_accepted() -> None:
     config = training.make_config("sasrec", "small", data="synthetic:num_users=50,seed=1")
     assert config.out.endswith("sasrec-synthetic")
