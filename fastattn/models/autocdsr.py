@@ -171,8 +171,8 @@ def check_domains(batch: Union[TrainBatch, EvalBatch], num_domains: int) -> torc
     return domains
 
 
-def _row_mean(acd: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ over heads and the rows marked in rows (B, L) of acd (B, H, L)."""
+def _row_sum(acd: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ over heads and the rows marked in rows (B, L) of acd (B, H, L) (the caller divides)."""
     return (acd * rows[:, None, :].to(acd.dtype)).sum()
 
 
@@ -269,30 +269,31 @@ class AutoCDSR(_ACDRecommender):
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """items (B, L) → (hidden (B, L, D), acd): with domains (B, L), acd is the scalar mean of
         a_cd over valid query rows, heads and layers (0 without valid rows); else None."""
-        padding = items == 0
-        x = self.dropout(self.norm(self.embed_items(items)))
-        total: Optional[torch.Tensor] = None
-        for layer in self.layers:
-            if domains is None:
-                x = layer(x, key_padding_mask=padding)
-                continue
-            x, acd = layer(x, key_padding_mask=padding, domains=domains)
-            part = _row_mean(acd, ~padding)
-            total = part if total is None else total + part
-        if total is None:
-            return x, None
-        count = int((~padding).sum()) * self.config.heads * len(self.layers)
-        return x, total / max(count, 1)
+        hidden, per_layer = self._run_layers(items, domains)
+        if domains is None:
+            return hidden, None
+        valid = items != 0
+        total = torch.stack([_row_sum(acd, valid) for acd in per_layer]).sum()  # float32, as acd
+        count = int(valid.sum()) * self.config.heads * len(self.layers)
+        return hidden, total / max(count, 1)
 
     def acd_per_layer(self, items: torch.Tensor, domains: torch.Tensor) -> list[torch.Tensor]:
         """The raw a_cd (B, H, L) float32 of every layer (for inspection and tests)."""
+        return self._run_layers(items, domains)[1]
+
+    def _run_layers(self, items: torch.Tensor, domains: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(hidden (B, L, D), each layer's a_cd (B, H, L); empty without domains)."""
         padding = items == 0
         x = self.dropout(self.norm(self.embed_items(items)))
-        out = []
+        per_layer: list[torch.Tensor] = []
         for layer in self.layers:
-            x, acd = layer(x, key_padding_mask=padding, domains=domains)
-            out.append(acd)
-        return out
+            if domains is None:
+                x = layer(x, key_padding_mask=padding)
+            else:
+                x, acd = layer(x, key_padding_mask=padding, domains=domains)
+                per_layer.append(acd)
+        return x, per_layer
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -359,7 +360,7 @@ class AutoCDSRPlus(_ACDRecommender):
         for layer_index in range(cfg.domain_layers):
             for d, encoder in enumerate(self.domain_encoders):
                 states[d], acd = encoder[layer_index](states[d], key_padding_mask=masks[d], domains=dom_full)
-                total = total + _row_mean(acd[:, :, k:], own[d])
+                total = total + _row_sum(acd[:, :, k:], own[d])
             ib_mean = torch.stack([s[:, :k] for s in states]).mean(dim=0)
             states = [torch.cat([ib_mean, s[:, k:]], dim=1) for s in states]
         count = int((~padding).sum()) * cfg.heads * cfg.domain_layers
