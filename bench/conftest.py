@@ -55,9 +55,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
-    json_path = config.getoption("benchmark_json", None)
-    if json_path is not None:
-        md_path = Path(json_path).with_suffix(".md")
+    json_file = config.getoption("benchmark_json", None)
+    if json_file is not None:
+        # pytest-benchmark hands over the opened file (an argparse FileType), not the path
+        md_path = Path(getattr(json_file, "name", json_file)).with_suffix(".md")
         md_path.write_text(markdown_report(output_json), encoding="utf-8")
 
 

@@ -288,3 +288,42 @@ def test_bad_forward_arguments() -> None:
 
 def test_public_name() -> None:
     assert fastattn.nn.MultiheadAttention is fnn.MultiheadAttention
+
+
+class _TwoBlocks(torch.nn.Module):
+    """pmixer/SASRec.pytorch's layout: a ModuleList of torch MHA called with the default need_weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_layers = torch.nn.ModuleList(torch.nn.MultiheadAttention(E, HEADS) for _ in range(2))
+        self.norm = torch.nn.LayerNorm(E)
+
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:  # seqs (L, N, E)
+        mask = ~torch.ones(seqs.shape[0], seqs.shape[0], dtype=torch.bool).tril()
+        for layer in self.attention_layers:
+            out, _ = layer(self.norm(seqs), seqs, seqs, attn_mask=mask)
+            seqs = seqs + out
+        return seqs
+
+
+def test_replace_multihead_attention_in_a_model() -> None:
+    from fastattn.integrations import replace_multihead_attention
+
+    torch.manual_seed(0)
+    model = _TwoBlocks().eval()
+    params = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, N, E)
+    expected = model(x)
+    assert replace_multihead_attention(model, ignore_need_weights=True) is model
+    assert all(type(m) is fnn.MultiheadAttention for m in model.attention_layers)
+    assert all(a is b for a, b in zip(model.parameters(), params))  # shared: an existing optimizer keeps working
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    _fresh_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # need_weights=True is ignored as asked: fused, no fallback
+        torch.testing.assert_close(model(x), expected, atol=5e-6, rtol=1e-5)
+    bare = replace_multihead_attention(torch.nn.MultiheadAttention(E, HEADS))
+    assert type(bare) is fnn.MultiheadAttention
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        replace_multihead_attention("model")  # type: ignore[arg-type]

@@ -14,8 +14,12 @@ from recbole.data.interaction import Interaction
 from recbole.model.layers import MultiHeadAttention, TransformerEncoder
 from recbole.model.sequential_recommender import BERT4Rec, SASRec
 
-from fastattn.integrations import recbole as fused_recbole
-from fastattn.integrations.recbole import FusedMultiHeadAttention, mask_structure, patch_model
+# Importing RecBole's sequential models switches on anomaly detection process-wide (its sine.py);
+# that would slow every later test of the session, and fastattn does not need it.
+torch.autograd.set_detect_anomaly(False)
+
+from fastattn.integrations import recbole as fused_recbole  # noqa: E402
+from fastattn.integrations.recbole import FusedMultiHeadAttention, mask_structure, patch_model  # noqa: E402
 
 N_ITEMS, MAX_LEN, BATCH = 41, 9, 6  # item 0 is RecBole's padding id
 
@@ -180,6 +184,13 @@ def test_bpr_loss_keeps_recbole_loss() -> None:
     model = patch_model(_sasrec(loss_type="BPR"))
     assert model.fastattn_patched == {"attention_layers": 2, "cross_entropy": False}
     assert not hasattr(model, "full_sort_topk")
+
+
+def test_warns_when_anomaly_detection_is_on() -> None:
+    with torch.autograd.set_detect_anomaly(True):
+        with pytest.warns(UserWarning, match="anomaly detection is on"):
+            patch_model(_sasrec())
+    assert not torch.is_anomaly_enabled()
 
 
 def test_bad_arguments() -> None:

@@ -24,6 +24,13 @@ What `patch_model` swaps:
 (its evaluator runs torch.topk over them), so evaluation inside RecBole's Trainer still costs
 eval_batch_size × n_items floats; use `full_sort_topk` in your own loop to avoid that.
 
+RecBole 1.2.1 turns on `torch.autograd.set_detect_anomaly(True)` for the whole process when
+its sequential models are imported (recbole/model/sequential_recommender/sine.py, at import):
+every backward op is then checked for NaN and every forward op records a stack trace, which
+costs a RecBole SASRec training step 20–40 % on a CPU (bench/results/integrations-cpu.md).
+`patch_model` leaves that global switch alone but warns; call
+``torch.autograd.set_detect_anomaly(False)`` after importing RecBole to drop the cost.
+
 Numerically a patched model equals the unpatched one up to float32 rounding (same parameters,
 same math); with dropout the random masks differ (the kernel draws its own), so two runs
 agree in distribution, not bit for bit.
@@ -158,6 +165,9 @@ def patch_model(model: SequentialRecommender, *, backend: str = "auto") -> Seque
         raise TypeError(f"model must be a RecBole SequentialRecommender, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if torch.is_anomaly_enabled():
+        _warn_once("torch.autograd anomaly detection is on (RecBole 1.2.1 enables it when its sequential models "
+                   "are imported) and slows every training step; torch.autograd.set_detect_anomaly(False) turns it off")
     layers = 0
     for module in model.modules():
         if type(module) is MultiHeadAttention or type(module) is FusedMultiHeadAttention:
