@@ -59,7 +59,13 @@ def test_at(m: dict[str, Any], n: int) -> Optional[dict[str, float]]:
     history = m["history"]
     if n <= len(history) and "test_at_best" in history[n - 1]:
         return history[n - 1]["test_at_best"]
-    return m["test"] if n == len(history) else None
+    # A run that early-stopped before n epochs (patience) has spent its budget: its final test is its answer.
+    return m["test"] if n == len(history) or stopped_early(m, n) else None
+
+
+def stopped_early(m: dict[str, Any], n: int) -> bool:
+    """True when the run ended before n epochs although it was asked for at least n (early stopping)."""
+    return len(m["history"]) < min(n, int(m["config"].get("epochs", 0)))
 
 
 def domains_of(metrics: dict[str, float]) -> list[int]:
@@ -97,6 +103,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         test = test_at(m, n)
         history = m["history"][:n]
         best = history[-1].get("best_epoch_so_far", m["best_epoch"]) if test is not None else "n/a"
+        if stopped_early(m, n):
+            best = f"{best} (stopped at {len(history)})"
         cells = [label, str(best)]
         cells += [f"{test[k]:.4f}" if test else "n/a" for k in KEYS]
         cells += [f"{test[f'domain{d}_{k}']:.4f}" if test else "n/a" for d in domains for k in KEYS]
