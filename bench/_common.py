@@ -23,6 +23,28 @@ Forward = Callable[[], torch.Tensor]
 Step = Callable[[], None]
 
 
+# --------------------------------------------------------------------------- sweep sizes
+
+# "full" (default): the sizes the reports are made with; "quick": a few small sizes, so that
+# `python -m fastattn.bench --quick` runs the whole suite in minutes on a 2-core CPU; "tiny":
+# the smallest sizes that still exercise every case (tests/test_bench_suite.py). Chosen by
+# FASTATTN_BENCH_SIZE, which `python -m fastattn.bench` sets; read at collection time, since
+# the sizes are pytest parameters.
+SIZES = ("full", "quick", "tiny")
+
+
+def bench_size() -> str:
+    size = os.environ.get("FASTATTN_BENCH_SIZE", "full")
+    if size not in SIZES:
+        raise ValueError(f"FASTATTN_BENCH_SIZE must be one of {SIZES}, got {size!r}")
+    return size
+
+
+def sweep(full: Sequence[Any], quick: Sequence[Any], tiny: Sequence[Any]) -> tuple[Any, ...]:
+    """The sweep of the current size mode (see SIZES)."""
+    return tuple({"full": full, "quick": quick, "tiny": tiny}[bench_size()])
+
+
 # --------------------------------------------------------------------------- device and timing
 
 
@@ -146,6 +168,12 @@ def compile_for_bench(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=False)
 
 
+# torch.compile takes 10–30 s per shape and mode to compile (more on CUDA, with autotuning): it is
+# benchmarked in training mode (fwd+bwd) only, so the whole suite fits a lent GPU's few minutes.
+COMPILE_MODES = ("fwd+bwd",)
+COMPILE_MODE_SKIP = ("torch.compile is benchmarked in fwd+bwd only (compiling every shape for every mode "
+                     "would take most of the suite's time)")
+
 # Any error in the first (compiling) call means torch.compile cannot serve here: skip, not fail.
 COMPILE_FAILURE: tuple[type[BaseException], str] = (Exception, "torch.compile failed on this machine")
 
@@ -260,40 +288,9 @@ def machine_description() -> dict[str, Any]:
     return info
 
 
-def describe_machine() -> str:
-    """One line of `machine_description()` for report headers."""
-    d = machine_description()
+def describe_machine(d: Optional[dict[str, Any]] = None) -> str:
+    """One line of a machine description (default: this machine's) for report headers."""
+    d = machine_description() if d is None else d
     gpu = d["gpu"] or "no GPU"
     return (f"{d['cpu_model']} ({d['cpu_cores_usable']}/{d['cpu_cores']} cores, {d['torch_threads']} torch "
             f"threads), {gpu}; torch {d['torch']}, triton {d['triton']}, CUDA {d['cuda']}")
-
-
-# --------------------------------------------------------------------------- markdown report
-
-
-def markdown_report(output_json: dict[str, Any]) -> str:
-    """The pytest-benchmark JSON as markdown: machine line, then one table per group.
-
-    Within a group rows are sorted by median, with the ratio to the fastest provider, so the
-    tables read like pytest-benchmark's terminal output plus the peak memory column.
-    """
-    lines = ["# Benchmark results", "", f"Machine: {describe_machine()}", ""]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for bench in output_json.get("benchmarks", []):
-        groups.setdefault(bench.get("group") or "ungrouped", []).append(bench)
-    for group, benches in sorted(groups.items()):
-        benches.sort(key=lambda b: b["stats"]["median"])
-        fastest = benches[0]["stats"]["median"]
-        info0 = benches[0].get("extra_info", {})
-        shape = ", ".join(f"{k}={info0[k]}" for k in ("B", "H", "L", "N", "V", "D", "k", "dtype", "device") if k in info0)
-        lines += [f"## {group}", "", f"{shape}", "",
-                  "| provider | median (ms) | min (ms) | vs fastest | peak mem (MiB) | rounds |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for b in benches:
-            s, info = b["stats"], b.get("extra_info", {})
-            provider = info.get("provider", b["name"])
-            peak = info.get("peak_mem_mb", float("nan"))
-            lines.append(f"| {provider} | {s['median'] * 1e3:.3f} | {s['min'] * 1e3:.3f} | "
-                         f"{s['median'] / fastest:.2f}x | {peak:.1f} | {s['rounds']} |")
-        lines.append("")
-    return "\n".join(lines)

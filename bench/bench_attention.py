@@ -3,6 +3,8 @@
 The case is DIF-SR's: an item stream q, k, v (B, H, L, Dk=32) plus one attribute score stream
 (Da=8), causal, with left padding (as sequential recommenders pad histories). Inputs require
 grad in every mode, so "fwd" is a training forward (it keeps what the backward needs).
+`streams="item"` runs the same without the attribute stream: plain causal multi-head attention
+(SASRec's case, where SDPA needs no concatenation); its groups end in "no attributes".
 
 Providers:
 - triton: fastattn.dif_attention(backend="triton"), the fused flash-style kernels (CUDA only);
@@ -31,14 +33,17 @@ import fastattn
 from fastattn.ops.attention.options import AttentionOptions
 from fastattn.ops.attention.reference import dif_attention_reference, visible_keys
 
-from _common import COMPILE_FAILURE, MODES, compile_for_bench, run_benchmark, triton_unavailable
+from _common import COMPILE_FAILURE, COMPILE_MODE_SKIP, COMPILE_MODES, MODES, bench_size, compile_for_bench, run_benchmark, sweep, triton_unavailable
 
 DK, DA, HEADS = 32, 8, 2
 SCALE = 1.0 / math.sqrt(DK)  # DIF-SR's scale: 1/sqrt of the item head dim only, not of Dk+Da
-SEQ_LENS = (50, 200, 1024, 2048, 4096)
+SEQ_LENS = sweep(full=(50, 200, 1024, 2048, 4096), quick=(50, 200, 1024), tiny=(7, 33))
+# "item+attr": DIF-SR's item stream plus one attribute score stream; "item": plain multi-head
+# attention (SASRec), where SDPA needs no concatenation.
+STREAMS = ("item+attr", "item")
 # CPU: issue 5's setting (B=32, H=2, Dk=32 + one 8-dim attribute) up to L=2048, where the naive
 # reference's B·H·L² fp32 tensors are 1 GiB each (a few at once: fits 24 GiB, ~10 s per call).
-CPU_BATCH = 32
+CPU_BATCH = 2 if bench_size() == "tiny" else 32
 CPU_MAX_SEQ_LEN = 2048
 # CUDA: a fixed token budget per batch (B·L = 64k, B capped at 128),
 # so short sequences are not a launch-overhead measurement; at L=4096 this gives B=16, where
@@ -64,15 +69,20 @@ class AttnInputs:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    qa: torch.Tensor
-    ka: torch.Tensor
+    qa: Optional[torch.Tensor]  # None: no attribute stream (plain attention)
+    ka: Optional[torch.Tensor]
     key_padding_mask: Optional[torch.Tensor]
     domains: torch.Tensor  # (B, L) int64, two domains (AutoCDSR's a_cd benchmarks)
 
     @property
     def leaves(self) -> tuple[torch.Tensor, ...]:
         """The tensors gradients are taken for: every stream, as in training."""
-        return (self.q, self.k, self.v, self.qa, self.ka)
+        attrs = () if self.qa is None else (self.qa, self.ka)
+        return (self.q, self.k, self.v, *attrs)
+
+    @property
+    def attr_streams(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        return ((), ()) if self.qa is None else ((self.qa,), (self.ka,))
 
 
 def shape_for(seq_len: int, device: torch.device) -> AttnShape:
@@ -88,7 +98,7 @@ def shape_for(seq_len: int, device: torch.device) -> AttnShape:
     return AttnShape(CPU_BATCH, HEADS, seq_len, torch.float32, device)
 
 
-def make_inputs(shape: AttnShape) -> AttnInputs:
+def make_inputs(shape: AttnShape, streams: str = "item+attr") -> AttnInputs:
     """Seeded random streams and a left-padding mask (each row keeps a random L/4..L tail)."""
     gen = torch.Generator().manual_seed(shape.seq_len)  # drawn on CPU: same data on any device
     b, h, n = shape.batch, shape.heads, shape.seq_len
@@ -100,7 +110,9 @@ def make_inputs(shape: AttnShape) -> AttnInputs:
     lengths = torch.randint(max(1, n // 4), n + 1, (b,), generator=gen)
     key_padding_mask = (torch.arange(n)[None, :] < (n - lengths)[:, None]).to(shape.device)
     domains = torch.randint(0, 2, (b, n), generator=gen).to(shape.device)
-    return AttnInputs(stream(DK), stream(DK), stream(DK), stream(DA), stream(DA), key_padding_mask, domains)
+    q, k, v = stream(DK), stream(DK), stream(DK)
+    qa, ka = (stream(DA), stream(DA)) if streams == "item+attr" else (None, None)
+    return AttnInputs(q, k, v, qa, ka, key_padding_mask, domains)
 
 
 # --------------------------------------------------------------------------- providers
@@ -108,7 +120,7 @@ def make_inputs(shape: AttnShape) -> AttnInputs:
 
 def _fastattn(backend: str) -> AttentionFn:
     def run(x: AttnInputs) -> torch.Tensor:
-        return fastattn.dif_attention(x.q, x.k, x.v, (x.qa,), (x.ka,), causal=True,
+        return fastattn.dif_attention(x.q, x.k, x.v, *x.attr_streams, causal=True,
                                       key_padding_mask=x.key_padding_mask, backend=backend)
     return run
 
@@ -116,10 +128,11 @@ def _fastattn(backend: str) -> AttentionFn:
 _OPTS = AttentionOptions(scale=SCALE, causal=True)
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: torch.Tensor, ka: torch.Tensor,
-               key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    # Tensors only in the signature, so dynamo guards on shapes and not on Python objects.
-    return dif_attention_reference(q, k, v, (qa,), (ka,), _OPTS, key_padding_mask)[0]
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qa: Optional[torch.Tensor],
+               ka: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    # Tensors (or None) only in the signature, so dynamo guards on shapes and not on Python objects.
+    attrs = ((), ()) if qa is None else ((qa,), (ka,))
+    return dif_attention_reference(q, k, v, *attrs, _OPTS, key_padding_mask)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,8 +148,8 @@ def _torch_compile(x: AttnInputs) -> torch.Tensor:
 
 def _sdpa(x: AttnInputs) -> torch.Tensor:
     """SDPA on the concatenated streams; the concatenation is part of the timed work."""
-    q = torch.cat([x.q, x.qa], dim=-1)
-    k = torch.cat([x.k, x.ka], dim=-1)
+    q = x.q if x.qa is None else torch.cat([x.q, x.qa], dim=-1)
+    k = x.k if x.ka is None else torch.cat([x.k, x.ka], dim=-1)
     # Fused SDPA kernels (flash on CPU and CUDA, cuDNN) require the V head dim to equal the QK
     # head dim (40 vs 32 here), and would otherwise fall back to the slow math path. So V is
     # zero-padded to 40 and the extra output columns (all zero) are sliced off: the padding
@@ -192,7 +205,8 @@ _SKIP_ON: dict[str, tuple[tuple[type[BaseException], str], ...]] = {
 def _check_against_reference(fn: AttentionFn, x: AttnInputs) -> None:
     """Untimed: the provider's output matches the fp32 reference on rows that see a key."""
     with torch.no_grad():
-        expected = _reference(*(t.float() for t in x.leaves), x.key_padding_mask)
+        qa, ka = (None, None) if x.qa is None else (x.qa.float(), x.ka.float())
+        expected = _reference(x.q.float(), x.k.float(), x.v.float(), qa, ka, x.key_padding_mask)
     got = fn(x).detach().float()  # grad enabled, as timed: no_grad would recompile torch.compile
     # Rows without a visible key are 0 by our contract; SDPA's value there is version dependent.
     b, _, n, _ = got.shape
@@ -209,13 +223,16 @@ def _check_against_reference(fn: AttentionFn, x: AttnInputs) -> None:
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("seq_len", SEQ_LENS, ids=lambda n: f"L{n}")
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("streams", STREAMS)
 def test_dif_attention(
-    benchmark: BenchmarkFixture, bench_device: torch.device, mode: str, seq_len: int, provider: str
+    benchmark: BenchmarkFixture, bench_device: torch.device, streams: str, mode: str, seq_len: int, provider: str
 ) -> None:
     if (reason := _provider_unavailable(provider, bench_device)) is not None:
         pytest.skip(reason)
+    if provider == "torch_compile" and mode not in COMPILE_MODES:
+        pytest.skip(COMPILE_MODE_SKIP)
     shape = shape_for(seq_len, bench_device)
-    x = make_inputs(shape)
+    x = make_inputs(shape, streams)
     fn = PROVIDERS[provider]
     run_benchmark(
         benchmark,
@@ -223,10 +240,11 @@ def test_dif_attention(
         forward=lambda: fn(x),
         inputs=x.leaves,
         device=bench_device,
-        group=f"attention {mode} L={seq_len}",
+        group=f"attention {mode} L={seq_len}" + ("" if streams == "item+attr" else " no attributes"),
         extra_info={
-            "op": "dif_attention", "provider": provider, "L": seq_len, "B": shape.batch, "H": shape.heads,
-            "Dk": DK, "Da": DA, "dtype": str(shape.dtype).removeprefix("torch."), "causal": True,
+            "op": "dif_attention" if streams == "item+attr" else "attention", "provider": provider,
+            "L": seq_len, "B": shape.batch, "H": shape.heads, "Dk": DK, "Da": DA if streams == "item+attr" else 0,
+            "dtype": str(shape.dtype).removeprefix("torch."), "causal": True,
             "padded_fraction": round(float(x.key_padding_mask.float().mean()), 3),
         },
         skip_on=_SKIP_ON.get(provider, ()),

@@ -17,6 +17,10 @@ Providers (cross-entropy):
 - liger / cce: Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy, when
   installed (their kernels are Triton: CUDA only).
 
+Soft targets (`test_soft_cross_entropy`, fwd+bwd): MQSA-TED's distillation form, a base weight
+on every item plus 8 sparse entries per row as a `fastattn.SoftTarget`, against the naive loss
+on the equivalent dense (N, V) target (built outside the timed region).
+
 Top-k (evaluation): fastattn.topk_items(k=20, exclude=history) ("fastattn": the C++ kernels on
 CPU when built), explicitly the C++ kernels ("cpp") and the chunked torch version
 ("torch_chunked"), vs materialize + mask + torch.topk ("naive").
@@ -35,14 +39,15 @@ import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
 import fastattn
+from fastattn import SoftTarget
 from fastattn.ops.cross_entropy.reference import naive_cross_entropy
 from fastattn.ops.cross_entropy.topk import chunked_topk
 
-from _common import COMPILE_FAILURE, MODES, compile_for_bench, run_benchmark, triton_unavailable
+from _common import COMPILE_FAILURE, COMPILE_MODE_SKIP, COMPILE_MODES, MODES, bench_size, compile_for_bench, run_benchmark, sweep, triton_unavailable
 
 DIM = 64
-VOCABS = (10_000, 100_000, 1_000_000)
-CPU_ROWS, CUDA_ROWS = 4096, 8192
+VOCABS = sweep(full=(10_000, 100_000, 1_000_000), quick=(10_000, 50_000), tiny=(64, 1_000))
+CPU_ROWS, CUDA_ROWS = (16, 64) if bench_size() == "tiny" else (4096, 8192)
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05
 TOPK, HISTORY = 20, 50  # top-20 items, excluding 50 history items per row
@@ -218,6 +223,8 @@ def _unavailable(provider: str, shape: CEShape, mode: str) -> Optional[str]:
     if shape.huge_on_cpu and mode not in CPU_HUGE_MODES:
         return (f"V={shape.items} on CPU runs {', '.join(CPU_HUGE_MODES)} only (a call takes up to a "
                 "minute on a few cores); the other modes at this size are CUDA cases")
+    if provider == "torch_compile" and mode not in COMPILE_MODES:
+        return COMPILE_MODE_SKIP
     if provider in MATERIALIZING:
         return _naive_skip_reason(shape, NAIVE_LOGITS_BUFFERS[mode], f"{provider} {mode}")
     if provider in _LIBRARIES:
@@ -385,3 +392,91 @@ def test_topk_items(benchmark: BenchmarkFixture, bench_device: torch.device, ite
             check=None if provider == "naive" else functools.partial(_check_topk, fn, shape),
             **_timing(shape, provider),
         )
+
+
+# --------------------------------------------------------------------------- soft targets
+# MQSA-TED's distillation loss: every row's target is a base weight on all items plus a few
+# sparse entries (fastattn.SoftTarget, DESIGN §2.2), fwd+bwd. The naive provider gets the same
+# distribution as a dense (N, V) probability matrix, built once outside the timed region.
+
+SOFT_NNZ = 8  # sparse entries per row (a TED teacher row keeps the observed next items)
+SOFT_BASE_MASS = 0.1  # share of each row's mass spread uniformly over the catalog
+
+
+@functools.lru_cache(maxsize=1)
+def make_soft_target(shape: CEShape) -> SoftTarget:
+    gen = torch.Generator().manual_seed(shape.items + 1)
+    n, v = shape.rows, shape.items
+    nnz = min(SOFT_NNZ, v)
+    indices = torch.stack([torch.randperm(v, generator=gen)[:nnz] for _ in range(n)]).reshape(-1)
+    values = torch.rand(n, nnz, generator=gen)
+    values = (values / values.sum(dim=1, keepdim=True) * (1 - SOFT_BASE_MASS)).reshape(-1)
+    base = torch.full((n,), SOFT_BASE_MASS / v)
+    indptr = torch.arange(0, n * nnz + 1, nnz, dtype=torch.int64)
+    return SoftTarget(base, indptr, indices, values).to(shape.device)
+
+
+def _dense(target: SoftTarget, shape: CEShape) -> torch.Tensor:
+    dense = target.base[:, None].expand(shape.rows, shape.items).clone()
+    dense[target.row_ids(), target.indices] += target.values
+    return dense.to(shape.dtype)
+
+
+SoftLoss = Callable[[CEInputs, Any], torch.Tensor]
+
+
+def _soft_fastattn(backend: str) -> SoftLoss:
+    def run(x: CEInputs, target: Any) -> torch.Tensor:
+        return fastattn.full_item_cross_entropy(x.hidden, x.weight, target, backend=backend)
+    return run
+
+
+def _soft_naive(x: CEInputs, target: Any) -> torch.Tensor:
+    return naive_cross_entropy(x.hidden, x.weight, target)
+
+
+SOFT_PROVIDERS: dict[str, SoftLoss] = {
+    "fastattn": _soft_fastattn("auto"),
+    "fastattn_triton": _soft_fastattn("triton"),
+    "fastattn_cpp": _soft_fastattn("cpp"),
+    "fastattn_torch": _soft_fastattn("torch"),
+    "naive": _soft_naive,
+}
+
+
+@pytest.mark.parametrize("provider", list(SOFT_PROVIDERS))
+@pytest.mark.parametrize("items", VOCABS, ids=lambda v: f"V{v}")
+def test_soft_cross_entropy(benchmark: BenchmarkFixture, bench_device: torch.device, items: int,
+                            provider: str) -> None:
+    shape = shape_for(items, bench_device)
+    mode = "fwd+bwd"
+    if provider == "naive":  # logits, log-softmax, their gradient and the dense target
+        reason = _naive_skip_reason(shape, NAIVE_LOGITS_BUFFERS[mode] + 1, "naive soft CE")
+    else:
+        reason = _unavailable(provider, shape, mode)
+    if reason is not None:
+        pytest.skip(reason)
+    x = make_inputs(shape)
+    soft = make_soft_target(shape)
+    target: Any = _dense(soft, shape) if provider == "naive" else soft
+    fn = SOFT_PROVIDERS[provider]
+
+    def check() -> None:
+        rows = min(_check_rows(shape), shape.rows)
+        head = x.head(rows)
+        with torch.no_grad():
+            expected = float(naive_cross_entropy(head.hidden.float(), head.weight.float(),
+                                                 _dense(soft, shape)[:rows].float()))
+        got = float(fn(head, soft.rows(torch.arange(rows, device=shape.device))).detach())
+        tol = 1e-4 if shape.dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol,
+                                   msg=lambda m: f"soft loss differs from the dense one (V={items}): {m}")
+
+    run_benchmark(
+        benchmark, mode=mode, forward=lambda: fn(x, target), inputs=x.leaves, device=bench_device,
+        group=f"soft_cross_entropy {mode} V={items}",
+        extra_info=_extra_info("soft_cross_entropy", provider, shape, nnz_per_row=min(SOFT_NNZ, items)),
+        skip_on=_SKIP_ON.get(provider, ()),
+        check=None if provider == "naive" else check,
+        **_timing(shape, provider),
+    )

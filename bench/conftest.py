@@ -20,7 +20,8 @@ import torch
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import describe_machine, machine_description, markdown_report, resolve_device
+from _common import describe_machine, machine_description, resolve_device
+from report import markdown_report
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,0 +1,112 @@
+"""The benchmark suite cannot rot: `python -m fastattn.bench --size tiny` runs every case and reports,
+the report arithmetic is right, and the README's performance section is the committed results'."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402  (bench/report.py)
+
+# Every op the suite must measure (DESIGN §6 / issue 9): a missing one means a suite file broke.
+EXPECTED_OPS = {
+    "dif_attention", "attention", "dif_attention+acd", "full_item_cross_entropy", "soft_cross_entropy",
+    "topk_items", "recbole_sasrec", "torch_mha_sasrec",
+    *(f"train_step_{m}" for m in ("sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus")),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "fastattn.bench", "--size", "tiny", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_tiny_suite_runs_every_op_and_reports(tiny_run: Path) -> None:
+    data = json.loads((tiny_run / "bench.json").read_text())
+    ops = {b["extra_info"]["op"] for b in data["benchmarks"]}
+    assert EXPECTED_OPS <= ops, f"ops missing from the suite: {sorted(EXPECTED_OPS - ops)}"
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        assert {"provider", "mode", "device", "peak_mem_mb"} <= info.keys(), b["name"]
+        assert b["stats"]["median"] > 0
+    assert data["machine_info"]["fastattn"]["torch"]
+    assert data["fastattn_size"] == "tiny" and data["fastattn_command"].startswith("python -m fastattn.bench")
+    md = (tiny_run / "bench.md").read_text()
+    assert "Machine: " in md and "speed-up vs torch" in md and "speed-up vs naive" in md
+    plots = {p.name for p in tiny_run.glob("*.png")}
+    assert "dif_attention-fwd_bwd-vs-L.png" in plots and "full_item_cross_entropy-fwd_bwd-vs-V.png" in plots
+
+
+def _case(group: str, provider: str, median: float, peak: float, **info: object) -> dict:
+    return {"name": f"{group}-{provider}", "group": group, "stats": {"median": median, "min": median, "rounds": 3},
+            "extra_info": {"op": "op", "provider": provider, "mode": "fwd", "peak_mem_mb": peak, **info}}
+
+
+def _json(*cases: dict) -> dict:
+    machine = {"cpu_model": "CPU X", "cpu_cores": 4, "cpu_cores_usable": 4, "torch_threads": 4, "gpu": "GPU Y",
+               "torch": "2.x", "triton": "3.x", "cuda": "12"}
+    return {"benchmarks": list(cases), "machine_info": {"fastattn": machine}, "fastattn_command": "python -m fastattn.bench"}
+
+
+def test_ratios_are_against_the_reference_of_the_same_run() -> None:
+    data = _json(_case("g L=8", "torch", 0.4, 100.0, L=8), _case("g L=8", "cpp", 0.1, 25.0, L=8),
+                 _case("h", "sdpa", 0.2, 1.0))
+    md = report.markdown_report(data)
+    assert "CPU X" in md and "GPU Y" in md  # the JSON's machine, not the one reading it
+    assert "| cpp | 100.000 | 100.000 | 4.00× | 25.0 | 4.00× | 3 |" in md
+    assert "| torch | 400.000 | 400.000 | 1.00× | 100.0 | 1.00× | 3 |" in md
+    assert "| sdpa | 200.000 | 200.000 | — | 1.0 | — | 3 |" in md  # no reference in its group: no ratio
+    summary = "\n".join(report.summary_table(data, "x.json"))
+    assert "| g L=8 | torch | 400.0 ms | cpp 4.00×, 4.00× |" in summary
+
+
+def test_plots_sweep_l_and_v(tmp_path: Path) -> None:
+    data = _json(*(_case(f"g L={n}", p, n * t, n * 1.0, L=n) for n in (8, 64) for p, t in (("torch", 2.0), ("cpp", 1.0))),
+                 _case("one", "torch", 1.0, 1.0, V=10))  # a single size: no plot
+    paths = report.plots(data, tmp_path)
+    assert [p.name for p in paths] == ["op-fwd-vs-L.png"] and paths[0].stat().st_size > 0
+
+
+def test_readme_update_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    results = tmp_path / "results" / "suite-cpu"
+    results.mkdir(parents=True)
+    (results / "bench.json").write_text(json.dumps(_json(_case("g", "torch", 0.4, 4.0), _case("g", "cpp", 0.2, 1.0))))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.README_BEGIN}\nold\n{report.README_END}\nafter\n")
+    assert report.update_readme(readme, tmp_path / "results")
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n") and "old" not in text
+    assert "| g | torch | 400.0 ms | cpp 2.00×, 4.00× |" in text
+    assert not report.update_readme(readme, tmp_path / "results")  # idempotent
+    with pytest.raises(ValueError, match="no performance markers"):
+        (tmp_path / "plain.md").write_text("x")
+        report.update_readme(tmp_path / "plain.md")
+
+
+def test_readme_performance_section_is_generated_from_committed_results() -> None:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(report.README_BEGIN)
+    end = text.index(report.README_END) + len(report.README_END)
+    assert text[start:end] == report.readme_section(), \
+        "README's performance section is stale: run `python bench/report.py --readme README.md`"
+
+
+def test_bench_module_errors() -> None:
+    from fastattn import bench
+
+    with pytest.raises(ValueError, match="size must be one of"):
+        bench.run(size="huge")
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--size", "tiny"])
