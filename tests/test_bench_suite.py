@@ -82,13 +82,15 @@ def test_plots_sweep_l_and_v(tmp_path: Path) -> None:
 def test_readme_update_replaces_only_the_marked_section(tmp_path: Path) -> None:
     results = tmp_path / "results" / "suite-cpu"
     results.mkdir(parents=True)
-    (results / "bench.json").write_text(json.dumps(_json(_case("g", "torch", 0.4, 4.0), _case("g", "cpp", 0.2, 1.0))))
+    cases = (_case("g", "torch", 0.4, 4.0, mode="fwd+bwd"), _case("g", "cpp", 0.2, 1.0, mode="fwd+bwd"),
+             _case("f", "torch", 0.4, 4.0), _case("f", "cpp", 0.2, 1.0))  # fwd alone: not in the README
+    (results / "bench.json").write_text(json.dumps(_json(*cases)))
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{report.README_BEGIN}\nold\n{report.README_END}\nafter\n")
     assert report.update_readme(readme, tmp_path / "results")
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("\nafter\n") and "old" not in text
-    assert "| g | torch | 400.0 ms | cpp 2.00×, 4.00× |" in text
+    assert "| g | torch | 400.0 ms | cpp 2.00×, 4.00× |" in text and "| f |" not in text
     assert not report.update_readme(readme, tmp_path / "results")  # idempotent
     with pytest.raises(ValueError, match="no performance markers"):
         (tmp_path / "plain.md").write_text("x")
