@@ -47,7 +47,7 @@ from _common import COMPILE_FAILURE, COMPILE_MODE_SKIP, COMPILE_MODES, MODES, be
 
 DIM = 64
 VOCABS = sweep(full=(10_000, 100_000, 1_000_000), quick=(10_000, 50_000), tiny=(64, 1_000))
-CPU_ROWS, CUDA_ROWS = (16, 64) if bench_size() == "tiny" else (4096, 8192)
+CPU_ROWS, CUDA_ROWS = {"full": (4096, 8192), "quick": (1024, 8192), "tiny": (16, 64)}[bench_size()]
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05
 TOPK, HISTORY = 20, 50  # top-20 items, excluding 50 history items per row
