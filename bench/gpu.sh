@@ -6,7 +6,7 @@
 # Needs only the package with its test extras and a CUDA build of torch (which brings triton):
 #   pip install torch   # the CUDA build you use
 #   pip install --no-build-isolation -e ".[test]"
-# Budget: under 9 minutes on an H100 (tests ≈ 2 min, suite ≈ 6 min); each stage has a timeout so
+# Budget: under 9 minutes on an H100 (tests ≈ 2–3 min, suite ≈ 6 min; not yet measured); each stage has a timeout so
 # a slow or hung stage cannot eat a lent GPU's whole slot. Everything lands in OUT: device.txt,
 # tests.log (+ tests.xml), bench.json, bench.md, the plots, bench.log.
 set -uo pipefail
@@ -20,13 +20,15 @@ unset TRITON_INTERPRET   # real kernels, not the interpreter
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-# The Triton kernels on CUDA tensors against the float64 reference (tests/test_cuda.py), and the
-# ahead-of-time compile of every launch configuration for sm_80/sm_90.
-TRITON_INTERPRET=0 timeout 240 python -m pytest tests/test_cuda.py tests/test_gpu_compile.py -q -rs \
+# The Triton kernels on CUDA tensors against the float64 reference (tests/test_cuda.py; most of
+# its time is Triton compiling ~30 kernel variants). FASTATTN_TEST_DEVICE=cuda makes it fail, not
+# skip, if torch sees no GPU. (The ahead-of-time sm_80/sm_90 compile test needs no GPU: CI runs it.)
+TRITON_INTERPRET=0 FASTATTN_TEST_DEVICE=cuda timeout 240 python -m pytest tests/test_cuda.py -q -rs \
     --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 360 python -m fastattn.bench --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+# --benchmark-max-time: GPU rounds are milliseconds, 0.2 s of them per case is plenty
+timeout 400 python -m fastattn.bench --device cuda --out "$OUT" --benchmark-max-time=0.2 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "gpu.sh: tests exit ${tests_rc}, bench exit ${bench_rc}; files in ${OUT}"
