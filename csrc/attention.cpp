@@ -4,8 +4,8 @@
 // Work items are (batch·head, query block) in the forward and the dQ pass and (batch·head,
 // key block) in the dK/dV pass, spread over threads with at::parallel_for; each item owns the
 // rows it writes, so there are no atomics and the result does not depend on the thread count.
-// Block products go to BLAS (at::mm_out on views of the inputs); the softmax, masking, dropout
-// and a_cd work is done in plain loops over contiguous rows that the compiler vectorizes.
+// Block products go to BLAS (the sgemm_/dgemm_ that torch links, on the raw arrays); the softmax,
+// masking, dropout and a_cd work is done in plain loops over contiguous rows that the compiler vectorizes.
 // Scores are kept in base 2 (as in Triton): s = scale·log2(e)·q·k, P = 2^(s − lse).
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
@@ -104,6 +104,57 @@ inline int64_t causal_len(bool causal, int64_t i, int64_t n0, int64_t bn) {
   return causal ? std::clamp<int64_t>(i - n0 + 1, 0, bn) : bn;
 }
 
+// ------------------------------------------------------------------ block products
+
+// The BLAS that torch links (exported by libtorch_cpu), called directly: at::mm_out on from_blob
+// views costs three tensor constructions and a dispatch per block product, which at short
+// sequences (one 50×50 block per head) took as long as the product itself.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                         const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                         const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                         const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
+                         double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major, densely packed matrices: C (M×N) = op(A)·op(B) + beta·C with op(A) M×K, op(B) K×N;
+// A is stored M×K (K×M when trans_a), B is stored K×N (N×K when trans_b). BLAS is column-major,
+// so this computes Cᵀ = op(B)ᵀ·op(A)ᵀ on the same memory.
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T beta, T* c) {
+  if (m == 0 || n == 0) return;
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int lda = static_cast<int>(trans_b ? k : n);  // B's row length
+  const int ldb = static_cast<int>(trans_a ? m : k);  // A's row length
+  const int ldc = static_cast<int>(n);
+  const T one = T(1);
+  const char* tb_blas = trans_b ? "T" : "N";
+  const char* ta_blas = trans_a ? "T" : "N";
+  if (k == 0) {  // BLAS would leave C untouched only for beta = 1
+    for (int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : c[i] * beta;
+    return;
+  }
+  fortran_gemm(tb_blas, ta_blas, &im, &in, &ik, &one, b, &lda, a, &ldb, &beta, c, &ldc);
+}
+
+template <typename T>
+void scale_rows(T* x, int64_t count, T factor) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) x[i] *= factor;
+}
+
 // ------------------------------------------------------------------ one call's problem
 
 template <typename T>
@@ -119,12 +170,6 @@ struct Problem {
   bool causal;
   float dropout_p;
   int64_t seed;
-  at::TensorOptions opts;
-
-  // A (rows × cols) row-major matrix view of `ptr` for BLAS; no copy.
-  at::Tensor mat(const T* ptr, int64_t rows, int64_t cols) const {
-    return at::from_blob(const_cast<T*>(ptr), {rows, cols}, opts);
-  }
 };
 
 // Scratch of one thread: a score block and, in the backward, dP, dropout(P) and the keep-mask.
@@ -142,9 +187,8 @@ struct Scratch {
 template <typename T>
 void block_scores(const Problem<T>& pb, int64_t bh, int64_t m0, int64_t bm, int64_t n0, int64_t bn, T* s) {
   const int64_t b = bh / pb.heads;
-  at::Tensor out = pb.mat(s, bm, bn);
-  at::mm_out(out, pb.mat(pb.q + (bh * pb.lq + m0) * pb.dqk, bm, pb.dqk),
-             pb.mat(pb.k + (bh * pb.lk + n0) * pb.dqk, bn, pb.dqk).t());
+  gemm_rm<T>(false, true, bm, bn, pb.dqk, pb.q + (bh * pb.lq + m0) * pb.dqk, pb.k + (bh * pb.lk + n0) * pb.dqk,
+             T(0), s);
   const bool* pad = pb.pad != nullptr ? pb.pad + b * pb.lk + n0 : nullptr;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < bm; ++r) {
@@ -172,7 +216,6 @@ void forward_rows(const Problem<T>& pb, int64_t bh, int64_t m0, int64_t bm, T* o
   std::vector<T> m(bm, neg_inf), l(bm, T(0)), c(bm, T(0));
   T* acc = out + (bh * pb.lq + m0) * pb.dv;
   std::fill(acc, acc + bm * pb.dv, T(0));
-  at::Tensor acc_t = pb.mat(acc, bm, pb.dv);
   const bool dropout = pb.dropout_p > 0.0f;
   // Key blocks entirely after the block's last query are never visible.
   const int64_t hi = pb.causal ? std::min(pb.lk, m0 + bm) : pb.lk;
@@ -215,7 +258,7 @@ void forward_rows(const Problem<T>& pb, int64_t bh, int64_t m0, int64_t bm, T* o
       for (int64_t d = 0; d < pb.dv; ++d) acc_row[d] *= alpha;
       m[r] = m_new;
     }
-    acc_t.addmm_(pb.mat(s, bm, bn), pb.mat(pb.v + (bh * pb.lk + n0) * pb.dv, bn, pb.dv));
+    gemm_rm<T>(false, false, bm, pb.dv, bn, s, pb.v + (bh * pb.lk + n0) * pb.dv, T(1), acc);
   }
   const T keep_scale = dropout ? T(1) / (T(1) - T(pb.dropout_p)) : T(1);
   for (int64_t r = 0; r < bm; ++r) {
@@ -252,9 +295,8 @@ void block_grad_scores(const Problem<T>& pb, const RowStats<T>& rs, int64_t bh, 
   T* dp = ws.dp.data();
   T* pd = ws.pd.data();
   block_scores(pb, bh, m0, bm, n0, bn, s);
-  at::Tensor dp_t = pb.mat(dp, bm, bn);
-  at::mm_out(dp_t, pb.mat(rs.dout + (bh * pb.lq + m0) * pb.dv, bm, pb.dv),
-             pb.mat(pb.v + (bh * pb.lk + n0) * pb.dv, bn, pb.dv).t());
+  gemm_rm<T>(false, true, bm, bn, pb.dv, rs.dout + (bh * pb.lq + m0) * pb.dv, pb.v + (bh * pb.lk + n0) * pb.dv,
+             T(0), dp);
   const bool dropout = pb.dropout_p > 0.0f;
   if (dropout) dropout_keep_block(pb.seed, bh, pb.lk, pb.dropout_p, m0, bm, n0, bn, ws.keep.data());
   const T inv_keep = dropout ? T(1) / (T(1) - T(pb.dropout_p)) : T(1);
@@ -299,16 +341,14 @@ void dkdv_rows(const Problem<T>& pb, const RowStats<T>& rs, int64_t bh, int64_t 
   T* dv_rows = dv + (bh * pb.lk + n0) * pb.dv;
   std::fill(dk_rows, dk_rows + bn * pb.dqk, T(0));
   std::fill(dv_rows, dv_rows + bn * pb.dv, T(0));
-  at::Tensor dk_t = pb.mat(dk_rows, bn, pb.dqk);
-  at::Tensor dv_t = pb.mat(dv_rows, bn, pb.dv);
   // Queries before this key block never see it.
   for (int64_t m0 = pb.causal ? n0 : 0; m0 < pb.lq; m0 += kBlockM) {
     const int64_t bm = std::min(kBlockM, pb.lq - m0);
     block_grad_scores(pb, rs, bh, m0, bm, n0, bn, /*want_pd=*/true, ws);
-    dv_t.addmm_(pb.mat(ws.pd.data(), bm, bn).t(), pb.mat(rs.dout + (bh * pb.lq + m0) * pb.dv, bm, pb.dv));
-    dk_t.addmm_(pb.mat(ws.s.data(), bm, bn).t(), pb.mat(pb.q + (bh * pb.lq + m0) * pb.dqk, bm, pb.dqk));
+    gemm_rm<T>(true, false, bn, pb.dv, bm, ws.pd.data(), rs.dout + (bh * pb.lq + m0) * pb.dv, T(1), dv_rows);
+    gemm_rm<T>(true, false, bn, pb.dqk, bm, ws.s.data(), pb.q + (bh * pb.lq + m0) * pb.dqk, T(1), dk_rows);
   }
-  dk_t.mul_(pb.qk_scale / T(kLog2e));
+  scale_rows(dk_rows, bn * pb.dqk, pb.qk_scale / T(kLog2e));
 }
 
 // dQ of queries [m0, m0+bm) of head bh, accumulated over the key blocks they see.
@@ -316,14 +356,13 @@ template <typename T>
 void dq_rows(const Problem<T>& pb, const RowStats<T>& rs, int64_t bh, int64_t m0, int64_t bm, T* dq, Scratch<T>& ws) {
   T* dq_rows_ptr = dq + (bh * pb.lq + m0) * pb.dqk;
   std::fill(dq_rows_ptr, dq_rows_ptr + bm * pb.dqk, T(0));
-  at::Tensor dq_t = pb.mat(dq_rows_ptr, bm, pb.dqk);
   const int64_t hi = pb.causal ? std::min(pb.lk, m0 + bm) : pb.lk;
   for (int64_t n0 = 0; n0 < hi; n0 += kBlockN) {
     const int64_t bn = std::min(kBlockN, hi - n0);
     block_grad_scores(pb, rs, bh, m0, bm, n0, bn, /*want_pd=*/false, ws);
-    dq_t.addmm_(pb.mat(ws.s.data(), bm, bn), pb.mat(pb.k + (bh * pb.lk + n0) * pb.dqk, bn, pb.dqk));
+    gemm_rm<T>(false, false, bm, pb.dqk, bn, ws.s.data(), pb.k + (bh * pb.lk + n0) * pb.dqk, T(1), dq_rows_ptr);
   }
-  dq_t.mul_(pb.qk_scale / T(kLog2e));
+  scale_rows(dq_rows_ptr, bm * pb.dqk, pb.qk_scale / T(kLog2e));
 }
 
 // Run fn(begin, end) over [0, n) on at::parallel_for's threads, with autograd off inside: the
@@ -413,7 +452,6 @@ Problem<T> make_problem(const Inputs& in, double scale, bool causal, double drop
   pb.causal = causal;
   pb.dropout_p = static_cast<float>(dropout_p);  // compared in fp32, as Triton's fp32 argument
   pb.seed = seed;
-  pb.opts = in.q.options();
   return pb;
 }
 
