@@ -27,7 +27,7 @@ eval_batch_size × n_items floats; use `full_sort_topk` in your own loop to avoi
 RecBole 1.2.1 turns on `torch.autograd.set_detect_anomaly(True)` for the whole process when
 its sequential models are imported (recbole/model/sequential_recommender/sine.py, at import):
 every backward op is then checked for NaN and every forward op records a stack trace, which
-costs a RecBole SASRec training step 20–40 % on a CPU (bench/results/integrations-cpu.md).
+makes a RecBole SASRec training step about 1.5× slower on a CPU (bench/results/integrations-cpu.md).
 `patch_model` leaves that global switch alone but warns; call
 ``torch.autograd.set_detect_anomaly(False)`` after importing RecBole to drop the cost.
 
