@@ -293,10 +293,11 @@ _MASKED_AT_OR_BELOW = -1e4
 _warned_reasons: set[str] = set()
 
 
-def _warn_once(reason: str) -> None:
-    if reason not in _warned_reasons:
-        _warned_reasons.add(reason)
-        warnings.warn(f"fastattn.nn.MultiheadAttention runs torch's attention: {reason}", stacklevel=2)
+def warn_once(message: str) -> None:
+    """warnings.warn(message) the first time this process sees it: fallbacks say so once, not per call."""
+    if message not in _warned_reasons:
+        _warned_reasons.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def visible_keys(mask: torch.Tensor, name: str) -> Optional[torch.Tensor]:
@@ -406,7 +407,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         def torch_forward(reason: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-            _warn_once(reason)
+            warn_once(f"fastattn.nn.MultiheadAttention runs torch's attention: {reason}")
             mask, hint = attn_mask, is_causal
             if is_causal and attn_mask is None:  # torch needs the mask itself with the is_causal hint
                 length_dim = 1 if (self.batch_first and query.dim() == 3) else 0

@@ -18,7 +18,7 @@ from recbole.model.sequential_recommender import BERT4Rec, SASRec
 # that would slow every later test of the session, and fastattn does not need it.
 torch.autograd.set_detect_anomaly(False)
 
-from fastattn.integrations import recbole as fused_recbole  # noqa: E402
+from fastattn import nn as fnn  # noqa: E402
 from fastattn.integrations.recbole import FusedMultiHeadAttention, mask_structure, patch_model  # noqa: E402
 
 N_ITEMS, MAX_LEN, BATCH = 41, 9, 6  # item 0 is RecBole's padding id
@@ -60,7 +60,7 @@ def _batch(seed: int = 1) -> Interaction:
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings() -> None:
-    fused_recbole._warned.clear()
+    fnn._warned_reasons.clear()
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
@@ -159,7 +159,7 @@ def test_other_masks_run_recbole_attention_with_a_warning() -> None:
     soft = torch.randn(2, 1, 5, 5)  # a bias, not a mask
     for mask in (band, soft):
         assert mask_structure(mask) is None
-        fused_recbole._warned.clear()
+        fnn._warned_reasons.clear()
         with pytest.warns(UserWarning, match="runs RecBole's own attention"):
             got = fused(x, mask)
         torch.testing.assert_close(got, layer(x, mask))

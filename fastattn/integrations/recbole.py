@@ -38,7 +38,6 @@ agree in distribution, not bit for bit.
 from __future__ import annotations
 
 import types
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -52,7 +51,7 @@ except ImportError as error:  # pragma: no cover - exercised only without RecBol
 
 from .._dispatch import BACKENDS
 from ..functional import dif_attention, full_item_cross_entropy, topk_items
-from ..nn import visible_keys
+from ..nn import visible_keys, warn_once
 
 __all__ = ["FusedMultiHeadAttention", "patch_model", "CE_MODELS"]
 
@@ -60,13 +59,8 @@ __all__ = ["FusedMultiHeadAttention", "patch_model", "CE_MODELS"]
 #   logits = self.forward(item_seq, item_seq_len) @ self.item_embedding.weight.T; CrossEntropyLoss(logits, pos)
 CE_MODELS = ("SASRec", "SASRecF", "FDSA", "LightSANs")
 
-_warned: set[str] = set()
-
-
 def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"fastattn.integrations.recbole: {reason}", stacklevel=3)
+    warn_once(f"fastattn.integrations.recbole: {reason}")
 
 
 def mask_structure(attention_mask: torch.Tensor) -> Optional[tuple[bool, torch.Tensor]]:
