@@ -10,6 +10,7 @@ import functools
 import importlib.metadata
 import os
 import platform
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import pytest
@@ -107,6 +108,56 @@ def make_step(mode: str, forward: Forward, inputs: Sequence[torch.Tensor], devic
         torch.autograd.grad(forward(), inputs, grad_out)
         synchronize(device)
     return step
+
+
+# --------------------------------------------------------------------------- training steps
+# A training step (loss, backward, optimizer) is timed as a whole, not through make_step's modes.
+
+HEAVY_SECONDS = 1.0  # a step slower than this gets 3 fixed rounds instead of pytest-benchmark's calibration
+
+
+def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
+                  fused_adam: bool = False) -> Step:
+    """One synchronized step: zero_grad(set_to_none), loss_fn().backward(), Adam (lr 1e-3)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+        synchronize(device)
+    return step
+
+
+def time_training_step(benchmark: BenchmarkFixture, step: Step, device: torch.device, group: str,
+                       info: dict[str, Any]) -> None:
+    """Warm up, record peak memory and metadata (mode "train_step"), then time `step`."""
+    skip_reason = None
+    try:
+        warmup = _timed_call(step)  # first-call allocations, Adam state, Triton compilation
+    except torch.OutOfMemoryError as exc:
+        skip_reason = f"out of memory on {device}: {_first_line(exc)}"
+    # Skip outside the except block: a chained error would keep the failed step's tensors alive.
+    if skip_reason is not None:
+        pytest.skip(skip_reason)
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["mode"] = "train_step"
+    benchmark.extra_info["device"] = str(device)
+    start = time.perf_counter()
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 3)
+    # The faster of the two untimed calls estimates a step: the warm-up may include compilation
+    # (CUDA), the peak-memory call runs under the profiler (CPU).
+    if min(warmup, time.perf_counter() - start) > HEAVY_SECONDS:
+        benchmark.pedantic(step, rounds=3, iterations=1)
+    else:
+        benchmark(step)
+
+
+def _timed_call(step: Step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- peak memory

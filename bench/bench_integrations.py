@@ -22,46 +22,18 @@ Run: python -m pytest bench/bench_integrations.py --benchmark-only   (see bench/
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from _common import bench_size, peak_memory_mb, synchronize, sweep
+from _common import bench_size, sweep, time_training_step, training_step
 
 LENGTHS = sweep(full=(50, 200), quick=(50,), tiny=(8,))
 CATALOGS = sweep(full=(12_101, 1_000_000), quick=(12_101, 100_000), tiny=(100, 1_000))  # Beauty's 12,101 items, a million
 BATCH = 4 if bench_size() == "tiny" else 256
 HIDDEN = 64
-
-Step = Callable[[], None]
-
-
-def _time(benchmark: BenchmarkFixture, step: Step, device: torch.device, group: str, info: dict[str, Any],
-          heavy: bool) -> None:
-    step()  # warm-up: first-call allocations, lazy C++ build
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.extra_info["mode"] = "train_step"
-    benchmark.extra_info["device"] = str(device)
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 3)
-    if heavy:  # seconds per call: fixed rounds instead of pytest-benchmark's calibration
-        benchmark.pedantic(step, rounds=3, iterations=1)
-    else:
-        benchmark(step)
-
-
-def _training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device) -> Step:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        optimizer.step()
-        synchronize(device)
-    return step
-
 
 # --------------------------------------------------------------------------- RecBole SASRec
 
@@ -115,16 +87,15 @@ def test_recbole_sasrec_train_step(benchmark: BenchmarkFixture, bench_device: to
 
         patch_model(model)
     batch = _recbole_batch(items, length, bench_device)
-    step = _training_step(model, lambda: model.calculate_loss(batch), bench_device)
+    step = training_step(model, lambda: model.calculate_loss(batch), bench_device)
     if provider == "recbole_anomaly":
         plain_step = step
 
         def step() -> None:
             with torch.autograd.set_detect_anomaly(True):
                 plain_step()
-    _time(benchmark, step, bench_device, f"recbole_sasrec L={length} V={items}",
-          {"op": "recbole_sasrec", "provider": provider, "L": length, "V": items, "B": BATCH},
-          heavy=items >= 100_000)
+    time_training_step(benchmark, step, bench_device, f"recbole_sasrec L={length} V={items}",
+          {"op": "recbole_sasrec", "provider": provider, "L": length, "V": items, "B": BATCH})
 
 
 # --------------------------------------------------------------------------- plain PyTorch SASRec
@@ -193,6 +164,6 @@ def test_torch_mha_sasrec_train_step(benchmark: BenchmarkFixture, bench_device: 
     seq[torch.arange(length + 1)[None, :] < (length + 1 - lengths)[:, None]] = 0  # left padding, as pmixer
     seq = seq.to(bench_device)
     neg = torch.randint(1, items + 1, (BATCH, length), generator=gen).to(bench_device)
-    step = _training_step(model, lambda: model.loss(seq[:, :-1], seq[:, 1:], neg), bench_device)
-    _time(benchmark, step, bench_device, f"torch_mha_sasrec L={length}",
-          {"op": "torch_mha_sasrec", "provider": provider, "L": length, "V": items, "B": BATCH}, heavy=False)
+    step = training_step(model, lambda: model.loss(seq[:, :-1], seq[:, 1:], neg), bench_device)
+    time_training_step(benchmark, step, bench_device, f"torch_mha_sasrec L={length}",
+          {"op": "torch_mha_sasrec", "provider": provider, "L": length, "V": items, "B": BATCH})

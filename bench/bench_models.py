@@ -52,14 +52,12 @@ Run: python -m pytest bench/bench_models.py --benchmark-only   (see bench/README
 from __future__ import annotations
 
 import functools
-import time
-from typing import Any, Callable
 
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from _common import peak_memory_mb, sweep, synchronize
+from _common import sweep, time_training_step, training_step
 from fastattn.data import SequenceDataset, TrainBatch, load_dataset, split_dataset, train_batches
 from fastattn.train import MODELS, build_model, make_config
 
@@ -69,11 +67,7 @@ LENGTHS = sweep(full=(50, 200), quick=(50,), tiny=(8,))
 BATCH = sweep(full=(256,), quick=(64,), tiny=(8,))[0]
 ITEMS = sweep(full=(12_101,), quick=(500,), tiny=(100,))[0]
 USERS = sweep(full=(2_000,), quick=(512,), tiny=(64,))[0]  # >= BATCH; the rest feed MQSA-TED's teacher
-HEAVY_SECONDS = 1.0  # a step slower than this gets 3 fixed rounds instead of pytest-benchmark's calibration
 SEED = 0
-
-Step = Callable[[], None]
-
 
 @functools.lru_cache(maxsize=None)
 def _training_data(length: int) -> tuple[SequenceDataset, SequenceDataset, TrainBatch]:
@@ -105,50 +99,6 @@ def _model(name: str, backend: str, length: int, dataset: SequenceDataset, train
     return model
 
 
-def _training_step(model: torch.nn.Module, batch: TrainBatch, device: torch.device) -> Step:
-    # fused Adam, as the training command (one kernel over all parameters on CPU and CUDA)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model.losses(batch)["loss"].backward()
-        optimizer.step()
-        synchronize(device)
-    return step
-
-
-def _timed_call(step: Step) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def _time(benchmark: BenchmarkFixture, step: Step, device: torch.device, group: str, info: dict[str, Any]) -> None:
-    """Warm up, record peak memory and metadata, then time `step` with pytest-benchmark."""
-    skip_reason = None
-    try:
-        warmup = _timed_call(step)  # first-call allocations, Adam state, Triton compilation
-    except torch.OutOfMemoryError as exc:
-        text = str(exc).strip()
-        skip_reason = f"out of memory on {device}: {text.splitlines()[0] if text else ''}"
-    # Skip outside the except block: a chained error would keep the failed step's tensors alive.
-    if skip_reason is not None:
-        pytest.skip(skip_reason)
-    benchmark.group = group
-    benchmark.extra_info.update(info)
-    benchmark.extra_info["mode"] = "train_step"
-    benchmark.extra_info["device"] = str(device)
-    start = time.perf_counter()
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 3)
-    # The faster of the two untimed calls estimates a step: the warm-up may include compilation
-    # (CUDA), the peak-memory call runs under the profiler (CPU).
-    seconds = min(warmup, time.perf_counter() - start)
-    if seconds > HEAVY_SECONDS:  # seconds per call: fixed rounds instead of pytest-benchmark's calibration
-        benchmark.pedantic(step, rounds=3, iterations=1)
-    else:
-        benchmark(step)
-
-
 @pytest.mark.parametrize("length", LENGTHS, ids=lambda v: f"L={v}")
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -156,6 +106,9 @@ def test_model_train_step(benchmark: BenchmarkFixture, bench_device: torch.devic
                           length: int) -> None:
     dataset, train, batch = _training_data(length)
     model = _model(name, PROVIDERS[provider], length, dataset, train, bench_device)
-    step = _training_step(model, batch.to(bench_device), bench_device)
-    _time(benchmark, step, bench_device, f"model {name} L={length}",
+    batch = batch.to(bench_device)
+    # fused Adam, as the training command (one kernel over all parameters on CPU and CUDA)
+    step = training_step(model, lambda: model.losses(batch)["loss"], bench_device,
+                         fused_adam=bench_device.type in ("cpu", "cuda"))
+    time_training_step(benchmark, step, bench_device, f"model {name} L={length}",
           {"op": f"train_step_{name}", "provider": provider, "L": length, "V": dataset.num_items, "B": BATCH})
