@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -196,8 +197,6 @@ def summary_table(output_json: dict[str, Any], source: str,
 
 def _group_order(group: str) -> tuple[Any, ...]:
     """Sort groups by name with the numbers in them compared as numbers (L=50 before L=200)."""
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", group))
 
 
