@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import time
 from pathlib import Path
 
@@ -210,6 +211,49 @@ def test_malformed_json(tmp_path: Path) -> None:
     bad = _write(tmp_path / "bad3.json", '{\n"one": [1]}')
     with pytest.raises(ValueError, match="bad3.json, line 2.*'one'"):
         read_s3rec(tmp_path / "a.txt", attributes_path=bad)
+
+
+EDGE_FILES = [
+    ("e.txt", b"", r": no sequences$"),
+    ("e.tsv", b"", r": empty file \(expected a header\)$"),
+    ("e.inter", b"", r": empty file \(expected a name:type header\)$"),
+    ("h.tsv", b"user\titems\tdomains\n", r": no sequences$"),
+    ("h.inter", b"user_id:token\titem_id:token\n", r": no interactions$"),
+    ("n.txt", b"1 2 -3\n", r", line 1: item id -3 is not >= 1"),
+    ("n.tsv", b"user\titems\tdomains\n1\t1 2\t0 0\n2\t1 -2\t0 0\n", r", line 3: item id -2 is not >= 1"),
+    ("w.txt", b"1 2 3\n2 4 x\n", r", line 2: id 'x' is not an integer$"),
+    ("f.tsv", b"user\titems\tdomains\n1\t1 2.5\t0 0\n", r", line 2: item id '2.5' is not an integer$"),
+    ("u.txt", b"1 2\n\xff\n", r", line 2: not valid UTF-8 text$"),
+]
+
+
+@pytest.mark.parametrize("name, data, message", EDGE_FILES)
+def test_edge_files_give_one_line_naming_the_file(tmp_path: Path, name: str, data: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="^" + re.escape(str(path)) + message) as info:
+        load_dataset(path)
+    assert "\n" not in str(info.value)
+
+
+def test_crlf_line_ends(tmp_path: Path) -> None:
+    for name, text in (("a.txt", "1 3 1 2 4\n2 2 4 1 5\n"), ("b.tsv", "user\titems\tdomains\n1\t1 2 3 4\t0 0 1 1\n"),
+                       ("c.inter", "user_id:token\titem_id:token\n1\t2\n1\t3\n")):
+        plain = load_dataset(_write(tmp_path / name, text))
+        crlf = tmp_path / ("crlf_" + name)
+        crlf.write_bytes(text.replace("\n", "\r\n").encode())
+        read = load_dataset(crlf)
+        assert read.num_items == plain.num_items
+        _eq(read.indptr, plain.indptr)
+        _eq(read.items, plain.items)
+
+
+def test_directory_without_inter(tmp_path: Path) -> None:
+    _write(tmp_path / "ml.item", "item_id:token\n")
+    with pytest.raises(ValueError, match=r"^cannot infer the format of directory .* \(no .inter file\); pass format=$"):
+        load_dataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        load_dataset(tmp_path, format="recbole")
 
 
 def test_missing_files(tmp_path: Path) -> None:

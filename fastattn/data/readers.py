@@ -5,11 +5,18 @@
 - Cross-domain TSV (`read_crossdomain_tsv`): `user \\t items \\t domains` (Amazon Toy/Game) or
   `split \\t seq_id \\t items \\t domains` (KuaiRand, with a predefined train/valid/test split).
 
-Files ending in `.gz` (or starting with the gzip magic bytes) are decompressed transparently.
+Files ending in `.gz` (or starting with the gzip magic bytes) are decompressed transparently;
+a UTF-8 byte order mark at the start of a file is skipped and CRLF line ends are accepted.
 Parsing is vectorized: each file is split into fields once and every integer column is converted
 by one numpy call over the joined text; the per-line Python work is a `str.split` per line.
 Malformed input raises ValueError("<file>, line <n>: <what is wrong>") with a 1-based line
 number; a missing file raises FileNotFoundError naming it.
+
+Ids that index a table (item ids kept as read, attribute ids in item2attributes.json) must be
+roughly dense: the largest may be at most max(2**20, 16 x the number of distinct ids), since
+every id up to the largest gets an embedding row; sparser ids are refused (naming the file and
+line of the first one too large) instead of allocating terabytes. Likewise the 0-padded
+(items x most values per item) feature matrix may hold at most max(2**24, 16 x the values) cells.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import warnings
 from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +40,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 FORMATS = ("s3rec", "recbole", "tsv")
 _INT_TOKEN = re.compile(r"[+-]?\d+\Z")
 _INT64_LIMITS = (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
+# Id tables (embeddings, feature rows) have one row per id up to the largest: refuse ids sparser than
+# this (see the module docstring) rather than allocate for them.
+_ID_SLACK = 1 << 20
+_ID_RATIO = 16
+_CELL_SLACK = 1 << 24
 _SPLIT_NAMES = {"training": 0, "train": 0, "evaluation": 1, "valid": 1, "validation": 1,
                 "testing": 2, "test": 2}
 
@@ -62,7 +74,7 @@ def _read_text(path: Path) -> str:
         except (OSError, EOFError) as exc:
             raise ValueError(f"{path}: corrupt gzip data ({exc})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # -sig: skip a byte order mark some editors write
     except UnicodeDecodeError as exc:
         raise _error(path, data[:exc.start].count(b"\n") + 1, "not valid UTF-8 text") from None
 
@@ -114,10 +126,32 @@ def _parse_int_fields(fields: Sequence[str], linenos: Sequence[int], path: PathL
     return np.array(out, dtype=np.int64), counts
 
 
+def _float_or_nan(token: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        return float("nan")
+
+
 def _line_of(flat_index: int, counts: np.ndarray, linenos: Sequence[int]) -> int:
     """The line number holding flat position `flat_index` of values parsed with `counts`."""
     row = int(np.searchsorted(np.cumsum(counts), flat_index, side="right"))
     return linenos[row]
+
+
+def _check_dense_ids(ids: np.ndarray, path: PathLike, line_of: Callable[[int], int], what: str) -> None:
+    """Refuse int64 ids (>= 1) whose largest is far beyond the number of distinct ids (see
+    `_ID_SLACK`): ValueError naming `path` and the line (`line_of(flat index)`) of the first too large."""
+    if ids.size == 0 or ids.max() <= _ID_SLACK:
+        return
+    distinct = len(np.unique(ids))
+    bound = max(_ID_SLACK, _ID_RATIO * distinct)
+    if ids.max() <= bound:
+        return
+    first = int(np.flatnonzero(ids > bound)[0])
+    raise _error(path, line_of(first), f"{what} {ids[first]} is far larger than the {distinct:,} distinct "
+                 f"{what}s (at most {bound:,} allowed: every id up to the largest gets a table row); "
+                 f"renumber the {what}s densely from 1")
 
 
 def _remap_sorted(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,12 +193,17 @@ def _dataset_name(path: Path) -> str:
     return name
 
 
-def _padded_rows(row: np.ndarray, values: np.ndarray, num_rows: int) -> np.ndarray:
+def _padded_rows(row: np.ndarray, values: np.ndarray, num_rows: int,
+                 too_wide: Callable[[int, int], ValueError]) -> np.ndarray:
     """Scatter values[k] into row row[k] of a 0-padded (num_rows, A >= 1) matrix, keeping their order
-    within each row (row must be sorted)."""
+    within each row (row must be sorted). A matrix over `_CELL_SLACK` cells and 16 x len(values)
+    raises too_wide(row with the most values, its count) instead of being allocated."""
     if row.size == 0:
         return np.zeros((num_rows, 1), dtype=np.int64)
     counts = np.bincount(row, minlength=num_rows)
+    widest = int(counts.argmax())
+    if num_rows * int(counts[widest]) > max(_CELL_SLACK, _ID_RATIO * len(values)):
+        raise too_wide(widest, int(counts[widest]))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     col = np.arange(len(row), dtype=np.int64) - starts[row]
     out = np.zeros((num_rows, max(1, int(counts.max()))), dtype=np.int64)
@@ -227,6 +266,7 @@ def read_s3rec(path: PathLike, attributes_path: Optional[PathLike] | str = "auto
     if bad.size:
         raise _error(path, _line_of(int(bad[0]), counts - 1, linenos),
                      f"item id {items[bad[0]]} is not >= 1 (0 is the padding item)")
+    _check_dense_ids(items, path, lambda i: _line_of(i, counts - 1, linenos), "item id")
     num_items = int(items.max())
     features: tuple[ItemFeature, ...] = ()
     if isinstance(attributes_path, str) and attributes_path == "auto":
@@ -253,6 +293,7 @@ def _read_item2attributes(path: Path, num_items: int, name: str = "attributes") 
         raise _error(path, exc.lineno, f"invalid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
         raise _error(path, 1, "expected a JSON object {\"item id\": [attribute ids, ...]}")
+    keys: list[str] = []  # the key of every kept attribute value (for line numbers)
     rows: list[int] = []
     attrs: list[int] = []
     for key, value in data.items():
@@ -261,17 +302,28 @@ def _read_item2attributes(path: Path, num_items: int, name: str = "attributes") 
         item = int(key)
         if not isinstance(value, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in value):
             raise _error(path, _json_line(text, key), f"attributes of item {key} must be a list of integers")
-        if any(a < 1 for a in value):
-            raise _error(path, _json_line(text, key), f"attribute ids of item {key} must be >= 1 (0 is padding)")
+        if not all(1 <= a <= _INT64_LIMITS[1] for a in value):
+            raise _error(path, _json_line(text, key), f"attribute ids of item {key} must be >= 1 (0 is padding) "
+                         "and fit in 64 bits")
         if 1 <= item <= num_items:
+            keys.extend([key] * len(value))
             rows.extend([item] * len(value))
             attrs.extend(value)
         elif item < 1:
             raise _error(path, _json_line(text, key), f"item id {key} is not >= 1")
+    if not attrs:
+        raise ValueError(f"{path}: no attribute ids for any of the {num_items:,} items of the data set "
+                         "(an empty attributes file?)")
     row = np.array(rows, dtype=np.int64)
     attr = np.array(attrs, dtype=np.int64)
+    _check_dense_ids(attr, path, lambda i: _json_line(text, keys[i]), "attribute id")
     order = np.argsort(row, kind="stable")
-    values = _padded_rows(row[order], attr[order], num_items + 1)
+
+    def too_wide(item: int, count: int) -> ValueError:
+        return _error(path, _json_line(text, keys[rows.index(item)]), f"item {item} has {count:,} attribute ids; a "
+                      f"({num_items + 1:,} x {count:,}) 0-padded attribute matrix is too large")
+
+    values = _padded_rows(row[order], attr[order], num_items + 1, too_wide)
     return ItemFeature(name=name, values=values, num_values=int(values.max()) + 1)
 
 
@@ -354,12 +406,11 @@ def read_recbole(path: PathLike, feature_columns: Optional[Sequence[str]] = None
         try:
             times = np.array(raw, dtype=np.float64)
         except ValueError:
-            for token, lineno in zip(raw, linenos):
-                try:
-                    float(token)
-                except ValueError:
-                    raise _error(inter_path, lineno, f"{time_field} {token!r} is not a number") from None
-            raise
+            times = None
+        bad = range(len(raw)) if times is None else np.flatnonzero(~np.isfinite(times))
+        for r in bad:  # the first token that is not a finite number (NaN would make the order arbitrary)
+            if not np.isfinite(_float_or_nan(raw[r])):
+                raise _error(inter_path, linenos[r], f"{time_field} {raw[r]!r} is not a finite number")
         order = np.argsort(times, kind="stable")
     order = order[np.argsort(users[order], kind="stable")]
     num_items = len(item_vocab)
@@ -397,8 +448,10 @@ def _recbole_item_features(path: Path, item_vocab: np.ndarray, feature_columns: 
                                  "token or token_seq columns other than the item id")
     body, linenos = _body(lines, 1)
     columns = _split_columns(body, linenos, len(header), path, ", ".join(names))
+    if not selected:
+        return ()
     if not body:
-        return tuple(ItemFeature(n, np.zeros((len(item_vocab) + 1, 1), np.int64), 1) for n in selected)
+        raise ValueError(f"{path}: no item rows after the header")
     tokens = np.array(columns[names.index(item_field)], dtype=str)
     # catalog id of every .item row (0 = not in the catalog)
     vocab_order = np.argsort(item_vocab)
@@ -421,12 +474,25 @@ def _recbole_item_features(path: Path, item_vocab: np.ndarray, feature_columns: 
         else:
             per_row = [column[r].split() for r in known]
         counts = np.fromiter((len(v) for v in per_row), dtype=np.int64, count=len(per_row))
+        if not counts.any():  # a column with no value for any catalog item carries nothing
+            if feature_columns is not None:
+                raise ValueError(f"{path}: column {name!r} has no value for any item of the data set")
+            continue
         flat = np.array([t for v in per_row for t in v], dtype=str)
         codes, vocab = _remap_first_appearance(flat)
         rows = np.repeat(row_item[known], counts)
         order = np.argsort(rows, kind="stable")
-        values = _padded_rows(rows[order], codes[order] + 1, len(item_vocab) + 1)
+
+        def too_wide(item: int, count: int, name: str = name) -> ValueError:
+            line = linenos[known[int(np.flatnonzero(row_item[known] == item)[0])]]
+            return _error(path, line, f"item {item_vocab[item - 1]!r} has {count:,} values in column {name!r}; "
+                          f"a ({len(item_vocab) + 1:,} x {count:,}) 0-padded feature matrix is too large")
+
+        values = _padded_rows(rows[order], codes[order] + 1, len(item_vocab) + 1, too_wide)
         features.append(ItemFeature(name=name, values=values, num_values=len(vocab) + 1))
+    if not features:
+        raise ValueError(f"{path}: no value in column{'s' if len(selected) > 1 else ''} "
+                         f"{', '.join(selected)} for any item of the data set")
     return tuple(features)
 
 
@@ -497,6 +563,7 @@ def read_crossdomain_tsv(path: PathLike, remap_items: Optional[bool] = None) -> 
         if bad.size:
             raise _error(path, _line_of(int(bad[0]), item_counts, linenos),
                          f"item id {items[bad[0]]} is not >= 1 (0 is the padding item)")
+        _check_dense_ids(items, path, lambda i: _line_of(i, item_counts, linenos), "item id")
         num_items = int(items.max())
     domain_codes, domain_ids = _remap_sorted(domains)
     return SequenceDataset(name=_dataset_name(path), num_items=num_items, indptr=_csr_from_counts(item_counts),
@@ -531,35 +598,66 @@ def _infer_format(path: Path) -> str:
     raise ValueError(f"cannot infer the format of {path}; pass format= (one of {', '.join(FORMATS)})")
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _spec_value(spec: str, key: str, value: str, default: object) -> object:
+    """`value` parsed as the type of `default` (bool, int, float or a '-'-joined tuple of those);
+    ValueError naming the option and the spec."""
+    text = value.strip()
+    if isinstance(default, tuple):
+        parts = text.split("-")
+        if len(parts) != len(default):
+            raise ValueError(f"--data {spec!r}: {key} takes {len(default)} values joined by '-' "
+                             f"(e.g. {'-'.join(map(str, default))}), got {value!r}")
+        return tuple(_spec_value(spec, key, part, d) for part, d in zip(parts, default))
+    if isinstance(default, bool):
+        if text.lower() not in _BOOLS:
+            raise ValueError(f"--data {spec!r}: {key} must be true or false (or yes/no, 1/0), got {value!r}")
+        return _BOOLS[text.lower()]
+    if isinstance(default, int):
+        if not _INT_TOKEN.match(text):
+            raise ValueError(f"--data {spec!r}: {key} must be an integer, got {value!r}")
+        return int(text)
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ValueError(f"--data {spec!r}: {key} must be a finite number, got {value!r}")
+    return number
+
+
 def _synthetic_from_spec(spec: str) -> SequenceDataset:
     from .synthetic import SyntheticConfig, make_synthetic
 
     config = SyntheticConfig()
     _, _, options = spec.partition(":")
     changes: dict[str, object] = {}
-    known = {f.name: f for f in dataclass_fields(SyntheticConfig)}
+    known = [f.name for f in dataclass_fields(SyntheticConfig)]
     for option in filter(None, (o.strip() for o in options.split(","))):
         key, sep, value = option.partition("=")
         key = key.strip()
         if not sep or key not in known:
-            raise ValueError(f"bad synthetic option {option!r}; expected key=value with key in "
-                             f"{', '.join(known)}")
-        default = getattr(config, key)
-        try:
-            if isinstance(default, tuple):
-                changes[key] = tuple(type(d)(v) for d, v in zip(default, value.split("-"), strict=True))
-            else:
-                changes[key] = type(default)(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"bad value for synthetic option {key!r}: {value!r}") from None
-    return make_synthetic(replace(config, **changes))
+            what = f"unknown synthetic option {key!r}" if sep else f"synthetic option {option!r} is not key=value"
+            raise ValueError(f"--data {spec!r}: {what}; the keys are {', '.join(known)}")
+        if key in changes:
+            raise ValueError(f"--data {spec!r}: synthetic option {key} is given twice")
+        changes[key] = _spec_value(spec, key, value, getattr(config, key))
+    try:
+        config = replace(config, **changes)
+    except ValueError as exc:
+        raise ValueError(f"--data {spec!r}: {exc}") from None
+    return make_synthetic(config)
 
 
 def load_dataset(spec: PathLike, format: Optional[str] = None) -> SequenceDataset:
     """Load a data set by spec.
 
     spec: "synthetic" (the default `make_synthetic()`), "synthetic:key=value,..." (SyntheticConfig
-    overrides, e.g. "synthetic:num_users=500,seed=3"; tuples as "1-3"), or a path.
+    overrides, e.g. "synthetic:num_users=500,seed=3,allow_repeats=true"; tuples as "1-3"; booleans
+    as true/false, yes/no or 1/0, any case; a bad key or value raises ValueError naming it and the
+    spec), or a path.
     format: "s3rec", "recbole" or "tsv"; None infers it from the suffix (.txt → s3rec, .inter or a
     directory holding one → recbole, .tsv / .tsv.gz → tsv), else from the first line.
     """

@@ -6,6 +6,10 @@ last is the validation target (history = all items before it) and the training s
 everything before the validation item. Predefined split (KuaiRand, `ds.split` given): split-0
 sequences are trained on whole; each split-1 / split-2 sequence is evaluated once, predicting
 its last item from all earlier ones.
+
+Data that leaves nothing to train on or to evaluate is refused (ValueError naming the data set,
+how many sequences were dropped and why) instead of training on nothing and reporting metrics
+over zero users.
 """
 from __future__ import annotations
 
@@ -84,6 +88,10 @@ class Splits:
                 f"{self.dropped_train:,} from training)")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _eval_set(ds: SequenceDataset, users: np.ndarray, target_pos: np.ndarray) -> EvalSet:
     """Rows predicting items[target_pos[i]] from everything before it in sequence users[i]."""
     starts = ds.indptr[users]
@@ -99,12 +107,23 @@ def split_dataset(ds: SequenceDataset) -> Splits:
 
     Train sequences keep the data set's features, domains and mappings; their `split` is None.
     Sequences too short for a split are counted in `Splits.skipped_eval` / `dropped_train`.
+    Raises ValueError when the training, validation or test part would be empty.
     """
     lengths = ds.lengths()
     ends = ds.indptr[1:]
+    where = f"data set {ds.name!r}"
     if ds.split is None:
         evaluated = np.flatnonzero(lengths >= 3)
         train_users = np.flatnonzero(lengths >= 4)  # items[:-2] keeps >= 2 items
+        longest = int(lengths.max()) if len(lengths) else 0
+        if not len(evaluated):
+            raise ValueError(f"{where}: no user has the 3 interactions leave-one-out needs (a history item, "
+                             f"the validation and the test target): {_count(ds.num_users, 'user')}, all "
+                             f"dropped (longest sequence: {longest})")
+        if not len(train_users):
+            raise ValueError(f"{where}: no user has the 4 interactions leave-one-out training needs (2 to "
+                             f"train on, the validation and the test target): {_count(ds.num_users, 'user')}, all "
+                             f"dropped from training (longest sequence: {longest})")
         train = ds.select(train_users, ends=ends[train_users] - 2)
         valid = _eval_set(ds, evaluated, ends[evaluated] - 2)
         test = _eval_set(ds, evaluated, ends[evaluated] - 1)
@@ -114,6 +133,13 @@ def split_dataset(ds: SequenceDataset) -> Splits:
     train_users = np.flatnonzero((split == 0) & (lengths >= 2))
     valid_users = np.flatnonzero((split == 1) & (lengths >= 2))
     test_users = np.flatnonzero((split == 2) & (lengths >= 2))
+    for name, users, code in (("training", train_users, 0), ("evaluation", valid_users, 1),
+                              ("testing", test_users, 2)):
+        if not len(users):
+            total = int(np.count_nonzero(split == code))
+            why = (f"{_count(total, name + ' sequence')}, none with the 2 items a split sequence needs"
+                   if total else f"no sequence is marked {name!r}, {_count(ds.num_users, 'sequence')} in all")
+            raise ValueError(f"{where}: the predefined {name} split is empty ({why})")
     return Splits(train=ds.select(train_users),
                   valid=_eval_set(ds, valid_users, ends[valid_users] - 1),
                   test=_eval_set(ds, test_users, ends[test_users] - 1),

@@ -28,6 +28,9 @@ from .dataset import ItemFeature, SequenceDataset
 
 __all__ = ["SyntheticConfig", "make_synthetic"]
 
+_MAX_CELLS = 10**8   # largest array the generator may allocate (int64: 800 MB)
+_MAX_CLASSES = 4096  # the class transition matrix is (num_attributes, num_attributes)
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -68,6 +71,14 @@ class SyntheticConfig:
             (0 <= self.user_pref and 0 <= self.noise and self.user_pref + self.noise <= 1,
              "user_pref, noise >= 0 and user_pref + noise <= 1"),
             (0 <= self.tag_noise <= 1 and 0 <= self.item_domain_noise <= 1, "noise shares in [0, 1]"),
+            (bool(np.isfinite(self.zipf)), "a finite zipf"),
+            (self.seed >= 0, "seed >= 0"),
+            # sizes: the generator holds (num_users, max_len), (num_items, attrs_per_item[1]) and
+            # (num_attributes, num_attributes) arrays; refuse what would not fit rather than allocate
+            (self.num_users * self.max_len <= _MAX_CELLS, f"num_users * max_len <= {_MAX_CELLS:,}"),
+            (max(self.num_items * hi, self.num_tags, self.num_domains) <= _MAX_CELLS,
+             f"num_items * attrs_per_item[1], num_tags and num_domains <= {_MAX_CELLS:,}"),
+            (self.num_attributes <= _MAX_CLASSES, f"num_attributes <= {_MAX_CLASSES:,}"),
         ]
         for ok, rule in checks:
             if not ok:
