@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 if TYPE_CHECKING:  # torch is imported inside the commands, after the Triton interpreter switch
     import torch
@@ -127,6 +127,32 @@ _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
+def _fail(message: str) -> int:
+    """Print `message` as one line "error: ..." on stderr; the exit code of a bad option (2)."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
+
+
+def _guarded(command: Callable[[], int], backend: Optional[str]) -> int:
+    """Run `command`; the failures a user can fix become one line naming the flag, exit code 2:
+    ValueError (options, data, --out, checkpoints, divergence: the message names the flag), a
+    backend that cannot run (--backend) and running out of memory (the size flags)."""
+    from . import train as training
+    from ._dispatch import BackendUnavailable
+
+    try:
+        return command()
+    except ValueError as exc:
+        return _fail(str(exc))
+    except BackendUnavailable as exc:
+        return _fail(f"--backend{' ' + backend if backend else ''}: {exc}")
+    except (RuntimeError, MemoryError) as exc:
+        message = training.out_of_memory_message(exc)
+        if message is None:
+            raise
+        return _fail(message)
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import train as training
 
@@ -136,7 +162,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides["sampled_eval"] = True if args.sampled_eval else None
     overrides["progress"] = False if args.no_progress else None
     overrides["track_test"] = True if args.track_test else None
-    try:
+
+    def run() -> int:
         if args.resume:
             if args.out is None:
                 raise ValueError("--resume needs --out DIR (the directory of the interrupted run)")
@@ -149,12 +176,10 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = training.make_config(args.model or "difsr", args.preset or "small",
                                           **{k: v for k, v in overrides.items() if v is not None})
-        metrics = training.train(config, resume=args.resume)
-    except ValueError as exc:  # bad options and unreadable data: a message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    training.print_metrics(metrics)
-    return 0
+        training.print_metrics(training.train(config, resume=args.resume))
+        return 0
+
+    return _guarded(run, args.backend)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -162,21 +187,27 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from . import train as training
 
-    try:
+    def run() -> int:
         metrics = training.evaluate_checkpoint(args.checkpoint, device=args.device,
                                                sampled=True if args.sampled_eval else None,
                                                exclude_history=not args.keep_history)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    training.print_metrics(metrics)
-    if args.json:
-        print(json.dumps({k: metrics[k] for k in ("valid", "test", "best_epoch")}, indent=2))
-    return 0
+        training.print_metrics(metrics)
+        if args.json:
+            print(json.dumps({k: metrics[k] for k in ("valid", "test", "best_epoch")}, indent=2))
+        return 0
+
+    return _guarded(run, None)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage of some 40 flags would bury the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__)
+    parser = _Parser(prog="python -m fastattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fused attention forward/backward vs the float64 reference")
     demo.add_argument("--batch", type=int, default=4)
@@ -217,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--keep-history", action="store_true",
                           help="rank the user's past items too (RecBole's protocol for sequential models)")
     evaluate.set_defaults(run=_evaluate)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option, already reported on one line (2)
+        return exc.code if isinstance(exc.code, int) else 0
     return args.run(args)
 
 

@@ -45,10 +45,13 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Sequence[int] = DEF
                        prefix: str = "") -> dict[str, float]:
     """HR@K and NDCG@K from 0-based target ranks (int, (n,)); a miss is any rank >= max(ks).
 
-    Returns {"HR@5": ..., "NDCG@5": ..., ...} in float (0.0 for an empty set of ranks).
+    Returns {"HR@5": ..., "NDCG@5": ..., ...} in float (0.0 for an empty set of ranks). A negative
+    or NaN rank raises ValueError naming `ranks` (it would count as a hit).
     """
     ks = check_ks(ks)
     r = torch.as_tensor(np.asarray(ranks), dtype=torch.float64).reshape(-1)
+    if r.numel() and not bool((r >= 0).all()):
+        raise ValueError(f"ranks must be 0-based ranks >= 0, got min {r.min().item()}")
     out: dict[str, float] = {}
     n = max(1, r.numel())
     for k in ks:
@@ -78,8 +81,12 @@ def sampled_ranks(user_vectors: torch.Tensor, item_weight: torch.Tensor, target:
     """0-based rank of the target among `negatives` uniformly drawn items (SASRec paper protocol).
 
     Negatives are drawn from items 1..V-1 that are neither the target nor in `exclude`
-    (rejection sampling, redrawn until clean); ties count against the target (pessimistic).
+    (rejection sampling, redrawn until clean); ties count against the target (pessimistic). As in
+    `topk_items`, a NaN score is ineligible: a NaN negative never beats the target, and a target
+    scoring NaN gets rank `negatives` (a miss at every cut-off <= negatives).
     """
+    if not isinstance(negatives, int) or isinstance(negatives, bool) or negatives < 1:
+        raise ValueError(f"negatives must be an int >= 1, got {negatives!r}")
     b, num_items = target.shape[0], item_weight.shape[0]
     if num_items - 1 <= negatives:
         raise ValueError(f"the sampled protocol needs more than {negatives + 1} items, the catalog has {num_items - 1}")
@@ -99,7 +106,8 @@ def sampled_ranks(user_vectors: torch.Tensor, item_weight: torch.Tensor, target:
     scores = torch.einsum("bd,bcd->bc", user_vectors.float(), item_weight[candidates].float())
     if bias is not None:
         scores = scores + bias[candidates].float()
-    return (scores[:, 1:] >= scores[:, :1]).sum(1)
+    ranks = (scores[:, 1:] >= scores[:, :1]).sum(1)
+    return torch.where(scores[:, 0].isnan(), torch.full_like(ranks, negatives), ranks)
 
 
 @torch.no_grad()

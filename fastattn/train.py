@@ -10,23 +10,39 @@ progress; a resumed run reproduces the uninterrupted one (batches are seeded by 
 torch's RNG state is saved with the checkpoint).
 
 Outputs in DIR: checkpoint.pt, metrics.json (valid/test metrics, best epoch, timings, config,
-per-epoch history) and curves.png (loss and validation NDCG@10 per epoch).
+per-epoch history) and curves.png (loss and validation NDCG@10 per epoch), each written through a
+uniquely named temporary file and a rename; DIR/.lock is held (flock) for the whole run, so a
+second run on the same DIR stops at once. The checkpoint holds only tensors, numbers, strings and
+plain containers (read back with weights_only=True) and the identity of its data
+(`data_identity`): a resume on different data is refused, `evaluate` warns.
+
+Failures the user can fix (options, data, --out, a checkpoint, a diverging loss) raise ValueError
+with one line naming the flag; the command line prints it and exits with code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the output directory is not locked
+    fcntl = None  # type: ignore[assignment]
+
+from ._dispatch import BACKENDS, BackendUnavailable, resolve_backend
 from .data import (BATCH_UNITS, EvalSet, SequenceDataset, Splits, eval_batches, load_dataset, num_train_batches,
                    split_dataset, train_batches)
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
@@ -164,39 +180,102 @@ class TrainConfig:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.format not in (None, "s3rec", "recbole", "tsv"):
             raise ValueError(f"--format must be s3rec, recbole or tsv, got {self.format!r}")
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ValueError(f"--data must name a file, a directory or 'synthetic', got {self.data!r}")
         if not _is_synthetic(self.data) and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or directory (or use 'synthetic')")
-        if not isinstance(self.bucket_batches, int) or isinstance(self.bucket_batches, bool) or self.bucket_batches < 0:
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ValueError(f"--out must name a directory, got {self.out!r}")
+        self._validate_loop()
+        device = check_device(self.device)
+        check_backend(self.backend, device)
+        self._validate_model()
+
+    def _validate_loop(self) -> None:
+        """The numeric options of the loop: counts, seed, learning rate, weight decay, batch unit."""
+        if not _is_int(self.bucket_batches) or self.bucket_batches < 0:
             raise ValueError(f"--bucket-batches must be an integer >= 0, got {self.bucket_batches!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        # numpy seeds (seed, epoch) must be >= 0; torch takes at most 2**64 - 1 (seed + small offsets)
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.batch_unit not in BATCH_UNITS:
             raise ValueError(f"--batch-unit must be one of {BATCH_UNITS}, got {self.batch_unit!r}")
-        if self.backend not in ("auto", "triton", "cpp", "torch"):
-            raise ValueError(f"--backend must be auto, triton, cpp or torch, got {self.backend!r}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise ValueError(f"--device {self.device!r} is not a torch device: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine (use --device cpu)")
+
+    def _validate_model(self) -> None:
+        """The model's own checks (hidden % heads, dropout range, fusion, ...) now, before any data
+        is read, with its field names written as the flags that set them; the catalog fields are
+        placeholders until the data set is known."""
+        if not isinstance(self.model_options, dict):
+            raise ValueError(f"model_options must be a dict, got {type(self.model_options).__name__}")
         known = {f.name for f in dataclasses.fields(MODELS[self.model].config_cls)}
         unknown = sorted(set(self.model_options) - known)
         if unknown:
-            flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+            flags = ", ".join("--" + str(u).replace("_", "-") for u in unknown)
             raise ValueError(f"{flags} do(es) not apply to model {self.model!r}")
-        # The model's own checks (hidden % heads, dropout range, fusion, ...) now, before any data
-        # is read; the catalog fields are placeholders until the data set is known.
         placeholders = {"num_items": 2, "attribute_sizes": (2,), "num_domains": 2}
-        spec = MODELS[self.model].config_cls(**{k: v for k, v in placeholders.items() if k in known},
-                                             **self.model_options)
-        spec.validate()
+        try:
+            spec = MODELS[self.model].config_cls(**{k: v for k, v in placeholders.items() if k in known},
+                                                 **self.model_options)
+            spec.validate()
+        except ValueError as exc:
+            raise ValueError(_as_flags(str(exc), self.model_options)) from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_flags(message: str, names: Any) -> str:
+    """A model config's message with each option name written as its flag (attn_dropout → --attn-dropout)."""
+    for name in names:
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w\[])", "--" + name.replace("_", "-"), message)
+    return message
+
+
+def check_device(name: object) -> torch.device:
+    """`--device` as a torch.device the loop can run on: cpu, or cuda[:N] with CUDA present and
+    N < the device count; ValueError naming the flag otherwise (meta, mps, cpu:1, ...)."""
+    if not isinstance(name, str):
+        raise ValueError(f"--device must be a string such as 'cpu' or 'cuda:0', got {name!r}")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {name!r} is not a torch device: {exc}") from None
+    if device.type == "cpu" and device.index in (None, 0):
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r}: training runs on cpu or cuda[:N] only")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine (use --device cpu)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return device
+
+
+def check_backend(backend: object, device: torch.device) -> None:
+    """ValueError naming `--backend` when it is unknown or cannot run on `device` (e.g. triton on a
+    CPU without the interpreter): the kernels would otherwise fail at the first step."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be auto, triton, cpp or torch, got {backend!r}")
+    if backend in ("auto", "torch"):  # always run (auto falls back); no need to probe the C++ build
+        return
+    try:
+        resolve_backend(str(backend), [torch.empty(0, device=device)])
+    except BackendUnavailable as exc:
+        raise ValueError(f"--backend {backend}: {exc}") from None
 
 
 def _is_synthetic(data: str) -> bool:
@@ -228,13 +307,107 @@ def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -
     return config
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace collapsed), at most `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tensors_by_name(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in value.items())
+
+
+def _is_best(value: object) -> bool:
+    return (isinstance(value, dict) and _is_int(value.get("epoch")) and _is_number(value.get("metric"))
+            and isinstance(value.get("valid"), dict) and isinstance(value.get("test", {}), dict)
+            and (value.get("state") is None or _tensors_by_name(value.get("state"))))
+
+
+def _is_data_identity(value: object) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("spec"), str)
+            and isinstance(value.get("fingerprint"), str)
+            and (value.get("bytes") is None or _is_int(value.get("bytes"))))
+
+
+# A format-1 checkpoint: each key and the check of its value. Only tensors, numbers, strings,
+# None and plain containers, which is what torch.load(weights_only=True) accepts: a file from
+# elsewhere cannot run code when it is loaded. "data" (the data's identity) is absent from
+# checkpoints written before it was recorded.
+_CHECKPOINT_KEYS: dict[str, Callable[[Any], bool]] = {
+    "format": lambda v: v == CHECKPOINT_FORMAT,
+    "config": lambda v: isinstance(v, dict),
+    "epoch": lambda v: _is_int(v) and v >= 0,
+    "model": _tensors_by_name,
+    "optimizer": lambda v: (isinstance(v, dict) and isinstance(v.get("state"), dict)
+                            and isinstance(v.get("param_groups"), list)),
+    "best": _is_best,
+    "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+    "train_seconds": _is_number,
+    "rng": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1,
+    "cuda_rng": lambda v: v is None or (isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v)),
+    "dataset": lambda v: isinstance(v, str),
+    "data": _is_data_identity,
+}
+_OPTIONAL_KEYS = frozenset({"data"})
+# TrainConfig's field annotations (strings: postponed evaluation) → the types a saved value may have
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                                             "Optional[str]": (str, type(None)), "dict[str, Any]": (dict,)}
+
+
+def _checkpoint_problem(state: object) -> Optional[str]:
+    """None when `state` has the layout of a format-1 checkpoint, else what is wrong with it."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    if state.get("format") != CHECKPOINT_FORMAT:
+        return f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}"
+    missing = sorted(set(_CHECKPOINT_KEYS) - _OPTIONAL_KEYS - set(state))
+    extra = sorted(map(str, set(state) - set(_CHECKPOINT_KEYS)))
+    if missing or extra:
+        return ", ".join(f"{what} keys {keys}" for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
+    wrong = [k for k, check in _CHECKPOINT_KEYS.items() if k in state and not check(state[k])]
+    if wrong:
+        return f"malformed {', '.join(wrong)}"
+    types = {f.name: _FIELD_TYPES[str(f.type)] for f in dataclasses.fields(TrainConfig)}
+    for key, value in state["config"].items():
+        kinds = types.get(key)
+        if kinds is None:
+            return f"config option {key!r} is not an option of this version"
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            return f"config option {key!r} = {value!r} has the wrong type"
+    return None
+
+
 def load_checkpoint(path: Path, flag: str) -> dict[str, Any]:
-    """A training checkpoint's dict; ValueError naming `flag` when missing or not ours."""
+    """A training checkpoint's dict, read with torch.load(weights_only=True) (a checkpoint holds
+    only tensors, numbers, strings and plain containers, so a foreign file cannot run code);
+    ValueError naming `flag` and the file, on one line, when it is missing, a directory,
+    unreadable, truncated or corrupt, holds other Python objects, or lacks the layout of
+    `_CHECKPOINT_KEYS`. Checkpoints of earlier versions load as they are (they hold the same
+    kinds of values); one without the data's identity resumes with a warning."""
     if not path.exists():
         raise ValueError(f"{flag}: no checkpoint at {path} (no such file)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint")
+    if path.is_dir():
+        raise ValueError(f"{flag}: {path} is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{flag}: {path} is an empty file, not a checkpoint")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways on a bad file (zip, EOF, unpickling)
+        if "Unsupported global" in str(exc):
+            raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint: it holds Python objects "
+                             "other than tensors and plain values (refused: loading them could run code)") from None
+        # torch's weights_only message is a page of advice; its last part says what failed
+        reason = str(exc)
+        if "Weights only" in reason:
+            reason = reason.rpartition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        raise ValueError(f"{flag}: {path} cannot be read as a checkpoint (truncated or corrupt?): "
+                         f"{_one_line(ValueError(reason), 160)}") from None
+    problem = _checkpoint_problem(state)
+    if problem is not None:
+        raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint ({problem})")
     return state
 
 
@@ -275,29 +448,141 @@ def build_model(config: TrainConfig, dataset: SequenceDataset) -> SequentialReco
     return spec.model_cls(spec.config_cls(**kwargs))
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename: never a torn checkpoint."""
+def out_of_memory_message(exc: BaseException) -> Optional[str]:
+    """For an allocation failure (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError,
+    which has no class of its own) one line naming the flags that size the memory; else None."""
+    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))):
+        return None
+    return (f"out of memory ({_one_line(exc, 160)}); lower --batch-size, --eval-batch-size, --max-len or the "
+            "model size (--hidden, --inner, --layers, --num-negatives)")
+
+
+def _load_weights(model: SequentialRecommender, weights: dict[str, torch.Tensor], path: Path, flag: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # missing or unexpected keys, shapes of another catalog
+        raise ValueError(f"{flag}: the weights in {path} do not fit this model and data ({_one_line(exc)})") from None
+
+
+def data_identity(config: TrainConfig, dataset: SequenceDataset) -> dict[str, Any]:
+    """What a checkpoint records of its data: the `--data` spec, `--format`, the size in bytes
+    (of the file, or of the files of a directory; None for synthetic data) and
+    `SequenceDataset.fingerprint()`, a digest of the content that decides whether two data agree."""
+    size: Optional[int] = None
+    if not _is_synthetic(config.data):
+        path = Path(config.data)
+        size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
+    return {"spec": config.data, "format": config.format, "bytes": size, "fingerprint": dataset.fingerprint()}
+
+
+def _check_data(state: dict[str, Any], identity: dict[str, Any], path: Path, warn: Callable[[str], None],
+                refuse: bool) -> None:
+    """The data loaded now against the checkpoint's: a different fingerprint is refused (`refuse`:
+    a resumed run would mix two data sets) or warned about (evaluate); a checkpoint written before
+    the data was recorded gets a warning that it cannot be checked."""
+    saved = state.get("data")
+    if saved is None:
+        warn(f"{path} predates data fingerprints: cannot check that --data {identity['spec']!r} is the data "
+             "it was trained on")
+        return
+    if saved["fingerprint"] == identity["fingerprint"]:
+        return
+    sizes = "" if saved.get("bytes") is None or identity["bytes"] is None else \
+        f", {saved['bytes']:,} bytes then, {identity['bytes']:,} now"
+    message = (f"--data {identity['spec']!r} is not the data {path} was trained on (content fingerprint "
+               f"{saved['fingerprint']} then, {identity['fingerprint']} now{sizes})")
+    if refuse:
+        raise ValueError(message + "; resume on that data, or train on this one with another --out")
+    warn(message + "; the metrics are for the data as it is now")
+
+
+def warn(message: str) -> None:
+    """Default warning: a line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def claim_out(out: Path) -> Iterator[None]:
+    """Make `out` (--out) if needed, check that files can be created in it, and hold an exclusive
+    lock on out/.lock for the block (fcntl.flock: the OS drops it when the process dies), so two
+    runs never write one directory; ValueError naming --out otherwise. A directory made here is
+    removed again when the block fails before anything but the lock was written into it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+        handle = open(out / LOCK, "a+")
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create or write this directory ({exc.strerror or exc})") from None
+    try:
+        _lock(handle, out)
+        yield
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            out.rmdir()
+        raise
+    finally:
+        handle.close()
+
+
+def _lock(handle: Any, out: Path) -> None:
+    if fcntl is None:  # no flock (Windows): runs sharing a directory are not detected
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise ValueError(f"--out {out}: another run is writing to this directory ({holder} holds {out / LOCK}); "
+                         "wait for it to finish or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"run of pid {os.getpid()}\n")
+    handle.flush()
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """`write(file)` into a uniquely named temporary file beside `path` (tempfile.mkstemp, so
+    concurrent writers never share one), fsync, then rename over `path`: readers see the old or
+    the new file, never a torn one. The temporary file is removed when anything fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, then rename: never a torn checkpoint."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """json.dump (indented) through a temporary file and a rename, as `atomic_save`."""
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """An OSError while writing the outputs (disk full, directory removed) as a ValueError naming --out."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write the run's files ({_one_line(exc, 160)})") from None
 
 
 def _evaluate(model: SequentialRecommender, split: EvalSet, dataset: SequenceDataset, config: TrainConfig,
@@ -308,9 +593,17 @@ def _evaluate(model: SequentialRecommender, split: EvalSet, dataset: SequenceDat
 
 
 def _load_splits(config: TrainConfig, log: Callable[[str], None]) -> tuple[SequenceDataset, Splits]:
+    """The data set and its splits; a reader's error (ValueError, OSError) as a ValueError naming --data."""
     start = time.perf_counter()
-    dataset = load_dataset(config.data, config.format)
-    splits = split_dataset(dataset)
+    try:
+        dataset = load_dataset(config.data, config.format)
+        splits = split_dataset(dataset)
+    except (ValueError, OSError) as exc:
+        message = _one_line(exc)
+        raise ValueError(message if "--data" in message else f"--data {config.data!r}: {message}") from None
+    if config.sampled_eval and dataset.num_items <= SAMPLED_NEGATIVES + 1:
+        raise ValueError(f"--sampled-eval ranks the target among {SAMPLED_NEGATIVES} sampled negatives, "
+                         f"but the catalog has only {dataset.num_items} items")
     log(f"data: {dataset.summary()} (loaded and split in {time.perf_counter() - start:.1f} s)")
     return dataset, splits
 
@@ -328,21 +621,34 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = say) -> dict[str, Any]:
-    """Run (or continue, with `resume`) the training described by `config`; returns metrics.json's dict."""
-    out = Path(config.out)
-    ckpt_path = out / CHECKPOINT
-    state: Optional[dict[str, Any]] = None
-    if resume:
-        state = load_checkpoint(ckpt_path, "--resume")
-        _check_resumable(state, config)
+def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = say,
+          warn: Callable[[str], None] = warn) -> dict[str, Any]:
+    """Run (or continue, with `resume`) the training described by `config`; returns metrics.json's dict.
+
+    Before any work: the options (`TrainConfig.validate`), then --out (made, writable, and locked
+    for the whole run: `claim_out`). A resumed run must find the same options and the same data
+    (`data_identity`) as its checkpoint. An epoch whose loss or weights stop being finite ends the
+    run with a ValueError naming --lr and --weight-decay; that epoch is not saved, so the
+    checkpoint keeps the last good one.
+    """
     config.validate()
+    out = Path(config.out)
+    with claim_out(out):
+        state: Optional[dict[str, Any]] = None
+        if resume:
+            state = load_checkpoint(out / CHECKPOINT, "--resume")
+            _check_resumable(state, config)
+        return _run(config, state, out, log, warn)
+
+
+def _run(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log: Callable[[str], None],
+         warn: Callable[[str], None]) -> dict[str, Any]:
+    ckpt_path = out / CHECKPOINT
     device = torch.device(config.device)
     dataset, splits = _load_splits(config, log)
-    if config.sampled_eval and dataset.num_items <= SAMPLED_NEGATIVES + 1:
-        raise ValueError(f"--sampled-eval ranks the target among {SAMPLED_NEGATIVES} sampled negatives, "
-                         f"but the catalog has only {dataset.num_items} items")
-
+    identity = data_identity(config, dataset)
+    if state is not None:
+        _check_data(state, identity, ckpt_path, warn, refuse=True)
     torch.manual_seed(config.seed)
     model = build_model(config, dataset).to(device)
     if MODELS[config.model].prepare is not None:
@@ -354,13 +660,11 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     best: dict[str, Any] = {"epoch": 0, "metric": -1.0, "valid": {}, "state": None}
     train_seconds, start_epoch = 0.0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best, train_seconds = state["history"], state["best"], state["train_seconds"]
-        start_epoch = state["epoch"]
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        _restore(state, model, optimizer, device, ckpt_path)
+        history, best, train_seconds, start_epoch = state["history"], state["best"], state["train_seconds"], \
+            state["epoch"]
+        if config.track_test and best["state"] is not None and "test" not in best:  # --track-test added now
+            best["test"] = _evaluate_state(model, best["state"], splits.test, dataset, config, device)
         log(f"resumed from {ckpt_path} after epoch {start_epoch} (best epoch {best['epoch']})")
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {config.model} ({params:,} parameters) on {device}, preset {config.preset}, "
@@ -369,37 +673,13 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if epoch - best["epoch"] > config.patience and best["epoch"] > 0:
             break
-        model.train()
-        steps = num_train_batches(splits.train, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
-                                  seed=config.seed, epoch=epoch, bucket_batches=config.bucket_batches)
-        sums: dict[str, float] = {}
-        rows, tick = 0, time.perf_counter()
-        bar = _progress(train_batches(splits.train, config.batch_size, config.max_len, shuffle=True,
-                                      seed=config.seed, epoch=epoch, unit=config.batch_unit,
-                                      bucket_batches=config.bucket_batches),
-                        steps, f"epoch {epoch}/{config.epochs}", config.progress)
-        for step, batch in enumerate(bar, 1):
-            batch = batch.to(device)
-            losses = model.losses(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            rows += int(batch.items.shape[0])
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            if step % 5 == 0 or step == steps:
-                bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()} |
-                                {"seq/s": f"{rows / (time.perf_counter() - tick):.0f}"}, refresh=False)
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - tick
+        means, epoch_seconds = _train_epoch(model, optimizer, splits.train, config, device, epoch)
+        _check_finite(means, model, epoch, config, ckpt_path)
         train_seconds += epoch_seconds
         tick = time.perf_counter()
         valid = _evaluate(model, splits.valid, dataset, config, device, seed_offset=1)
         eval_seconds = time.perf_counter() - tick
-        record = {"epoch": epoch, **{k: v / max(1, steps) for k, v in sums.items()},
-                  "train_seconds": epoch_seconds, "eval_seconds": eval_seconds,
+        record = {"epoch": epoch, **means, "train_seconds": epoch_seconds, "eval_seconds": eval_seconds,
                   **{f"valid_{k}": v for k, v in valid.items() if k != "users"}}
         history.append(record)
         improved = valid[SELECT_METRIC] > best["metric"]
@@ -416,19 +696,98 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
             f"valid HR@10 {valid['HR@10']:.4f} "
             f"NDCG@10 {valid['NDCG@10']:.4f}{'  *' if improved else ''}  "
             f"train {epoch_seconds:.1f} s  eval {eval_seconds:.1f} s")
-        atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "epoch": epoch,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
-                     "history": history, "train_seconds": train_seconds, "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                     "dataset": dataset.summary()}, ckpt_path)
+        with _writing(out):
+            atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "epoch": epoch,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+                         "history": history, "train_seconds": train_seconds, "rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                         "dataset": dataset.summary(), "data": identity}, ckpt_path)
 
     metrics = _final_metrics(model, best, history, train_seconds, config, dataset, splits, device)
-    atomic_write_json(metrics, out / METRICS)
-    _plot(history, out / "curves.png", config, log)
+    with _writing(out):
+        atomic_write_json(metrics, out / METRICS)
+        _plot(history, out / "curves.png", config, log)
     log(f"best epoch {metrics['best_epoch']}: test " +
         "  ".join(f"{k} {metrics['test'][k]:.4f}" for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20")))
     log(f"wrote {out / METRICS} and {ckpt_path}")
     return metrics
+
+
+def _restore(state: dict[str, Any], model: SequentialRecommender, optimizer: torch.optim.Optimizer,
+             device: torch.device, path: Path) -> None:
+    """The checkpoint's weights (its best state too: it is loaded at the end), optimizer and RNG
+    state; ValueError naming --resume and the file when they do not fit this model."""
+    if state["best"]["state"] is not None:
+        _load_weights(model, state["best"]["state"], path, "--resume")
+    _load_weights(model, state["model"], path, "--resume")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"--resume: the optimizer or RNG state in {path} does not fit this model "
+                         f"({_one_line(exc)})") from None
+
+
+def _evaluate_state(model: SequentialRecommender, weights: dict[str, torch.Tensor], split: EvalSet,
+                    dataset: SequenceDataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Test metrics of `weights`, leaving the model's own weights as they were."""
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        return _evaluate(model, split, dataset, config, device, seed_offset=2)
+    finally:
+        model.load_state_dict(current)
+
+
+def _train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer, train_split: SequenceDataset,
+                 config: TrainConfig, device: torch.device, epoch: int) -> tuple[dict[str, float], float]:
+    """One pass over the training split: (each loss averaged over the steps, seconds). Stops at the
+    first step whose running loss sums are not finite; they are the floats the progress bar reads
+    anyway, so the check adds no host sync."""
+    model.train()
+    steps = num_train_batches(train_split, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
+                              seed=config.seed, epoch=epoch, bucket_batches=config.bucket_batches)
+    sums: dict[str, float] = {}
+    rows, tick = 0, time.perf_counter()
+    bar = _progress(train_batches(train_split, config.batch_size, config.max_len, shuffle=True,
+                                  seed=config.seed, epoch=epoch, unit=config.batch_unit,
+                                  bucket_batches=config.bucket_batches),
+                    steps, f"epoch {epoch}/{config.epochs}", config.progress)
+    try:
+        for step, batch in enumerate(bar, 1):
+            batch = batch.to(device)
+            losses = model.losses(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            rows += int(batch.items.shape[0])
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            if not all(math.isfinite(v) for v in sums.values()):
+                break
+            if step % 5 == 0 or step == steps:
+                bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()} |
+                                {"seq/s": f"{rows / (time.perf_counter() - tick):.0f}"}, refresh=False)
+    finally:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {k: v / max(1, steps) for k, v in sums.items()}, time.perf_counter() - tick
+
+
+def _check_finite(means: dict[str, float], model: SequentialRecommender, epoch: int, config: TrainConfig,
+                  ckpt_path: Path) -> None:
+    """ValueError naming the epoch and --lr / --weight-decay when a loss of the epoch or a weight
+    after it is NaN or inf (one host sync per epoch for the weights), before anything is saved."""
+    bad = [f"{k} {v}" for k, v in means.items() if not math.isfinite(v)]
+    if not bad and bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):
+        return
+    what = f"the loss became non-finite ({', '.join(bad)})" if bad else "the weights became non-finite"
+    kept = f"{ckpt_path} keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+    raise ValueError(f"epoch {epoch}: training diverged, {what}; stopped without saving it ({kept}); "
+                     f"lower --lr (now {config.lr:g}) or --weight-decay (now {config.weight_decay:g})")
 
 
 def _final_metrics(model: SequentialRecommender, best: dict[str, Any], history: list[dict[str, Any]],
@@ -460,8 +819,6 @@ def _describe_device(device: torch.device) -> str:
 
 def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
     """The checkpoint must come from the same run; only epochs, device, progress and output may change."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
     # an option newer than the checkpoint was, for that run, at its default
     saved = {**asdict(TrainConfig()), **state["config"]}
     diffs = [k for k, v in asdict(config).items() if k not in RESUME_MUTABLE and saved.get(k) != v]
@@ -509,16 +866,25 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
     ax2.legend()
     fig.suptitle(f"{config.model} on {Path(config.data).name}")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled: Optional[bool] = None,
-                        log: Callable[[str], None] = say, exclude_history: bool = True) -> dict[str, Any]:
-    """Valid and test metrics of the best state stored in a training checkpoint."""
-    state = load_checkpoint(Path(path), "--checkpoint")
+                        log: Callable[[str], None] = say, exclude_history: bool = True,
+                        warn: Callable[[str], None] = warn) -> dict[str, Any]:
+    """Valid and test metrics of the best state stored in a training checkpoint.
+
+    ValueError on one line for a bad `device` (naming --device), a file that is not a readable
+    checkpoint (naming --checkpoint and the file, see `load_checkpoint`) or weights that do not
+    fit the data as it is now; a warning (`warn`) when the data differs from the checkpoint's.
+    """
+    if device is not None:
+        check_device(device)
+    path = Path(path)
+    state = load_checkpoint(path, "--checkpoint")
     raw = dict(state["config"])
     config = TrainConfig(**raw)
     if device is not None:
@@ -526,12 +892,16 @@ def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled:
     if sampled is not None:
         config.sampled_eval = sampled
     config.exclude_history = exclude_history
-    config.validate()
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise ValueError(f"--checkpoint {path}: the run's options do not apply here: {exc}") from None
     dev = torch.device(config.device)
     dataset, splits = _load_splits(config, log)
+    _check_data(state, data_identity(config, dataset), path, warn, refuse=False)
     model = build_model(config, dataset).to(dev)
     best = state["best"]
-    model.load_state_dict(best["state"] if best["state"] is not None else state["model"])
+    _load_weights(model, best["state"] if best["state"] is not None else state["model"], path, "--checkpoint")
     valid = _evaluate(model, splits.valid, dataset, config, dev, seed_offset=1)
     test = _evaluate(model, splits.test, dataset, config, dev, seed_offset=2)
     return {"valid": valid, "test": test, "best_epoch": best["epoch"], "config": raw}

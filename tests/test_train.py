@@ -80,8 +80,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     resumed = training.train(config, resume=True, log=_quiet)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -196,7 +196,7 @@ def test_resume_of_a_checkpoint_older_than_an_option(tmp_path: Path) -> None:
     """A checkpoint written before an option existed resumes with that option at its default."""
     _run(tmp_path, "sasrec", epochs=1)
     path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     del state["config"]["bucket_batches"]
     torch.save(state, path)
     config = training.resume_config(tmp_path, epochs=2, progress=False)
