@@ -197,6 +197,8 @@ def _check_catalog(hidden: object, item_weight: object, bias: object) -> None:
         raise TypeError(f"item_weight must be a torch.Tensor, got {type(item_weight).__name__}")
     if hidden.dim() < 1 or hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be a float tensor of shape (..., D), got {hidden.dtype} {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a hidden size D >= 1 (its last dimension), got shape {tuple(hidden.shape)}")
     if item_weight.dim() != 2 or item_weight.shape[1] != hidden.shape[-1] or item_weight.shape[0] == 0:
         raise ValueError(f"item_weight must have shape (V >= 1, D={hidden.shape[-1]}), got {tuple(item_weight.shape)}")
     if item_weight.dtype != hidden.dtype:
@@ -223,14 +225,18 @@ def _row_targets(target: object, rows: int, num_items: int, device: torch.device
         if target.num_rows != rows:
             raise ValueError(f"target (SoftTarget) has {target.num_rows} rows but hidden has {rows}")
         mass = validate_soft_target(target, rows, num_items, device).float()
-        used = (mass > 0).float()
+        used = mass > 0
+        # An ignored row (mass within atol of 0) contributes exactly nothing, so its tiny weights go too.
+        nnz = target.indices.shape[0]
+        used_entry = torch.repeat_interleave(used, target.indptr.diff(), output_size=nnz)
         # Label smoothing mixes every used row with the uniform distribution, as F.cross_entropy does.
         return RowTargets(
             index=torch.full((rows,), -1, dtype=torch.int64, device=device),
             weight=torch.zeros(rows, device=device),
-            base=target.base.float() * (1 - eps) + used * (eps / num_items),
-            mass=mass * (1 - eps) + used * eps,
-            indptr=target.indptr, indices=target.indices, values=target.values.float() * (1 - eps),
+            base=torch.where(used, target.base.float() * (1 - eps) + eps / num_items, 0.0),
+            mass=used * (mass * (1 - eps) + eps),
+            indptr=target.indptr.contiguous(), indices=target.indices.contiguous(),
+            values=torch.where(used_entry, target.values.float() * (1 - eps), 0.0),
         )
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be an int64 tensor or a fastattn.SoftTarget, got {type(target).__name__}")
@@ -287,6 +293,12 @@ def full_item_cross_entropy(
     item_weight and bias in their dtypes. Extra memory is O(N + V) plus one tile or chunk of
     logits, never O(N·V).
 
+    An ignored row (target = ignore_index, or a SoftTarget row of mass 0) contributes exactly 0
+    to the loss and to every gradient whatever it holds (NaN and inf included); NaN or inf in a
+    used row, in item_weight or in bias propagates, as in F.cross_entropy. N = 0 rows gives a
+    loss of 0 (empty for "none") and zero gradients. Differentiable once: differentiating the
+    gradient again (create_graph=True) raises an error naming this function.
+
     backend: "auto" (Triton for CUDA tensors, the C++ kernels for CPU tensors, else the chunked
     torch implementation), "triton" (tiled kernels: forward saves only LSE, deterministic
     backward; D <= 256), "cpp" (C++ CPU kernels, BLAS per chunk of items) or "torch" (eager,
@@ -302,20 +314,22 @@ def full_item_cross_entropy(
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     lead_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
-    weight = item_weight if item_weight.stride(-1) == 1 else item_weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    targets = _row_targets(target, h2.shape[0], weight.shape[0], hidden.device, ignore_index, float(label_smoothing))
+    targets = _row_targets(target, h2.shape[0], item_weight.shape[0], hidden.device, ignore_index,
+                           float(label_smoothing))
+    # An ignored row contributes exactly 0 whatever it holds (NaN, inf): zero it before the kernels,
+    # without a host sync; where() also gives it an exactly zero gradient. (Every backend takes
+    # any strides: the Triton launchers make what their kernels assume contiguous.)
+    h2 = torch.where((targets.mass > 0)[:, None], h2, 0.0)
     too_wide = None if hidden.shape[-1] <= MAX_HIDDEN_DIM else (
         f"the Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {hidden.shape[-1]}")
-    chosen = resolve_backend(backend, [h2, weight], too_wide)
+    chosen = resolve_backend(backend, [h2, item_weight], too_wide)
     if chosen == "triton":
         from .ops.cross_entropy.triton_backend import TritonCrossEntropyKernels as kernels
     elif chosen == "cpp":
         from .ops.cross_entropy.cpp import CppCrossEntropyKernels as kernels
     else:
         kernels = ChunkedCrossEntropyKernels
-    loss = FullItemCrossEntropyFunction.apply(kernels, 1.0 / float(temperature), targets, h2, weight, bias)
+    loss = FullItemCrossEntropyFunction.apply(kernels, 1.0 / float(temperature), targets, h2, item_weight, bias)
     if reduction == "none":
         return loss.reshape(lead_shape)
     if reduction == "sum":
@@ -337,8 +351,11 @@ def topk_items(
 
     hidden (..., D), item_weight (V, D), bias (V,) or None; exclude: optional int64 (..., M)
     item ids to skip per row (entries < 0 are ignored — pad the user's history with -1).
-    Returns (scores float32, indices int64), each (..., k), best first. A row with fewer than
-    k eligible items ends with score -inf and index -1. No gradient; never an N×V buffer.
+    Returns (scores float32, indices int64), each (..., k), best first. No gradient; never an
+    N×V buffer. Every backend ranks alike: scores in float32 (float64 for float64 inputs);
+    excluded items and items scoring NaN or -inf are ineligible; +inf ranks first; equal scores
+    go to the lower item id. A row with fewer than k eligible items (an all-NaN row has none)
+    ends with score -inf and index -1. N = 0 rows gives (..., k) empty results.
 
     backend: "auto" (the C++ kernels on CPU when built, else torch), "cpp" or "torch" (eager,
     chunked over items; also what CUDA tensors use — the work there is one GEMM per chunk).

@@ -159,6 +159,21 @@ def test_kd_loss_matches_dense_float64(backend: str) -> None:
     assert model.item_embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", CPP])
+def test_small_tau_trains(backend: str) -> None:
+    """τ = 1e-3 (issue 15): the teacher overflowed to NaN and the first step stopped on its row sums."""
+    model = make_model(tau=1e-3, backend=backend)
+    assert torch.isfinite(model.teacher.to_dense(NUM_ITEMS)).all()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        out = model.losses(train_batch())
+        assert all(bool(torch.isfinite(v)) for v in out.values())
+        optimizer.zero_grad()
+        out["loss"].backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+
+
 def test_teacher_from_csr_equals_list() -> None:
     model = make_model()
     flat = [np.array([i for i in s if i]) for s in SEQUENCES]
@@ -172,6 +187,7 @@ def test_teacher_from_csr_equals_list() -> None:
 
 @pytest.mark.parametrize("field, value", [("long_query_len", 0), ("long_query_len", 1.5), ("alpha", 1.5),
                                           ("alpha", -0.1), ("tau", 0.0), ("tau", float("inf")),
+                                          ("tau", float("nan")), ("tau", -1e-3),
                                           ("kd_weight", -1.0), ("kd_weight", float("nan"))])
 def test_bad_config_names_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

@@ -17,7 +17,7 @@ def item_chunks(num_rows: int, num_items: int) -> Iterator[tuple[int, int]]:
         yield start, min(num_items, start + chunk)
 
 
-def _acc(hidden: torch.Tensor) -> torch.Tensor:
+def in_compute_dtype(hidden: torch.Tensor) -> torch.Tensor:
     """hidden in the accumulation dtype: float64 stays float64, everything else float32."""
     return hidden.double() if hidden.dtype == torch.float64 else hidden.float()
 
@@ -34,7 +34,7 @@ class ChunkedCrossEntropyKernels:
     @staticmethod
     def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         """(N,) natural-log LSE_i (float32; float64 for float64 inputs) of z_ij = scale·(h_i·E_j + b_j)."""
-        h32 = _acc(hidden)
+        h32 = in_compute_dtype(hidden)
         lse = torch.full((hidden.shape[0],), float("-inf"), dtype=h32.dtype, device=hidden.device)
         for start, stop in item_chunks(hidden.shape[0], weight.shape[0]):
             lse = torch.logaddexp(lse, torch.logsumexp(_logits(h32, weight, bias, scale, start, stop), dim=1))
@@ -47,7 +47,7 @@ class ChunkedCrossEntropyKernels:
         coef_t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """dH (N,D), dE (V,D), db (V,) in fp32 for dz = scale·(coef_p·softmax − coef_base − coef_t·onehot)."""
-        h32 = _acc(hidden)
+        h32 = in_compute_dtype(hidden)
         n = hidden.shape[0]
         dh = torch.zeros_like(h32)
         de = torch.empty(weight.shape, dtype=h32.dtype, device=weight.device)

@@ -56,7 +56,8 @@ def cpp_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, bias: Optional[
              exclude: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N,D), weight (V,D), exclude (N,M) int64 (< 0: unused) → scores (N,k) float32 and
     indices (N,k) int64, best first, of h·E_j + b_j; rows with fewer than k eligible items end
-    with score -inf and index -1 (the contract of `chunked_topk`)."""
+    with score -inf and index -1; NaN and -inf scores are ineligible, ties go to the lower item
+    id (the ranking rule of `fastattn.ops.cross_entropy.topk`)."""
     return _ops().topk_items(hidden, weight, k, bias, exclude)
 
 

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import torch
+from torch._C import _functions
+
+_NOT_TWICE = ("full_item_cross_entropy cannot be differentiated twice: its fused backward has no derivative "
+              "(for second derivatives use the materialized logits, e.g. F.cross_entropy(hidden @ item_weight.T, "
+              "target))")
 
 
 class CrossEntropyKernels(Protocol):
@@ -91,28 +96,46 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        hidden, weight, bias, lse = ctx.saved_tensors
-        t: RowTargets = ctx.targets
-        acc = compute_dtype(hidden.dtype)
-        g = grad_loss.to(acc).contiguous()
-        dh, de, db = ctx.kernels.backward(
-            hidden, weight, bias, ctx.scale, lse, (g * t.mass).contiguous(), (g * t.base).contiguous(),
-            t.index, (g * t.weight).contiguous(),
-        )
-        if t.has_sparse:
-            rows = _sparse_rows(t)
-            dz = -ctx.scale * g[rows] * t.values  # (nnz,)
-            dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].to(acc), "sum", offsets=t.indptr, axis=0)
-            # dE_j += Σ_e dz_e h_row(e): a coalesced (V × N) sparse matrix times [H | 1] — no atomics.
-            n, v = hidden.shape[0], weight.shape[0]
-            scatter = torch.sparse_coo_tensor(torch.stack([t.indices, rows]), dz, (v, n), check_invariants=False).coalesce()
-            rhs = torch.cat([hidden.to(acc), torch.ones(n, 1, dtype=acc, device=hidden.device)], dim=1)
-            both = torch.sparse.mm(scatter, rhs)
-            de = de + both[:, :-1]
-            if db is not None:
-                db = db + both[:, -1]
-        return (None, None, None, dh.to(hidden.dtype), de.to(weight.dtype),
-                db.to(bias.dtype) if bias is not None and db is not None else None)
+        with torch.no_grad():
+            grads = _gradients(ctx, grad_loss)
+        return _not_differentiable(grads) if torch.is_grad_enabled() else grads
+
+
+def _not_differentiable(grads: tuple[Optional[torch.Tensor], ...]) -> tuple[Optional[torch.Tensor], ...]:
+    """The gradients behind a node that raises _NOT_TWICE when they are differentiated (backward
+    with create_graph=True): the kernels have no second derivative, and a silent zero or partial
+    one (only the sparse part's eager ops) would be wrong. Like torch's once_differentiable, but
+    also when the incoming gradient does not require grad, and naming the function."""
+    present = [g.detach().requires_grad_() for g in grads if g is not None]
+    wrapped = _functions.DelayedError(_NOT_TWICE, len(present))(*present)
+    outputs = iter([wrapped] if isinstance(wrapped, torch.Tensor) else wrapped)
+    return tuple(None if g is None else next(outputs) for g in grads)
+
+
+def _gradients(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """The Function's backward proper: (None, None, None, dhidden, dweight, dbias)."""
+    hidden, weight, bias, lse = ctx.saved_tensors
+    t: RowTargets = ctx.targets
+    acc = compute_dtype(hidden.dtype)
+    g = grad_loss.to(acc).contiguous()
+    dh, de, db = ctx.kernels.backward(
+        hidden, weight, bias, ctx.scale, lse, (g * t.mass).contiguous(), (g * t.base).contiguous(),
+        t.index, (g * t.weight).contiguous(),
+    )
+    if t.has_sparse:
+        rows = _sparse_rows(t)
+        dz = -ctx.scale * g[rows] * t.values  # (nnz,)
+        dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].to(acc), "sum", offsets=t.indptr, axis=0)
+        # dE_j += Σ_e dz_e h_row(e): a coalesced (V × N) sparse matrix times [H | 1] — no atomics.
+        n, v = hidden.shape[0], weight.shape[0]
+        scatter = torch.sparse_coo_tensor(torch.stack([t.indices, rows]), dz, (v, n), check_invariants=False).coalesce()
+        rhs = torch.cat([hidden.to(acc), torch.ones(n, 1, dtype=acc, device=hidden.device)], dim=1)
+        both = torch.sparse.mm(scatter, rhs)
+        de = de + both[:, :-1]
+        if db is not None:
+            db = db + both[:, -1]
+    return (None, None, None, dh.to(hidden.dtype), de.to(weight.dtype),
+            db.to(bias.dtype) if bias is not None and db is not None else None)
 
 
 def _sparse_rows(t: RowTargets) -> torch.Tensor:

@@ -8,6 +8,8 @@ Hard targets, label smoothing and the MQSA-TED transition teacher are all of thi
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
@@ -29,6 +31,12 @@ class SoftTarget:
     indices: torch.Tensor
     values: torch.Tensor
 
+    def __post_init__(self) -> None:
+        for name in ("base", "indptr", "indices", "values"):
+            part = getattr(self, name)
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"SoftTarget.{name} must be a torch.Tensor, got {type(part).__name__}")
+
     @property
     def num_rows(self) -> int:
         return self.base.shape[0]
@@ -44,17 +52,34 @@ class SoftTarget:
         sparse.index_add_(0, self.row_ids(), self.values.double())
         return self.base.double() * num_items + sparse
 
-    def rows(self, row_index: torch.Tensor) -> "SoftTarget":
-        """The sub-target of the given rows (any shape; flattened), e.g. teacher rows of a batch's items."""
+    def rows(self, row_index: Union[torch.Tensor, int, Sequence[int]]) -> "SoftTarget":
+        """The sub-target of the given rows (integer ids in [0, N), any shape; flattened), e.g. teacher
+        rows of a batch's items. An id outside [0, N) raises IndexError (no negative indexing)."""
+        row_index = torch.as_tensor(row_index, device=self.indptr.device)
+        if row_index.dtype.is_floating_point or row_index.dtype.is_complex or row_index.dtype == torch.bool:
+            raise TypeError(f"SoftTarget.rows: row_index must hold integer row ids, got {row_index.dtype}")
         row_index = row_index.reshape(-1).to(torch.int64)
-        start, stop = self.indptr[row_index], self.indptr[row_index + 1]
-        counts = stop - start
+        bad = (row_index < 0) | (row_index >= self.num_rows)
+        if self.num_rows == 0 and row_index.numel():
+            self._bad_row(row_index, bad)
+        safe = row_index.masked_fill(bad, 0)
+        start = self.indptr[safe]
+        counts = self.indptr[safe + 1] - start
+        # One host sync for both the output size and the range check (the training loop's only one here).
+        total, num_bad = torch.stack([counts.sum(), bad.sum()]).tolist()
+        if num_bad:
+            self._bad_row(row_index, bad)
         indptr = torch.zeros(row_index.numel() + 1, dtype=torch.int64, device=self.indptr.device)
         torch.cumsum(counts, 0, out=indptr[1:])
         # Position of every output entry inside its source row, then the source entry index.
-        within = torch.arange(int(indptr[-1]), device=self.indptr.device) - torch.repeat_interleave(indptr[:-1], counts)
-        source = torch.repeat_interleave(start, counts) + within
+        within = (torch.arange(total, device=self.indptr.device)
+                  - torch.repeat_interleave(indptr[:-1], counts, output_size=total))
+        source = torch.repeat_interleave(start, counts, output_size=total) + within
         return SoftTarget(self.base[row_index], indptr, self.indices[source], self.values[source])
+
+    def _bad_row(self, row_index: torch.Tensor, bad: torch.Tensor) -> None:
+        raise IndexError(f"SoftTarget.rows: row_index holds {int(row_index[bad][0])}, outside [0, {self.num_rows}) "
+                         f"(the rows of this target)")
 
     def to(self, device: Union[str, torch.device]) -> "SoftTarget":
         return SoftTarget(*(t.to(device) for t in (self.base, self.indptr, self.indices, self.values)))
@@ -70,9 +95,7 @@ def validate_soft_target(target: SoftTarget, num_rows: int, num_items: int, devi
                          atol: float = 1e-3) -> torch.Tensor:
     """Check shapes, dtypes, ranges and row sums; return the (N,) float64 row mass (0 or 1)."""
     for name in ("base", "indptr", "indices", "values"):
-        t = getattr(target, name)
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"target.{name} must be a torch.Tensor, got {type(t).__name__}")
+        t = getattr(target, name)  # tensors: checked by SoftTarget itself
         if t.device != device:
             raise ValueError(f"target.{name} is on {t.device} but hidden is on {device}")
     if target.base.shape != (num_rows,) or not target.base.dtype.is_floating_point:
@@ -110,16 +133,18 @@ def ted_teacher(sequences: Iterable[Sequence[int]], num_items: int, tau: float =
 
     From next-item transition counts c(i→j) over the sequences (pairs touching `pad_id` are
     skipped), each row is max-normalized r_ij = c_ij / max_j c_ij and the teacher is
-    softmax_j(r_ij / τ) over all `num_items` items: unobserved items have r = 0, so
+    softmax_j(r_ij / τ) over all `num_items` items: unobserved items have r = 0. Shifted by the
+    row max m_i (1 on a row with successors, else 0) so that no exp overflows for small τ:
 
-        t_ij = base_i + sparse_ij,  base_i = 1 / Z_i,  sparse_ij = (exp(r_ij/τ) − 1) / Z_i,
-        Z_i = (V − nnz_i) + Σ_observed exp(r_ij/τ).
+        u_i = exp(−m_i/τ),  Z_i = (V − nnz_i)·u_i + Σ_observed exp((r_ij − m_i)/τ),
+        t_ij = base_i + sparse_ij,  base_i = u_i / Z_i,  sparse_ij = (exp((r_ij − m_i)/τ) − u_i) / Z_i.
 
-    Items with no observed successor get the uniform distribution (base = 1/V).
-    `sequences`: iterables of item ids in [0, num_items).
+    For small τ, u_i (and so base_i) may underflow to 0: the teacher is then exactly 0 off the
+    most frequent successors. Items with no observed successor get the uniform distribution
+    (base = 1/V). `sequences`: iterables of item ids in [0, num_items); tau: a positive finite float.
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive finite float, got {tau!r}")
     src_parts, dst_parts = [], []
     for seq in sequences:
         arr = np.asarray(seq, dtype=np.int64)
@@ -138,15 +163,17 @@ def ted_teacher(sequences: Iterable[Sequence[int]], num_items: int, tau: float =
     rows, cols = pairs // num_items, pairs % num_items
     row_max = np.zeros(num_items, np.float64)
     np.maximum.at(row_max, rows, counts)
-    ratio = counts / row_max[rows]
-    lifted = np.exp(ratio / tau)  # r/τ <= 1/τ: for τ = 0.1 at most e^10, safe in float64
+    ratio = counts / row_max[rows]  # in (0, 1], exactly 1 at each row's most frequent successor
     nnz_per_row = np.bincount(rows, minlength=num_items)
-    z = (num_items - nnz_per_row) + np.bincount(rows, weights=lifted, minlength=num_items)
+    shift = (nnz_per_row > 0).astype(np.float64)  # m_i = max_j r_ij (unobserved items have r = 0)
+    lifted = np.exp((ratio - 1.0) / tau)  # in (0, 1]: never overflows
+    unobserved = np.exp(-shift / tau)  # u_i; underflows to 0 for small τ, legitimately
+    z = (num_items - nnz_per_row) * unobserved + np.bincount(rows, weights=lifted, minlength=num_items)
     indptr = np.zeros(num_items + 1, np.int64)
     np.cumsum(nnz_per_row, out=indptr[1:])
     return SoftTarget(
-        base=torch.from_numpy(1.0 / z).float(),
+        base=torch.from_numpy(unobserved / z).float(),
         indptr=torch.from_numpy(indptr),
         indices=torch.from_numpy(cols.astype(np.int64)),
-        values=torch.from_numpy((lifted - 1.0) / z[rows]).float(),
+        values=torch.from_numpy((lifted - unobserved[rows]) / z[rows]).float(),
     )

@@ -1,11 +1,18 @@
-"""Exact top-k items of the full catalog, chunked over items (never an N×V buffer)."""
+"""Exact top-k items of the full catalog, chunked over items (never an N×V buffer).
+
+The ranking rule, shared with the C++ kernel (csrc/cross_entropy.cpp) so that both backends
+return the same items: scores h·E_j + b_j in the compute dtype (float64 for float64 inputs,
+else float32); excluded items and items scoring NaN or -inf are ineligible; eligible items rank
+by score, highest first (+inf included), equal scores by lower item id; a row with fewer than k
+eligible items ends with score -inf and index -1.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .chunked import item_chunks
+from .chunked import in_compute_dtype, item_chunks
 
 
 @torch.no_grad()
@@ -13,25 +20,48 @@ def chunked_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, bias: Optio
                  exclude: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N,D), weight (V,D), exclude (N,M) int64 (< 0: unused) → scores (N,k) fp32, indices (N,k).
 
-    Scores are h·E_j + b_j. Rows with fewer than k eligible items get score -inf and index -1
-    in the tail.
+    Ranks by the module's rule (ineligible: excluded, NaN or -inf; ties: lower item id first).
+    Extra memory is a few (N, chunk) buffers: the chunk's scores and two int64 prefix counts.
     """
     n, v = hidden.shape[0], weight.shape[0]
-    h32 = hidden.float()
-    best_scores = torch.full((n, 0), float("-inf"), device=hidden.device)
+    h = in_compute_dtype(hidden)
+    best_scores = torch.full((n, 0), float("-inf"), dtype=h.dtype, device=hidden.device)
     best_index = torch.zeros((n, 0), dtype=torch.int64, device=hidden.device)
     rows = torch.arange(n, device=hidden.device)
     for start, stop in item_chunks(n, v):
-        scores = h32 @ weight[start:stop].float().T
+        scores = h @ weight[start:stop].to(h.dtype).T
         if bias is not None:
-            scores += bias[start:stop].float()
+            scores += bias[start:stop].to(h.dtype)
+        # -0.0 → +0.0 (CUDA's radix sort would order it below +0.0, breaking the tie rule); NaN → ineligible.
+        scores = torch.where(scores.isnan(), float("-inf"), scores + 0.0)
         if exclude is not None:
             hit = (exclude >= start) & (exclude < stop)
             scores[rows[:, None].expand_as(exclude)[hit], exclude[hit] - start] = float("-inf")
-        top = scores.topk(min(k, stop - start), dim=1)
-        merged_scores = torch.cat([best_scores, top.values], dim=1)
-        merged_index = torch.cat([best_index, top.indices + start], dim=1)
-        keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-        best_scores, best_index = keep.values, merged_index.gather(1, keep.indices)
-    best_index = torch.where(torch.isinf(best_scores), torch.full_like(best_index, -1), best_index)
-    return best_scores, best_index
+        top_scores, top_index = _chunk_best(scores, k, start)
+        best_scores, best_index = _ranked(torch.cat([best_scores, top_scores], 1),
+                                          torch.cat([best_index, top_index], 1), k)
+    best_index = torch.where(best_scores == float("-inf"), -1, best_index)
+    return best_scores.float(), best_index
+
+
+def _chunk_best(scores: torch.Tensor, k: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min(k, c) best entries of each row of scores (N, c) (item ids start.. start+c), in item
+    order: all above the k-th best score, then the lowest ids among those equal to it (topk alone
+    may pick any of them). Sync-free: exactly that many are taken per row."""
+    n, c = scores.shape
+    k = min(k, c)
+    kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above, tied = scores > kth, scores == kth
+    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    slot = torch.where(take, take.cumsum(1) - 1, k)  # the rest go to a spare column k, dropped
+    ids = torch.arange(start, start + c, device=scores.device).expand(n, c)
+    return (scores.new_empty(n, k + 1).scatter_(1, slot, scores)[:, :k],
+            ids.new_empty(n, k + 1).scatter_(1, slot, ids)[:, :k])
+
+
+def _ranked(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k first of (scores, index) (N, m), both (N, m), by score descending then id ascending."""
+    order = index.argsort(dim=1, stable=True)
+    scores, index = scores.gather(1, order), index.gather(1, order)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, order), index.gather(1, order)

@@ -12,8 +12,12 @@ from .triton_fwd import all_ce_tile_configs, combine_lse, lse_launch
 
 
 class TritonCrossEntropyKernels:
+    """`CrossEntropyKernels` on the Triton kernels; N = 0 rows launches nothing (an empty grid)."""
+
     @staticmethod
     def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        if hidden.shape[0] == 0:
+            return torch.empty(0, dtype=torch.float32, device=hidden.device)
         launch, m_part, l_part = lse_launch(hidden, weight, bias, scale)
         launch()
         return combine_lse(m_part, l_part)
@@ -24,6 +28,10 @@ class TritonCrossEntropyKernels:
         lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
         coef_t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        if hidden.shape[0] == 0:
+            zeros = dict(dtype=torch.float32, device=hidden.device)
+            return (torch.zeros(hidden.shape, **zeros), torch.zeros(weight.shape, **zeros),
+                    torch.zeros(weight.shape[0], **zeros) if bias is not None else None)
         launches, dh_part, de_part, db_part = bwd_launches(
             hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t)
         for launch in launches:

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .triton_fwd import LOG2E, ce_dot_precision, ce_tile_config, load_items, load_rows, logit_tile, split_count
+from .triton_fwd import (LOG2E, ce_dot_precision, ce_tile_config, kernel_layout, load_items, load_rows, logit_tile,
+                         split_count)
 
 
 @triton.jit
@@ -110,9 +111,12 @@ def bwd_launches(
 ) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Describe the dH and dE/db launches.
 
-    lse, coef_*: (N,) fp32 contiguous (lse in natural log); target (N,) int64 (-1: none).
-    Returns (launches, dh_part (S1,N,D), de_part (S2,V,D), db_part (S2,V)), all fp32.
+    hidden (N,D), weight (V,D), bias (V,) | None, any strides; lse, coef_*: (N,) fp32 (lse in
+    natural log); target (N,) int64 (-1: none). Returns (launches, dh_part (S1,N,D),
+    de_part (S2,V,D), db_part (S2,V)), all fp32.
     """
+    hidden, weight, bias = kernel_layout(hidden, weight, bias)
+    coef_p, coef_base, target, coef_t = (t.contiguous() for t in (coef_p, coef_base, target, coef_t))
     n, d = hidden.shape
     v = weight.shape[0]
     cfg = ce_tile_config(d)

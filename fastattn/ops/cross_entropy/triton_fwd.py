@@ -57,6 +57,15 @@ def split_count(outer_blocks: int, inner_blocks: int) -> int:
     return max(1, min(want, inner_blocks))
 
 
+def kernel_layout(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """What the kernels read: hidden and weight with unit stride along D (they are given
+    stride(0) only, which may be anything, 0 included), bias contiguous; copies only if needed."""
+    return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+            weight if weight.stride(-1) == 1 else weight.contiguous(),
+            bias.contiguous() if bias is not None else None)
+
+
 def ce_dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -121,10 +130,11 @@ def _ce_lse_kernel(
 
 def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float
                ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
-    """Describe the LSE launch. hidden (N,D), weight (V,D), rows contiguous; bias (V,) or None.
+    """Describe the LSE launch. hidden (N,D), weight (V,D), bias (V,) or None, any strides.
 
     Returns (launch, m_part, l_part): (S, N) fp32 partial base-2 maxima and sums per split.
     """
+    hidden, weight, bias = kernel_layout(hidden, weight, bias)
     n, d = hidden.shape
     v = weight.shape[0]
     cfg = ce_tile_config(d)
