@@ -28,14 +28,18 @@ def _check_4d(name: str, t: object) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must have shape (B, H, L, D), got {tuple(t.shape)}")
+    if t.shape[3] == 0:
+        raise ValueError(f"{name} has head dim D = 0 (shape {tuple(t.shape)}): every stream needs D >= 1")
     return t
 
 
 def _validate_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     attr_q: Sequence[torch.Tensor], attr_k: Sequence[torch.Tensor],
-    key_padding_mask: Optional[torch.Tensor], dropout_p: float, scale: Optional[float],
+    key_padding_mask: Optional[torch.Tensor], dropout_p: float, scale: Optional[float], causal: bool,
 ) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_4d(name, t)
     if len(attr_q) != len(attr_k):
@@ -66,7 +70,10 @@ def _validate_attention(
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}")
+            # As torch.nn.MultiheadAttention and scaled_dot_product_attention (torch 2.13): an integer
+            # mask is ambiguous (1 = padding here, 1 = token in e.g. an `attention_mask`).
+            raise TypeError(f"key_padding_mask must be torch.bool (True = padding), got {key_padding_mask.dtype}; "
+                            "convert with mask.bool() if nonzero means padding")
         if key_padding_mask.shape != (b, lk):
             raise ValueError(f"key_padding_mask must have shape (B={b}, Lk={lk}), got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
@@ -144,7 +151,18 @@ def dif_attention(
 
     Dropout (dropout_p > 0) is applied to P inside the kernel with a counter-based RNG seeded
     from torch's default generator, so `torch.manual_seed` reproduces a run, and the backward
-    regenerates the same mask. Gradients flow to every input tensor that requires them.
+    regenerates the same mask. Gradients flow to every input tensor that requires them. The fused
+    backends are differentiable once: differentiating their gradients again (create_graph=True)
+    raises RuntimeError; backend="torch" gives higher-order gradients.
+
+    Any layout is accepted for every tensor (transposed, sliced with a step, expanded with stride
+    0; e.g. a sequence-first `(tokens == 0).T` mask) with the same result as contiguous copies.
+    Edge input: B, H, Lq or Lk = 0 give empty or all-zero outputs and gradients; a query with no
+    visible key gets out = 0, acd = 0 and zero gradients (never NaN); a head dim of 0, a
+    non-bool `causal` or a non-bool mask (as in torch.nn.MultiheadAttention) raise, naming the
+    argument. NaN/Inf in q reach only that query's row; in k only rows that see that key; NaN/Inf
+    in v can reach every row of its (batch, head), even rows that cannot see the key (0·NaN, as in
+    torch's scaled_dot_product_attention).
 
     backend: "auto" (Triton for CUDA tensors, the C++ kernels for CPU tensors, else the torch
     reference), "triton" (fused flash-style kernels; on a CPU only under TRITON_INTERPRET=1),
@@ -157,11 +175,11 @@ def dif_attention(
     if isinstance(attr_q, torch.Tensor) or isinstance(attr_k, torch.Tensor):
         raise TypeError("attr_q and attr_k must be sequences of tensors (wrap a single stream in a tuple)")
     attr_q, attr_k = tuple(attr_q), tuple(attr_k)
-    _validate_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p, scale)
+    _validate_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p, scale, causal)
     domain_pair = _normalize_domains(domains, q, k) if domains is not None else None
     opts = AttentionOptions(
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-        causal=bool(causal),
+        causal=causal,
         dropout_p=float(dropout_p),
     )
     streams = (q, k, v, *attr_q, *attr_k)

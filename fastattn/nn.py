@@ -55,6 +55,11 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
 
 
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -157,6 +162,8 @@ class DIFAttention(torch.nn.Module):
         _check_probability("hidden_dropout", hidden_dropout)
         _check_positive("layer_norm_eps", layer_norm_eps)
         _check_choice("backend", backend, BACKENDS)
+        _check_bool("use_position", use_position)
+        _check_bool("causal", causal)
         if fusion != "sum" and max_len is None:
             raise ValueError(f"max_len is required for fusion={fusion!r} (its mixing layer is sized by it)")
         if max_len is not None:
@@ -165,7 +172,7 @@ class DIFAttention(torch.nn.Module):
         self.head_dim = hidden // heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.fusion, self.attn_dropout, self.backend = fusion, float(attn_dropout), backend
-        self.use_position, self.causal, self.max_len = bool(use_position), bool(causal), max_len
+        self.use_position, self.causal, self.max_len = use_position, causal, max_len
 
         self.in_proj = torch.nn.Linear(hidden, 3 * hidden)  # [q | k | v] of the item stream
         self.pos_proj = torch.nn.Linear(hidden, 2 * hidden) if use_position else None  # [q_p | k_p]
@@ -205,10 +212,13 @@ class DIFAttention(torch.nn.Module):
         for f, (a, dim) in enumerate(zip(attributes, self.attribute_dims)):
             if a.shape != (b, length, dim):
                 raise ValueError(f"attributes[{f}] must have shape (B={b}, L={length}, {dim}), got {tuple(a.shape)}")
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+        if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor)
+                                             or key_padding_mask.dtype != torch.bool
                                              or key_padding_mask.shape != (b, length)):
-            raise ValueError(f"key_padding_mask must be a bool tensor of shape (B={b}, L={length}) (True = padding), "
-                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+            got = (f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                   if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__)
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape (B={b}, L={length}) (True = padding; "
+                             f"convert an integer mask with mask.bool()), got {got}")
         if self.fusion != "sum" and length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len} of fusion={self.fusion!r}")
 
@@ -222,6 +232,9 @@ class DIFAttention(torch.nn.Module):
         domains: Optional[torch.Tensor] = None,
         causal: Optional[bool] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(attributes, torch.Tensor):
+            raise TypeError(f"attributes must be a sequence of (B, L, Da_f) tensors, one per attribute_dims entry, "
+                            f"got a single tensor of shape {tuple(attributes.shape)} (wrap it in a list)")
         attributes = tuple(attributes)
         self._check_inputs(hidden, position, attributes, key_padding_mask)
         if domains is not None and self.fusion != "sum":
@@ -306,7 +319,8 @@ def visible_keys(mask: torch.Tensor, name: str) -> Optional[torch.Tensor]:
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a bool or float tensor, got {mask.dtype}")
+        raise TypeError(f"{name} must be a bool or float tensor (as in torch.nn.MultiheadAttention), got {mask.dtype}; "
+                        "convert an integer mask with mask.bool() if nonzero means hidden")
     visible = mask == 0
     if not bool((visible | (mask <= _MASKED_AT_OR_BELOW)).all()):
         return None
@@ -455,7 +469,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             reason = self._causal_from_mask(attn_mask, lq, lk, n)
             if reason is not None:
                 return torch_forward(reason)
-        causal = is_causal or attn_mask is not None
+        causal = bool(is_causal) or attn_mask is not None
         padding: Optional[torch.Tensor] = None
         if key_padding_mask is not None:
             kpm = key_padding_mask if batched else key_padding_mask.unsqueeze(0)

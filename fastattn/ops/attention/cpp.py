@@ -35,7 +35,10 @@ def _domain_args(domains: Domains) -> tuple[Optional[torch.Tensor], Optional[tor
 
 
 class CppAttentionKernels:
-    """`AttentionKernels` on CPU tensors: fused flash-style C++ kernels, any float dtype."""
+    """`AttentionKernels` on CPU tensors: fused flash-style C++ kernels, any float dtype, any strides
+    (the operators copy their inputs to contiguous compute-dtype buffers)."""
+
+    name = "cpp"
 
     @staticmethod
     def forward(

@@ -14,7 +14,9 @@ from .options import AttentionOptions
 
 
 class AttentionKernels(Protocol):
-    """What a fused backend provides (tensors contiguous, streams already concatenated)."""
+    """What a fused backend provides (streams already concatenated; the backend takes any strides)."""
+
+    name: str  # the `backend` value that selects it, for error messages
 
     @staticmethod
     def forward(
@@ -73,24 +75,68 @@ class DIFAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        q_cat, k_cat, v, out, lse, acd = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dout = dout.contiguous()
-        # D_i = Σ_j P_ij dP_ij = dO_i·O_i; the acd term folds g_i·acd_i into it (see triton_bwd).
-        # At least float32 (float64 stays float64: the C++ kernels take float64 for gradcheck).
-        acc = torch.promote_types(out.dtype, torch.float32)
-        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
-        domains = ctx.domains
-        if grad_acd is None or acd is None:
-            grad_acd, domains = None, None
-        else:
-            grad_acd = grad_acd.to(acc).contiguous()
-            delta = delta + grad_acd * acd
-        dq_cat, dk_cat, dv = ctx.kernels.backward(
-            q_cat, k_cat, v, dout, lse, delta.contiguous(), grad_acd, ctx.opts, ctx.seed,
-            ctx.key_padding_mask, domains,
-        )
-        dq_parts = dq_cat.split(ctx.split_sizes, dim=-1)
-        dk_parts = dk_cat.split(ctx.split_sizes, dim=-1)
-        return (None, None, None, None, dq_parts[0], dk_parts[0], dv, *dq_parts[1:], *dk_parts[1:])
+        # The kernels' backward is not itself differentiable: compute it outside the graph and,
+        # under create_graph=True, make differentiating its result raise instead of giving zeros.
+        with torch.no_grad():
+            grads = _first_order_grads(ctx, dout, grad_acd)
+        if torch.is_grad_enabled():
+            grads = _NoSecondDerivative.wrap(ctx.kernels.name, grads, (ctx.saved_tensors[3], dout, grad_acd))
+        return grads
+
+
+def _first_order_grads(ctx: Any, dout: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor]
+                       ) -> tuple[Optional[torch.Tensor], ...]:
+    """The gradients DIFAttentionFunction.backward returns, from the fused kernels."""
+    q_cat, k_cat, v, out, lse, acd = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dout = dout.contiguous()
+    # D_i = Σ_j P_ij dP_ij = dO_i·O_i; the acd term folds g_i·acd_i into it (see triton_bwd).
+    # At least float32 (float64 stays float64: the C++ kernels take float64 for gradcheck).
+    acc = torch.promote_types(out.dtype, torch.float32)
+    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
+    domains = ctx.domains
+    if grad_acd is None or acd is None:
+        grad_acd, domains = None, None
+    else:
+        grad_acd = grad_acd.to(acc).contiguous()
+        delta = delta + grad_acd * acd
+    dq_cat, dk_cat, dv = ctx.kernels.backward(
+        q_cat, k_cat, v, dout, lse, delta.contiguous(), grad_acd, ctx.opts, ctx.seed,
+        ctx.key_padding_mask, domains,
+    )
+    dq_parts = dq_cat.split(ctx.split_sizes, dim=-1)
+    dk_parts = dk_cat.split(ctx.split_sizes, dim=-1)
+    return (None, None, None, None, dq_parts[0], dk_parts[0], dv, *dq_parts[1:], *dk_parts[1:])
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on first-order gradients whose own backward raises: the fused kernels have no
+    second derivative, and without this autograd would silently treat it as zero."""
+
+    @staticmethod
+    def forward(ctx: Any, backend: str, n_grads: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.backend = backend
+        return tensors[:n_grads]
+
+    @staticmethod
+    def backward(ctx: Any, *_: Any) -> tuple[None, ...]:
+        raise RuntimeError(
+            f"dif_attention with backend={ctx.backend!r} cannot be differentiated twice (its backward is a "
+            "fused kernel without a derivative); use backend='torch' for higher-order gradients")
+
+    @staticmethod
+    def wrap(backend: str, grads: tuple[Optional[torch.Tensor], ...], anchors: tuple[Optional[torch.Tensor], ...]
+             ) -> tuple[Optional[torch.Tensor], ...]:
+        """`grads` routed through this Function. `anchors` (the saved output, dout) connect it to
+        every tensor the true second derivative depends on, so that autograd reaches the error
+        whichever of them a second grad asks for."""
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        links = [a for a in anchors if a is not None and a.requires_grad]
+        if not links:  # nothing upstream requires grad: there is no second derivative to ask for
+            return grads
+        wrapped = _NoSecondDerivative.apply(backend, len(idx), *(grads[i] for i in idx), *links)
+        out = list(grads)
+        for i, g in zip(idx, wrapped):
+            out[i] = g
+        return tuple(out)

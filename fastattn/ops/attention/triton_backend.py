@@ -13,6 +13,11 @@ from .triton_fwd import all_tile_configs, dropout_mask_launch, fwd_launch
 
 
 class TritonAttentionKernels:
+    """`AttentionKernels` on CUDA tensors (CPU ones under TRITON_INTERPRET=1): the flash-style
+    Triton kernels; the launchers make every input contiguous where a kernel assumes it."""
+
+    name = "triton"
+
     @staticmethod
     def forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: int,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .triton_fwd import LOG2E, dot_precision, dropout_keep, tile_config, visible_tile
+from .triton_fwd import LOG2E, dense_inputs, dot_precision, dropout_keep, key_inputs, tile_config, visible_tile
 
 
 @triton.jit
@@ -189,25 +189,23 @@ def bwd_launches(
 ) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Describe the two backward launches and allocate dq, dk, dv (same layout as q, k, v).
 
-    q, k, v, dout: contiguous (B,H,L,D); lse, delta, grad_acd: fp32 (B,H,Lq) contiguous,
-    delta = rowsum(dout·out) (+ grad_acd·acd). grad_acd is given iff domains is given.
+    q, k, v, dout: (B,H,L,D); lse, delta, grad_acd: fp32 (B,H,Lq), delta = rowsum(dout·out)
+    (+ grad_acd·acd); grad_acd is given iff domains is given. Any strides (see `dense_inputs`).
     """
+    q, k, v, dout, lse, delta = dense_inputs(q, k, v, dout, lse, delta)
+    grad_acd = grad_acd.contiguous() if grad_acd is not None else None
     b, h, lq, dqk = q.shape
     lk, dvd = k.shape[2], v.shape[3]
     cfg = tile_config(dqk, dvd)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # Unused pointers get a placeholder of the same type so every call has one signature.
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else lse.view(torch.uint8)
-    dom_q, dom_k = domains if domains is not None else (None, None)
+    pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
     shared = dict(
         qk_scale=scale * LOG2E, scale=scale, seed=seed, dropout_p=dropout_p,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
-        stride_pad_b=pad.stride(0) if key_padding_mask is not None else 0,
-        stride_domq_b=dom_q.stride(0) if dom_q is not None else 0,
-        stride_domk_b=dom_k.stride(0) if dom_k is not None else 0,
+        **key_strides,
         H=h, Lq=lq, Lk=lk, DQK=dqk, DVD=dvd, causal=causal, has_padding=key_padding_mask is not None,
     )
     tensors = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, GACD=grad_acd, PAD=pad, DOM_Q=dom_q, DOM_K=dom_k)

@@ -176,6 +176,30 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def dense_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors`, copied to contiguous memory where they are not: the kernels index the last dim
+    (and the per-row statistics every dim) with unit stride, whatever layout the caller has."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def key_inputs(
+    key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+    placeholder: torch.Tensor,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], dict[str, int]]:
+    """(pad as uint8, dom_q, dom_k, their batch strides as kernel arguments), all contiguous: the
+    kernels read PTR + b·stride_b + position, so a transposed (`(tokens == 0).T`), step-sliced or
+    expanded mask is copied here (it is tiny). Without padding `pad` is `placeholder` viewed as
+    uint8, so every call has one signature."""
+    pad = (key_padding_mask if key_padding_mask is not None else placeholder).contiguous().view(torch.uint8)
+    dom_q, dom_k = dense_inputs(*domains) if domains is not None else (None, None)
+    strides = dict(
+        stride_pad_b=pad.stride(0) if key_padding_mask is not None else 0,
+        stride_domq_b=dom_q.stride(0) if dom_q is not None else 0,
+        stride_domk_b=dom_k.stride(0) if dom_k is not None else 0,
+    )
+    return pad, dom_q, dom_k, strides
+
+
 def fwd_launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,20 +213,19 @@ def fwd_launch(
 ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Describe the forward launch on concatenated streams and allocate its outputs.
 
-    q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV), last dim contiguous; key_padding_mask
-    (B,Lk) bool; domains (dom_q (B,Lq), dom_k (B,Lk)) int64, last dim contiguous.
+    q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV); key_padding_mask (B,Lk) bool; domains
+    (dom_q (B,Lq), dom_k (B,Lk)) int64; any strides (see `dense_inputs`).
     Returns (launch, out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) fp32 base-2 log-sum-exp of
     the scaled scores (+inf on rows without a visible key), acd (B,H,Lq) fp32 or None).
     """
+    q, k, v = dense_inputs(q, k, v)
     b, h, lq, dqk = q.shape
     lk, dv = k.shape[2], v.shape[3]
     cfg = tile_config(dqk, dv)
     out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     acd = torch.empty(b, h, lq, dtype=torch.float32, device=q.device) if domains is not None else None
-    # Unused pointers get a placeholder of the same type so every call has one signature.
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else lse.view(torch.uint8)
-    dom_q, dom_k = domains if domains is not None else (None, None)
+    pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
     launch = KernelLaunch(
         _dif_attn_fwd_kernel,
         grid=(triton.cdiv(lq, cfg.block_m) * b * h,),
@@ -213,9 +236,7 @@ def fwd_launch(
             stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
             stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
             stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-            stride_pad_b=pad.stride(0) if key_padding_mask is not None else 0,
-            stride_domq_b=dom_q.stride(0) if dom_q is not None else 0,
-            stride_domk_b=dom_k.stride(0) if dom_k is not None else 0,
+            **key_strides,
             H=h, Lq=lq, Lk=lk, DQK=dqk, DV=dv, causal=causal, has_padding=key_padding_mask is not None,
         ),
         constexprs=dict(
