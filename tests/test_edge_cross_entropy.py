@@ -191,6 +191,9 @@ def test_double_backward_raises_naming_the_function(backend: str, soft: bool) ->
     for g in grads:  # e.g. a gradient penalty: an error, never a silent zero or partial second derivative
         with pytest.raises(RuntimeError, match="full_item_cross_entropy cannot be differentiated twice"):
             g.pow(2).sum().backward(retain_graph=True)
+        for x in (h, w, b):  # a second grad w.r.t. one input reaches the error too (not "unused")
+            with pytest.raises(RuntimeError, match="full_item_cross_entropy cannot be differentiated twice"):
+                torch.autograd.grad(g.sum(), x, retain_graph=True)
 
 
 # ---------------------------------------------------------------- ignored rows hold anything

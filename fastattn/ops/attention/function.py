@@ -10,6 +10,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from ..autograd_guard import no_second_derivative
 from .options import AttentionOptions
 
 
@@ -80,7 +81,10 @@ class DIFAttentionFunction(torch.autograd.Function):
         with torch.no_grad():
             grads = _first_order_grads(ctx, dout, grad_acd)
         if torch.is_grad_enabled():
-            grads = _NoSecondDerivative.wrap(ctx.kernels.name, grads, (ctx.saved_tensors[3], dout, grad_acd))
+            grads = no_second_derivative(grads, (
+                f"dif_attention with backend={ctx.kernels.name!r} cannot be differentiated twice (its backward "
+                "is a fused kernel without a derivative); use backend='torch' for higher-order gradients"),
+                (ctx.saved_tensors[3], dout, grad_acd))
         return grads
 
 
@@ -108,35 +112,3 @@ def _first_order_grads(ctx: Any, dout: Optional[torch.Tensor], grad_acd: Optiona
     dq_parts = dq_cat.split(ctx.split_sizes, dim=-1)
     dk_parts = dk_cat.split(ctx.split_sizes, dim=-1)
     return (None, None, None, None, dq_parts[0], dk_parts[0], dv, *dq_parts[1:], *dk_parts[1:])
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    """Identity on first-order gradients whose own backward raises: the fused kernels have no
-    second derivative, and without this autograd would silently treat it as zero."""
-
-    @staticmethod
-    def forward(ctx: Any, backend: str, n_grads: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        ctx.backend = backend
-        return tensors[:n_grads]
-
-    @staticmethod
-    def backward(ctx: Any, *_: Any) -> tuple[None, ...]:
-        raise RuntimeError(
-            f"dif_attention with backend={ctx.backend!r} cannot be differentiated twice (its backward is a "
-            "fused kernel without a derivative); use backend='torch' for higher-order gradients")
-
-    @staticmethod
-    def wrap(backend: str, grads: tuple[Optional[torch.Tensor], ...], anchors: tuple[Optional[torch.Tensor], ...]
-             ) -> tuple[Optional[torch.Tensor], ...]:
-        """`grads` routed through this Function. `anchors` (the saved output, dout) connect it to
-        every tensor the true second derivative depends on, so that autograd reaches the error
-        whichever of them a second grad asks for."""
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        links = [a for a in anchors if a is not None and a.requires_grad]
-        if not links:  # nothing upstream requires grad: there is no second derivative to ask for
-            return grads
-        wrapped = _NoSecondDerivative.apply(backend, len(idx), *(grads[i] for i in idx), *links)
-        out = list(grads)
-        for i, g in zip(idx, wrapped):
-            out[i] = g
-        return tuple(out)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import torch
-from torch._C import _functions
+
+from ..autograd_guard import no_second_derivative
 
 _NOT_TWICE = ("full_item_cross_entropy cannot be differentiated twice: its fused backward has no derivative "
               "(for second derivatives use the materialized logits, e.g. F.cross_entropy(hidden @ item_weight.T, "
@@ -98,18 +99,9 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         with torch.no_grad():
             grads = _gradients(ctx, grad_loss)
-        return _not_differentiable(grads) if torch.is_grad_enabled() else grads
-
-
-def _not_differentiable(grads: tuple[Optional[torch.Tensor], ...]) -> tuple[Optional[torch.Tensor], ...]:
-    """The gradients behind a node that raises _NOT_TWICE when they are differentiated (backward
-    with create_graph=True): the kernels have no second derivative, and a silent zero or partial
-    one (only the sparse part's eager ops) would be wrong. Like torch's once_differentiable, but
-    also when the incoming gradient does not require grad, and naming the function."""
-    present = [g.detach().requires_grad_() for g in grads if g is not None]
-    wrapped = _functions.DelayedError(_NOT_TWICE, len(present))(*present)
-    outputs = iter([wrapped] if isinstance(wrapped, torch.Tensor) else wrapped)
-    return tuple(None if g is None else next(outputs) for g in grads)
+        if torch.is_grad_enabled():
+            grads = no_second_derivative(grads, _NOT_TWICE, (*ctx.saved_tensors[:3], grad_loss))
+        return grads
 
 
 def _gradients(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
