@@ -10,39 +10,35 @@ progress; a resumed run reproduces the uninterrupted one (batches are seeded by 
 torch's RNG state is saved with the checkpoint).
 
 Outputs in DIR: checkpoint.pt, metrics.json (valid/test metrics, best epoch, timings, config,
-per-epoch history) and curves.png (loss and validation NDCG@10 per epoch), each written through a
-uniquely named temporary file and a rename; DIR/.lock is held (flock) for the whole run, so a
-second run on the same DIR stops at once. The checkpoint holds only tensors, numbers, strings and
-plain containers (read back with weights_only=True) and the identity of its data
-(`data_identity`): a resume on different data is refused, `evaluate` warns.
+per-epoch history) and curves.png. `fastattn.checkpoints` holds the checkpoint's layout and
+loading (weights_only=True), the data's identity (a resume on different data is refused,
+`evaluate` warns), the lock on DIR (a second run on the same DIR stops at once) and the atomic
+writes; `fastattn.reports` the curves, the metrics table and the log and warning lines. The names
+other code uses (`LOCK`, `claim_out`, `atomic_save`, `load_checkpoint`, `print_metrics`, ...) are
+imported here, so `fastattn.train.X` keeps working.
 
 Failures the user can fix (options, data, --out, a checkpoint, a diverging loss) raise ValueError
 with one line naming the flag; the command line prints it and exits with code 2.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import os
 import re
-import sys
-import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the output directory is not locked
-    fcntl = None  # type: ignore[assignment]
-
+from . import checkpoints
 from ._dispatch import BACKENDS, BackendUnavailable, resolve_backend
+# checkpoint layout and I/O, the --out lock and atomic writes (LOCK, claim_out, atomic_save: also
+# used by fastattn.__main__ and the tests through this module)
+from .checkpoints import (CHECKPOINT, CHECKPOINT_FORMAT, LOCK, _check_data, _is_int, _is_number, _is_synthetic,
+                          _load_weights, _one_line, _restore, _writing, atomic_save, atomic_write_json, claim_out,
+                          data_identity)
 from .data import (BATCH_UNITS, EvalSet, SequenceDataset, Splits, eval_batches, load_dataset, num_train_batches,
                    split_dataset, train_batches)
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
@@ -52,11 +48,10 @@ from .models.difsr import DIFSR, DIFSRConfig
 from .models.man import MAN, MANConfig
 from .models.mqsa_ted import MQSATED, MQSATEDConfig
 from .models.sasrec import SASRec, SASRecConfig
+# reports: the curves, the metrics table (print_metrics: used by fastattn.__main__), log and warning lines
+from .reports import METRICS, _describe_device, _plot, _progress, loss_keys, print_metrics, say, warn
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
 SELECT_METRIC = "NDCG@10"
-CHECKPOINT_FORMAT = 1
 RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test", "exclude_history"})
 
 
@@ -229,14 +224,6 @@ class TrainConfig:
             raise ValueError(_as_flags(str(exc), self.model_options)) from None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _as_flags(message: str, names: Any) -> str:
     """A model config's message with each option name written as its flag (attn_dropout → --attn-dropout)."""
     for name in names:
@@ -278,11 +265,6 @@ def check_backend(backend: object, device: torch.device) -> None:
         raise ValueError(f"--backend {backend}: {exc}") from None
 
 
-def _is_synthetic(data: str) -> bool:
-    """`--data synthetic` or `synthetic:key=value,...` (SyntheticConfig overrides)."""
-    return data == "synthetic" or data.startswith("synthetic:")
-
-
 def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -> TrainConfig:
     """A TrainConfig from a preset, with `overrides` (training or model keys) on top.
 
@@ -307,108 +289,10 @@ def make_config(model: str = "difsr", preset: str = "small", **overrides: Any) -
     return config
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (whitespace collapsed), at most `limit` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _tensors_by_name(value: object) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                           for k, v in value.items())
-
-
-def _is_best(value: object) -> bool:
-    return (isinstance(value, dict) and _is_int(value.get("epoch")) and _is_number(value.get("metric"))
-            and isinstance(value.get("valid"), dict) and isinstance(value.get("test", {}), dict)
-            and (value.get("state") is None or _tensors_by_name(value.get("state"))))
-
-
-def _is_data_identity(value: object) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("spec"), str)
-            and isinstance(value.get("fingerprint"), str)
-            and (value.get("bytes") is None or _is_int(value.get("bytes"))))
-
-
-# A format-1 checkpoint: each key and the check of its value. Only tensors, numbers, strings,
-# None and plain containers, which is what torch.load(weights_only=True) accepts: a file from
-# elsewhere cannot run code when it is loaded. "data" (the data's identity) is absent from
-# checkpoints written before it was recorded.
-_CHECKPOINT_KEYS: dict[str, Callable[[Any], bool]] = {
-    "format": lambda v: v == CHECKPOINT_FORMAT,
-    "config": lambda v: isinstance(v, dict),
-    "epoch": lambda v: _is_int(v) and v >= 0,
-    "model": _tensors_by_name,
-    "optimizer": lambda v: (isinstance(v, dict) and isinstance(v.get("state"), dict)
-                            and isinstance(v.get("param_groups"), list)),
-    "best": _is_best,
-    "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
-    "train_seconds": _is_number,
-    "rng": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1,
-    "cuda_rng": lambda v: v is None or (isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v)),
-    "dataset": lambda v: isinstance(v, str),
-    "data": _is_data_identity,
-}
-_OPTIONAL_KEYS = frozenset({"data"})
-# TrainConfig's field annotations (strings: postponed evaluation) → the types a saved value may have
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-                                             "Optional[str]": (str, type(None)), "dict[str, Any]": (dict,)}
-
-
-def _checkpoint_problem(state: object) -> Optional[str]:
-    """None when `state` has the layout of a format-1 checkpoint, else what is wrong with it."""
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}, not a dict"
-    if state.get("format") != CHECKPOINT_FORMAT:
-        return f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}"
-    missing = sorted(set(_CHECKPOINT_KEYS) - _OPTIONAL_KEYS - set(state))
-    extra = sorted(map(str, set(state) - set(_CHECKPOINT_KEYS)))
-    if missing or extra:
-        return ", ".join(f"{what} keys {keys}" for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
-    wrong = [k for k, check in _CHECKPOINT_KEYS.items() if k in state and not check(state[k])]
-    if wrong:
-        return f"malformed {', '.join(wrong)}"
-    types = {f.name: _FIELD_TYPES[str(f.type)] for f in dataclasses.fields(TrainConfig)}
-    for key, value in state["config"].items():
-        kinds = types.get(key)
-        if kinds is None:
-            return f"config option {key!r} is not an option of this version"
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            return f"config option {key!r} = {value!r} has the wrong type"
-    return None
-
-
 def load_checkpoint(path: Path, flag: str) -> dict[str, Any]:
-    """A training checkpoint's dict, read with torch.load(weights_only=True) (a checkpoint holds
-    only tensors, numbers, strings and plain containers, so a foreign file cannot run code);
-    ValueError naming `flag` and the file, on one line, when it is missing, a directory,
-    unreadable, truncated or corrupt, holds other Python objects, or lacks the layout of
-    `_CHECKPOINT_KEYS`. Checkpoints of earlier versions load as they are (they hold the same
-    kinds of values); one without the data's identity resumes with a warning."""
-    if not path.exists():
-        raise ValueError(f"{flag}: no checkpoint at {path} (no such file)")
-    if path.is_dir():
-        raise ValueError(f"{flag}: {path} is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{flag}: {path} is an empty file, not a checkpoint")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load fails in many ways on a bad file (zip, EOF, unpickling)
-        if "Unsupported global" in str(exc):
-            raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint: it holds Python objects "
-                             "other than tensors and plain values (refused: loading them could run code)") from None
-        # torch's weights_only message is a page of advice; its last part says what failed
-        reason = str(exc)
-        if "Weights only" in reason:
-            reason = reason.rpartition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-        raise ValueError(f"{flag}: {path} cannot be read as a checkpoint (truncated or corrupt?): "
-                         f"{_one_line(ValueError(reason), 160)}") from None
-    problem = _checkpoint_problem(state)
-    if problem is not None:
-        raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint ({problem})")
-    return state
+    """`checkpoints.load_checkpoint` with the saved options checked against `TrainConfig`: a
+    checkpoint's dict, or ValueError naming `flag` and the file on one line."""
+    return checkpoints.load_checkpoint(path, flag, TrainConfig)
 
 
 def resume_config(out: str | Path, **overrides: Any) -> TrainConfig:
@@ -458,133 +342,6 @@ def out_of_memory_message(exc: BaseException) -> Optional[str]:
             "model size (--hidden, --inner, --layers, --num-negatives)")
 
 
-def _load_weights(model: SequentialRecommender, weights: dict[str, torch.Tensor], path: Path, flag: str) -> None:
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:  # missing or unexpected keys, shapes of another catalog
-        raise ValueError(f"{flag}: the weights in {path} do not fit this model and data ({_one_line(exc)})") from None
-
-
-def data_identity(config: TrainConfig, dataset: SequenceDataset) -> dict[str, Any]:
-    """What a checkpoint records of its data: the `--data` spec, `--format`, the size in bytes
-    (of the file, or of the files of a directory; None for synthetic data) and
-    `SequenceDataset.fingerprint()`, a digest of the content that decides whether two data agree."""
-    size: Optional[int] = None
-    if not _is_synthetic(config.data):
-        path = Path(config.data)
-        size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
-    return {"spec": config.data, "format": config.format, "bytes": size, "fingerprint": dataset.fingerprint()}
-
-
-def _check_data(state: dict[str, Any], identity: dict[str, Any], path: Path, warn: Callable[[str], None],
-                refuse: bool) -> None:
-    """The data loaded now against the checkpoint's: a different fingerprint is refused (`refuse`:
-    a resumed run would mix two data sets) or warned about (evaluate); a checkpoint written before
-    the data was recorded gets a warning that it cannot be checked."""
-    saved = state.get("data")
-    if saved is None:
-        warn(f"{path} predates data fingerprints: cannot check that --data {identity['spec']!r} is the data "
-             "it was trained on")
-        return
-    if saved["fingerprint"] == identity["fingerprint"]:
-        return
-    sizes = "" if saved.get("bytes") is None or identity["bytes"] is None else \
-        f", {saved['bytes']:,} bytes then, {identity['bytes']:,} now"
-    message = (f"--data {identity['spec']!r} is not the data {path} was trained on (content fingerprint "
-               f"{saved['fingerprint']} then, {identity['fingerprint']} now{sizes})")
-    if refuse:
-        raise ValueError(message + "; resume on that data, or train on this one with another --out")
-    warn(message + "; the metrics are for the data as it is now")
-
-
-def warn(message: str) -> None:
-    """Default warning: a line on stderr."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-LOCK = ".lock"
-
-
-@contextlib.contextmanager
-def claim_out(out: Path) -> Iterator[None]:
-    """Make `out` (--out) if needed, check that files can be created in it, and hold an exclusive
-    lock on out/.lock for the block (fcntl.flock: the OS drops it when the process dies), so two
-    runs never write one directory; ValueError naming --out otherwise. A directory made here is
-    removed again when the block fails before anything but the lock was written into it."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a directory")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-        handle = open(out / LOCK, "a+")
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot create or write this directory ({exc.strerror or exc})") from None
-    try:
-        _lock(handle, out)
-        yield
-    except BaseException:
-        if created and [p.name for p in out.iterdir()] == [LOCK]:
-            (out / LOCK).unlink()
-            out.rmdir()
-        raise
-    finally:
-        handle.close()
-
-
-def _lock(handle: Any, out: Path) -> None:
-    if fcntl is None:  # no flock (Windows): runs sharing a directory are not detected
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise ValueError(f"--out {out}: another run is writing to this directory ({holder} holds {out / LOCK}); "
-                         "wait for it to finish or choose another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"run of pid {os.getpid()}\n")
-    handle.flush()
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """`write(file)` into a uniquely named temporary file beside `path` (tempfile.mkstemp, so
-    concurrent writers never share one), fsync, then rename over `path`: readers see the old or
-    the new file, never a torn one. The temporary file is removed when anything fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename: never a torn checkpoint."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    """json.dump (indented) through a temporary file and a rename, as `atomic_save`."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), "w")
-
-
-@contextlib.contextmanager
-def _writing(out: Path) -> Iterator[None]:
-    """An OSError while writing the outputs (disk full, directory removed) as a ValueError naming --out."""
-    try:
-        yield
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write the run's files ({_one_line(exc, 160)})") from None
-
-
 def _evaluate(model: SequentialRecommender, split: EvalSet, dataset: SequenceDataset, config: TrainConfig,
               device: torch.device, seed_offset: int) -> dict[str, float]:
     batches = eval_batches(split, dataset.features, config.eval_batch_size, config.max_len)
@@ -606,19 +363,6 @@ def _load_splits(config: TrainConfig, log: Callable[[str], None]) -> tuple[Seque
                          f"but the catalog has only {dataset.num_items} items")
     log(f"data: {dataset.summary()} (loaded and split in {time.perf_counter() - start:.1f} s)")
     return dataset, splits
-
-
-def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    # disable=None: no bar when stderr is not a terminal (logs redirected to a file stay readable)
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, disable=None if enabled else True,
-                dynamic_ncols=True, mininterval=0.5)
-
-
-def say(message: str) -> None:
-    """Default log: a line on stdout, flushed (logs redirected to files stay current)."""
-    print(message, flush=True)
 
 
 def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = say,
@@ -713,23 +457,6 @@ def _run(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log: C
     return metrics
 
 
-def _restore(state: dict[str, Any], model: SequentialRecommender, optimizer: torch.optim.Optimizer,
-             device: torch.device, path: Path) -> None:
-    """The checkpoint's weights (its best state too: it is loaded at the end), optimizer and RNG
-    state; ValueError naming --resume and the file when they do not fit this model."""
-    if state["best"]["state"] is not None:
-        _load_weights(model, state["best"]["state"], path, "--resume")
-    _load_weights(model, state["model"], path, "--resume")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ValueError(f"--resume: the optimizer or RNG state in {path} does not fit this model "
-                         f"({_one_line(exc)})") from None
-
-
 def _evaluate_state(model: SequentialRecommender, weights: dict[str, torch.Tensor], split: EvalSet,
                     dataset: SequenceDataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
     """Test metrics of `weights`, leaving the model's own weights as they were."""
@@ -811,12 +538,6 @@ def _final_metrics(model: SequentialRecommender, best: dict[str, Any], history: 
     }
 
 
-def _describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
 def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
     """The checkpoint must come from the same run; only epochs, device, progress and output may change."""
     # an option newer than the checkpoint was, for that run, at its default
@@ -825,51 +546,6 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig) -> None:
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in diffs)
         raise ValueError(f"--resume: options differ from the checkpointed run ({detail})")
-
-
-def loss_keys(record: dict[str, Any]) -> list[str]:
-    """The per-epoch mean losses of a history record (what the model's `losses` returned)."""
-    return [k for k in record if k not in ("epoch", "train_seconds", "eval_seconds", "best_epoch_so_far")
-            and not k.startswith(("valid_", "test_"))]
-
-
-def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: Callable[[str], None]) -> None:
-    """Loss and validation NDCG@10 per epoch (skipped with a note if matplotlib is missing)."""
-    if not history:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no curves.png (pip install matplotlib)")
-        return
-    epochs = [h["epoch"] for h in history]
-    losses = loss_keys(history[0])
-    extra = [k for k in ("acd",) if k in losses]  # a_cd (AutoCDSR) gets its own panel: other scale
-    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(4.5 * (2 + len(extra)), 3.2))
-    ax1, ax2 = axes[0], axes[1]
-    for key in [k for k in losses if k not in extra and not k.startswith("w_")]:
-        ax1.plot(epochs, [h[key] for h in history], label=key)
-    for ax, key in zip(axes[2:], extra):
-        ax.plot(epochs, [h[key] for h in history], label=key, color="C3")
-        ax.set_xlabel("epoch")
-        ax.set_title("mean cross-domain attention a_cd (train)")
-    ax1.set_xlabel("epoch")
-    ax1.set_title("training loss")
-    ax1.legend()
-    ax2.plot(epochs, [h["valid_NDCG@10"] for h in history], label="NDCG@10")
-    ax2.plot(epochs, [h["valid_HR@10"] for h in history], label="HR@10")
-    ax2.set_xlabel("epoch")
-    ax2.set_title("validation (full ranking)")
-    ax2.legend()
-    fig.suptitle(f"{config.model} on {Path(config.data).name}")
-    fig.tight_layout()
-    try:
-        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
 
 
 def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled: Optional[bool] = None,
@@ -906,20 +582,3 @@ def evaluate_checkpoint(path: str | Path, device: Optional[str] = None, sampled:
     test = _evaluate(model, splits.test, dataset, config, dev, seed_offset=2)
     return {"valid": valid, "test": test, "best_epoch": best["epoch"], "config": raw}
 
-
-def print_metrics(metrics: dict[str, Any], stream: Any = None) -> None:
-    """A small table of the valid/test metrics for the terminal (stdout unless `stream`): full
-    ranking, then the sampled protocol (labelled) and the per-domain rows of cross-domain data."""
-    stream = sys.stdout if stream is None else stream
-    keys = [k for k in metrics["test"] if k != "users" and not k.startswith(("sampled_", "domain"))]
-    domains = sorted({k.split("_", 1)[0] for k in metrics["test"] if k.startswith("domain")},
-                     key=lambda d: int(d[len("domain"):]))
-    print(f"{'':20s}" + "".join(f"{k:>9s}" for k in keys), file=stream)
-    prefixes = [("", "{split}"), ("sampled_", "{split} sampled (100 neg)")]
-    prefixes += [(f"{d}_", f"{{split}} {d}") for d in domains]
-    for prefix, label in prefixes:
-        for split in ("valid", "test"):
-            row = metrics.get(split) or {}
-            if prefix + keys[0] not in row:
-                continue
-            print(f"{label.format(split=split):20s}" + "".join(f"{row[prefix + k]:9.4f}" for k in keys), file=stream)
