@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -58,8 +59,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
     json_file = config.getoption("benchmark_json", None)
     if json_file is not None:
-        # pytest-benchmark hands over the opened file (an argparse FileType), not the path
-        md_path = Path(getattr(json_file, "name", json_file)).with_suffix(".md")
+        # pytest-benchmark 5 hands over a Path (older versions an opened file): Path.name is only the
+        # file name, so read .name from file objects alone, or the .md lands in the working directory.
+        path = json_file if isinstance(json_file, (str, os.PathLike)) else json_file.name
+        md_path = Path(path).with_suffix(".md")
         md_path.write_text(markdown_report(output_json), encoding="utf-8")
 
 

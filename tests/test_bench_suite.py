@@ -23,14 +23,29 @@ EXPECTED_OPS = {
 }
 
 
+STRAY_BEFORE: list = []
+
+
+def _stat(path: Path) -> object:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
+    STRAY_BEFORE.append(_stat(ROOT / "bench.md"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "fastattn.bench", "--size", "tiny", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
+
+
+def test_tiny_suite_writes_nothing_into_the_checkout(tiny_run: Path) -> None:
+    # The per-run .md belongs beside the JSON; pytest-benchmark 5 passes the JSON path as a Path,
+    # whose .name once sent the report to the suite's working directory (the repo root).
+    assert (tiny_run / "bench.md").exists()
+    assert _stat(ROOT / "bench.md") == STRAY_BEFORE[0], "the bench run wrote bench.md into the repository root"
 
 
 def test_tiny_suite_runs_every_op_and_reports(tiny_run: Path) -> None:
