@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ._autocast import autocast_device, autocast_inputs, autocast_off
 from ._dispatch import BackendUnavailable, resolve_backend
 from .ops.attention.function import DIFAttentionFunction
 from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
@@ -175,6 +176,13 @@ def dif_attention(
     if isinstance(attr_q, torch.Tensor) or isinstance(attr_k, torch.Tensor):
         raise TypeError("attr_q and attr_k must be sequences of tensors (wrap a single stream in a tuple)")
     attr_q, attr_k = tuple(attr_q), tuple(attr_k)
+    amp = autocast_device(q)
+    if amp is not None:  # torch.autocast: cast inputs, rerun with autocast off (fastattn/_autocast.py)
+        with autocast_off(amp):
+            q, k, v, *attrs = autocast_inputs((q, k, v, *attr_q, *attr_k), amp)
+            return dif_attention(q, k, v, attrs[:len(attr_q)], attrs[len(attr_q):], causal=causal,
+                                 key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p,
+                                 domains=domains, backend=backend)
     _validate_attention(q, k, v, attr_q, attr_k, key_padding_mask, dropout_p, scale, causal)
     domain_pair = _normalize_domains(domains, q, k) if domains is not None else None
     opts = AttentionOptions(
@@ -323,6 +331,13 @@ def full_item_cross_entropy(
     chunked over items). An explicit backend that cannot run raises
     `fastattn.BackendUnavailable`.
     """
+    amp = autocast_device(hidden)
+    if amp is not None:  # torch.autocast: cast inputs, rerun with autocast off (fastattn/_autocast.py)
+        with autocast_off(amp):
+            hidden, item_weight, bias = autocast_inputs((hidden, item_weight, bias), amp)
+            return full_item_cross_entropy(hidden, item_weight, target, bias=bias, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, temperature=temperature,
+                                           reduction=reduction, backend=backend)
     _check_catalog(hidden, item_weight, bias)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -378,6 +393,11 @@ def topk_items(
     backend: "auto" (the C++ kernels on CPU when built, else torch), "cpp" or "torch" (eager,
     chunked over items; also what CUDA tensors use — the work there is one GEMM per chunk).
     """
+    amp = autocast_device(hidden)
+    if amp is not None:  # torch.autocast: cast inputs, rerun with autocast off (fastattn/_autocast.py)
+        with autocast_off(amp):
+            hidden, item_weight, bias = autocast_inputs((hidden, item_weight, bias), amp)
+            return topk_items(hidden, item_weight, k, bias=bias, exclude=exclude, backend=backend)
     _check_catalog(hidden, item_weight, bias)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= item_weight.shape[0]:
         raise ValueError(f"k must be an int in [1, {item_weight.shape[0]}] (the number of items), got {k!r}")
