@@ -138,7 +138,9 @@ def dif_attention(
       (dom_q (B, Lq), dom_k (B, Lk)) for cross attention; then the cross-domain attention
       mass is returned too (AutoCDSR's a_cd).
     - dtypes: float32, float16 or bfloat16 (float64 on backend="cpp" or "torch"), all streams alike;
-      accumulation is float32, the output has the input dtype.
+      accumulation is float32, the output has the input dtype. Under `torch.autocast` the
+      float inputs (not float64) are first cast to the autocast dtype, as for
+      F.scaled_dot_product_attention (fastattn/_autocast.py), so the output has that dtype.
 
     Math, for keys j visible to query i (j <= i when causal, not padding)::
 
@@ -315,7 +317,8 @@ def full_item_cross_entropy(
     (as `torch.nn.functional.cross_entropy`). reduction: "mean" over non-ignored rows (0 with
     zero gradients when every row is ignored), "sum", or "none" (per-row losses shaped like
     hidden's leading dims, 0 on ignored rows). The loss is float32 (float64 for float64
-    inputs); gradients reach hidden,
+    inputs; float32 under `torch.autocast`, which first casts hidden, item_weight and bias, if not
+    float64, to the autocast dtype as for F.linear: fastattn/_autocast.py); gradients reach hidden,
     item_weight and bias in their dtypes. Extra memory is O(N + V) plus one tile or chunk of
     logits, never O(N·V).
 
@@ -388,7 +391,8 @@ def topk_items(
     N×V buffer. Every backend ranks alike: scores in float32 (float64 for float64 inputs);
     excluded items and items scoring NaN or -inf are ineligible; +inf ranks first; equal scores
     go to the lower item id. A row with fewer than k eligible items (an all-NaN row has none)
-    ends with score -inf and index -1. N = 0 rows gives (..., k) empty results.
+    ends with score -inf and index -1. N = 0 rows gives (..., k) empty results. Under
+    `torch.autocast` the inputs are cast as for full_item_cross_entropy (fastattn/_autocast.py).
 
     backend: "auto" (the C++ kernels on CPU when built, else torch), "cpp" or "torch" (eager,
     chunked over items; also what CUDA tensors use — the work there is one GEMM per chunk).
