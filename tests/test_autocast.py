@@ -190,9 +190,9 @@ def test_dif_attention_float64_untouched_by_autocast(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multihead_attention_under_autocast_like_torch(backend: str) -> None:
     """fastattn.nn.MultiheadAttention under autocast behaves as torch.nn.MultiheadAttention under
-    autocast (same parameters): bf16 output, float32 parameter gradients, values within two bf16
-    roundings of the output scale (both run bf16 projections and round the attention context to
-    bf16 once, each in its own order of float32 accumulation)."""
+    autocast (same parameters): bf16 output, float32 parameter gradients, values within 4u of the
+    output scale: both run the same bf16 projections, then each rounds its attention context and its
+    output to bf16 once, after its own order of float32 accumulation (measured: 2u)."""
     torch.manual_seed(0)
     reference = torch.nn.MultiheadAttention(16, 2, batch_first=True)
     ours = fastattn.nn.MultiheadAttention.from_torch(reference, backend=backend)
