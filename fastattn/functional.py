@@ -11,6 +11,7 @@ from ._dispatch import BackendUnavailable, resolve_backend
 from .ops.attention.function import DIFAttentionFunction
 from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
 from .ops.attention.reference import dif_attention_reference
+from .ops.checks import check_values
 from .ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
 from .ops.cross_entropy.function import FullItemCrossEntropyFunction, RowTargets
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
@@ -277,16 +278,18 @@ def _row_targets(target: object, rows: int, num_items: int, device: torch.device
     target = target.reshape(-1)
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_items))
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(f"target holds {value}, outside [0, {num_items}) (the number of items) "
-                         f"and not ignore_index={ignore_index}")
+    # Value check without a device sync: on CPU tensors only, a device-side assert on CUDA (ops/checks.py).
+    check_values(lambda: ~bad.any(), device,
+                 f"target holds an id outside [0, {num_items}) (the number of items) "
+                 f"and not ignore_index={ignore_index}",
+                 detail=lambda: (f"target holds {int(target[bad][0])}, outside [0, {num_items}) (the number of "
+                                 f"items) and not ignore_index={ignore_index}"))
     used = valid.float()
     return RowTargets(
         index=torch.where(valid, target, torch.full_like(target, -1)).contiguous(),
         weight=used * (1 - eps), base=used * (eps / num_items), mass=used,
         indptr=torch.zeros(rows + 1, dtype=torch.int64, device=device), indices=empty_i,
-        values=torch.zeros(0, device=device),
+        values=torch.zeros(0, device=device), has_base=eps > 0,
     )
 
 
@@ -414,8 +417,8 @@ def topk_items(
             raise ValueError(f"exclude must have shape {(*lead_shape, 'M')}, got {tuple(exclude.shape)}")
         if exclude.device != hidden.device:
             raise ValueError(f"exclude is on {exclude.device} but hidden is on {hidden.device}")
-        if bool((exclude >= item_weight.shape[0]).any()):
-            raise ValueError(f"exclude holds item ids >= {item_weight.shape[0]} (the number of items)")
+        check_values(lambda: (exclude < item_weight.shape[0]).all(), exclude.device,
+                     f"exclude holds item ids >= {item_weight.shape[0]} (the number of items)")
         exclude = exclude.reshape(h2.shape[0], -1)
     if backend == "triton":
         raise BackendUnavailable("backend='triton' cannot run: top-k has no Triton kernel (use 'auto' or 'torch')")

@@ -289,13 +289,14 @@ def test_prototype_regularizer_and_loss_composition() -> None:
     out = model.losses(batch)
     torch.testing.assert_close(out["loss"], out["sampled_ce"] + 0.7 * out["proto"])
     torch.testing.assert_close(out["proto"], prototype_regularizer(model.prototype_attention.prototypes))
-    # the sampled CE is the hand formula on the same negatives
-    mask = (batch.items != 0) & (batch.targets != 0)
+    # the sampled CE is the hand formula on the same negatives (drawn for every position, then the
+    # valid positions are kept)
+    mask = ((batch.items != 0) & (batch.targets != 0)).reshape(-1)
     torch.manual_seed(2)
-    negatives = model.sample_negatives(batch.targets[mask])
+    negatives = model.sample_negatives(torch.where(mask, batch.targets.reshape(-1), 0))[mask]
     with torch.no_grad():
-        rows = model.encode(batch.items, batch.domains, batch.target_domains)[mask]
-        expected = sampled_softmax_loss(rows, batch.targets[mask], negatives, model.item_embedding.weight)
+        rows = model.encode(batch.items, batch.domains, batch.target_domains).reshape(mask.shape[0], -1)[mask]
+        expected = sampled_softmax_loss(rows, batch.targets.reshape(-1)[mask], negatives, model.item_embedding.weight)
     torch.testing.assert_close(out["sampled_ce"].detach(), expected)
     # proto_weight = 0: the loss is the sampled CE alone (proto still reported)
     zero = make_model(proto_weight=0.0)

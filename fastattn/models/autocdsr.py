@@ -73,9 +73,10 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_finite, check_int, check_items, full_softmax_loss,
-                     init_weights, positions_from_padding, valid_positions)
-from .pareto import NORMALIZATIONS, pareto_mtl_init_weights, pareto_mtl_weights, preference_vectors
+from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_finite, check_int, check_items, check_range,
+                     flat_targets, full_softmax_loss, init_weights, positions_from_padding)
+from .pareto import (NORMALIZATIONS, pareto_mtl_init_weights_from_gram, pareto_mtl_weights_from_gram,
+                     preference_vectors)
 
 ACD_MODES = ("pareto", "fixed")
 PARETO_SCALES = ("rec", "sum")
@@ -166,8 +167,8 @@ def check_domains(batch: Union[TrainBatch, EvalBatch], num_domains: int) -> torc
                          f"got {getattr(domains, 'dtype', type(domains).__name__)} "
                          f"{tuple(getattr(domains, 'shape', ()))}")
     domains = domains.long()
-    if domains.numel() and (int(domains.min()) < 0 or int(domains.max()) >= num_domains):
-        raise ValueError(f"batch.domains holds ids outside [0, {num_domains}) (num_domains={num_domains})")
+    check_range(domains, 0, num_domains,
+                f"batch.domains holds ids outside [0, {num_domains}) (num_domains={num_domains})")
     return domains
 
 
@@ -204,7 +205,12 @@ class _ACDRecommender(SequentialRecommender):
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
     def task_weights(self, rec: torch.Tensor, acd: torch.Tensor) -> tuple[float, float]:
-        """(w_acd, w_rec) for this step (see the module docstring); updates `pareto_weights`."""
+        """(w_acd, w_rec) for this step (see the module docstring); updates `pareto_weights`.
+
+        "fixed" reads nothing on the host. "pareto" solves a small quadratic program on the host:
+        its inputs (the 2×2 Gram matrix of the two gradients, both losses and the step count) come
+        over in one device→host read per step (`_to_host`), and the weights go back as Python floats.
+        """
         cfg = self.config
         if cfg.acd_mode == "fixed":
             return float(cfg.acd_weight), 1.0
@@ -212,31 +218,45 @@ class _ACDRecommender(SequentialRecommender):
             w = self.pareto_weights  # no graph (e.g. under torch.no_grad): the last step's weights
             return float(w[0]), float(w[1])
         params = [p for _, p in self.shared_parameters()]
-        g_acd, g_rec = self._flat_grad(acd, params), self._flat_grad(rec, params)
-        if not bool(g_acd.abs().sum() > 0) or not bool(g_rec.abs().sum() > 0):
+        grads = torch.stack([self._flat_grad(acd, params), self._flat_grad(rec, params)]).double()
+        gram = grads @ grads.T
+        packed = torch.stack([gram[0, 0], gram[0, 1], gram[1, 1], acd.detach().double(), rec.detach().double(),
+                              self.pareto_steps.double()])
+        g00, g01, g11, acd_value, rec_value, steps = self._to_host(packed).tolist()
+        if not (g00 > 0 and g11 > 0):
             w_acd, w_rec = 0.0, 1.0  # one task is stationary here: MGDA would stop the other one too
         else:
-            grads = torch.stack([g_acd, g_rec])
-            values = torch.stack([acd.detach(), rec.detach()]).double()
-            prefs = preference_vectors(cfg.pareto_vectors)
-            weights = None
-            if self.training and int(self.pareto_steps) < cfg.pareto_init_steps:
-                weights = pareto_mtl_init_weights(grads, values, prefs, cfg.pareto_region,
-                                                  normalization=cfg.pareto_normalization)
-            if weights is None:
-                weights = pareto_mtl_weights(grads, values, prefs, cfg.pareto_region,
-                                             normalization=cfg.pareto_normalization)
-            w_acd, w_rec = float(weights[0]), float(weights[1])
-            if cfg.pareto_scale == "rec" and w_rec > 1e-12:
-                w_acd, w_rec = w_acd / w_rec, 1.0
+            w_acd, w_rec = self._pareto_solve(torch.tensor([[g00, g01], [g01, g11]], dtype=torch.float64),
+                                              torch.tensor([acd_value, rec_value], dtype=torch.float64), steps)
         if self.training:
             self.pareto_steps += 1
         self.pareto_weights.copy_(torch.tensor([w_acd, w_rec], dtype=torch.float64))
         return w_acd, w_rec
 
+    def _to_host(self, packed: torch.Tensor) -> torch.Tensor:
+        """The Pareto step's one device→host read: packed (6,) float64 → the same values on the CPU."""
+        return packed.cpu()
+
+    def _pareto_solve(self, gram: torch.Tensor, values: torch.Tensor, steps: float) -> tuple[float, float]:
+        """(w_acd, w_rec) from the Gram matrix (2, 2) of (g_acd, g_rec) and the losses (acd, rec), on the CPU."""
+        cfg = self.config
+        prefs = preference_vectors(cfg.pareto_vectors)
+        weights = None
+        if self.training and steps < cfg.pareto_init_steps:
+            weights = pareto_mtl_init_weights_from_gram(gram, values, prefs, cfg.pareto_region,
+                                                        normalization=cfg.pareto_normalization)
+        if weights is None:
+            weights = pareto_mtl_weights_from_gram(gram, values, prefs, cfg.pareto_region,
+                                                   normalization=cfg.pareto_normalization)
+        w_acd, w_rec = float(weights[0]), float(weights[1])
+        if cfg.pareto_scale == "rec" and w_rec > 1e-12:
+            w_acd, w_rec = w_acd / w_rec, 1.0
+        return w_acd, w_rec
+
     def _losses(self, batch: TrainBatch, hidden: torch.Tensor, acd: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = valid_positions(batch)
-        rec = full_softmax_loss(hidden[mask], batch.targets[mask], self.item_embedding.weight, self.config.backend)
+        # every position; those without a target are masked (no boolean gather: no device sync)
+        rec = full_softmax_loss(hidden.reshape(-1, hidden.shape[-1]), flat_targets(batch), self.item_embedding.weight,
+                                self.config.backend)
         w_acd, w_rec = self.task_weights(rec, acd)
         loss = w_rec * rec + w_acd * acd
         return {"loss": loss, "rec": rec.detach(), "acd": acd.detach(),
@@ -274,8 +294,8 @@ class AutoCDSR(_ACDRecommender):
             return hidden, None
         valid = items != 0
         total = torch.stack([_row_sum(acd, valid) for acd in per_layer]).sum()  # float32, as acd
-        count = int(valid.sum()) * self.config.heads * len(self.layers)
-        return hidden, total / max(count, 1)
+        count = valid.sum() * (self.config.heads * len(self.layers))  # a tensor: no device sync
+        return hidden, total / count.clamp_min(1)
 
     def acd_per_layer(self, items: torch.Tensor, domains: torch.Tensor) -> list[torch.Tensor]:
         """The raw a_cd (B, H, L) float32 of every layer (for inspection and tests)."""
@@ -363,8 +383,8 @@ class AutoCDSRPlus(_ACDRecommender):
                 total = total + _row_sum(acd[:, :, k:], own[d])
             ib_mean = torch.stack([s[:, :k] for s in states]).mean(dim=0)
             states = [torch.cat([ib_mean, s[:, k:]], dim=1) for s in states]
-        count = int((~padding).sum()) * cfg.heads * cfg.domain_layers
-        acd_mean = total / max(count, 1)
+        count = (~padding).sum() * (cfg.heads * cfg.domain_layers)  # a tensor: no device sync
+        acd_mean = total / count.clamp_min(1)
         # each item from its own domain's encoder (padded slots: 0; they are never read)
         item_states = sum(s[:, k:] * rows.unsqueeze(-1).to(s.dtype) for s, rows in zip(states, own))
         assert isinstance(item_states, torch.Tensor)

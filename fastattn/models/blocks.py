@@ -20,14 +20,15 @@ from ..nn import _check_choice as check_choice
 from ..nn import _check_int as check_int
 from ..nn import _check_positive as check_positive
 from ..nn import _check_probability as check_probability
+from ..ops.checks import check_values
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 __all__ = [
     "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_finite", "check_int",
-    "check_items",
-    "check_positive", "check_probability", "full_softmax_loss", "init_weights", "positions_from_padding",
-    "sum_pool", "valid_positions",
+    "check_items", "check_positive", "check_probability", "check_range", "flat_targets", "full_softmax_loss",
+    "init_weights", "masked_mean", "positions_from_padding", "sample_negatives", "sum_pool",
+    "valid_positions",
 ]
 
 
@@ -167,22 +168,29 @@ def check_finite(name: str, value: object, minimum: Optional[float] = None) -> N
         raise ValueError(f"{name} must be a finite float{bound}, got {value!r}")
 
 
+def check_range(ids: torch.Tensor, low: int, high: int, message: str) -> None:
+    """ValueError(message) unless every id lies in [low, high) — on CPU tensors; a device-side assert
+    on CUDA, nothing on meta (`fastattn.ops.checks`: a training step never syncs for it; the data
+    readers and `SequenceDataset` already check every id once per data set)."""
+    check_values(lambda: ((ids >= low) & (ids < high)).all(), ids.device, message)
+
+
 def check_items(batch: TrainBatch | EvalBatch, num_items: int, max_len: int) -> None:
-    """Clear errors for batches the model cannot read (wrong dtype/shape, too long, ids out of range)."""
+    """Clear errors for batches the model cannot read (wrong dtype/shape, too long, ids out of range;
+    the id ranges as `check_range`: without a device sync)."""
     items = batch.items
     if not isinstance(items, torch.Tensor) or items.dtype != torch.int64 or items.dim() != 2:
         raise ValueError(f"batch.items must be an int64 (B, L) tensor, got "
                          f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}")
     if items.shape[1] > max_len:
         raise ValueError(f"batch length {items.shape[1]} exceeds max_len={max_len}")
-    if items.numel() and (int(items.min()) < 0 or int(items.max()) > num_items):
-        raise ValueError(f"batch.items holds ids outside [0, {num_items}] (0 = padding, num_items={num_items})")
+    check_range(items, 0, num_items + 1,
+                f"batch.items holds ids outside [0, {num_items}] (0 = padding, num_items={num_items})")
     if isinstance(batch, TrainBatch):
         targets = batch.targets
         if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.shape != items.shape:
             raise ValueError(f"batch.targets must be an int64 tensor shaped like items {tuple(items.shape)}")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) > num_items):
-            raise ValueError(f"batch.targets holds ids outside [0, {num_items}] (0 = no target)")
+        check_range(targets, 0, num_items + 1, f"batch.targets holds ids outside [0, {num_items}] (0 = no target)")
 
 
 def valid_positions(batch: TrainBatch) -> torch.Tensor:
@@ -192,13 +200,43 @@ def valid_positions(batch: TrainBatch) -> torch.Tensor:
 
 def full_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
                       backend: str) -> torch.Tensor:
-    """Mean full-catalog cross-entropy of rows hidden (N, D) against targets (N,) in 1..num_items.
+    """Mean full-catalog cross-entropy of rows hidden (N, D) against targets (N,) in 0..num_items,
+    where 0 means "no target": that row is left out (exactly 0 to the loss and every gradient).
 
-    loss = mean_n [ logsumexp_{j=1..V} (h_n·E_j) − h_n·E_{y_n} ], over the real items only (the
+    loss = mean_n [ logsumexp_{j=1..V} (h_n·E_j) − h_n·E_{y_n} ] over the rows with y_n >= 1 (the
     padding row 0 of item_weight (V+1, D) is left out of the softmax), computed by
-    `fastattn.full_item_cross_entropy` without the N×V logits. N = 0 gives 0 (with a graph).
+    `fastattn.full_item_cross_entropy` without the N×V logits. Models pass every position of the
+    batch with targets 0 where `valid_positions` is False, rather than gathering the valid rows:
+    a boolean-mask gather has a data-dependent size, i.e. a device sync. No row with a target
+    (or N = 0) gives 0 (with a graph).
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + item_weight.sum() * 0.0
-    return full_item_cross_entropy(hidden, item_weight[1:], targets - 1, backend=backend)
+    return full_item_cross_entropy(hidden, item_weight[1:], targets - 1, ignore_index=-1, backend=backend)
 
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values (N,) over mask (N,) bool, 0 when nothing is selected; unselected entries
+    contribute exactly 0 (also to gradients), whatever they hold. No device sync."""
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+def flat_targets(batch: TrainBatch) -> torch.Tensor:
+    """(B·L,) int64: each position's next item where `valid_positions` holds, else 0 (no target)."""
+    return torch.where(valid_positions(batch), batch.targets, torch.zeros_like(batch.targets)).reshape(-1)
+
+
+def sample_negatives(targets: torch.Tensor, num_items: int, per_target: Optional[int] = None) -> torch.Tensor:
+    """Negative items for targets (N,) in 1..num_items, each uniform over 1..num_items without its
+    target (num_items >= 2): (N,), or (N, per_target) independent draws when per_target is given.
+
+    One draw per negative, no data-dependent redraw loop (so no device sync): r uniform in
+    1..num_items−1, then z = r + [r >= y], a bijection from 1..num_items−1 onto the items ≠ y.
+    A target of 0 (no target) gives a negative in 2..num_items. torch's default RNG on the
+    targets' device.
+    """
+    shape = targets.shape if per_target is None else (*targets.shape, per_target)
+    draws = torch.randint(1, num_items, shape, device=targets.device)
+    wanted = targets if per_target is None else targets.unsqueeze(-1)
+    return draws + (draws >= wanted).long()

@@ -35,8 +35,8 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..nn import FUSIONS
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_int, check_items, full_softmax_loss,
-                     init_weights, positions_from_padding, sum_pool, valid_positions)
+from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_int, check_items, check_range, flat_targets,
+                     full_softmax_loss, init_weights, masked_mean, positions_from_padding, sum_pool)
 
 
 @dataclass(kw_only=True)
@@ -117,8 +117,7 @@ class DIFSR(SequentialRecommender):
                 raise ValueError(f"batch.{name}[{f}] must be an int64 tensor of shape "
                                  f"(B, L, A) = ({items.shape[0]}, {items.shape[1]}, A), got "
                                  f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-                raise ValueError(f"batch.{name}[{f}] holds ids outside [0, {size}) (attribute_sizes[{f}]={size})")
+            check_range(ids, 0, size, f"batch.{name}[{f}] holds ids outside [0, {size}) (attribute_sizes[{f}]={size})")
 
     def encode(self, items: torch.Tensor, attributes: Sequence[torch.Tensor]) -> torch.Tensor:
         """items (B, L) left padded, attributes[f] (B, L, A_f) → hidden states (B, L, D)."""
@@ -134,27 +133,31 @@ class DIFSR(SequentialRecommender):
         check_items(batch, self.config.num_items, self.config.max_len)
         self._check_attributes(batch.attributes, batch.items, "attributes")
         hidden = self.encode(batch.items, batch.attributes)
-        mask = valid_positions(batch)
-        rows = hidden[mask]
-        ce = full_softmax_loss(rows, batch.targets[mask], self.item_embedding.weight, self.config.backend)
+        rows = hidden.reshape(-1, hidden.shape[-1])  # every position; those without a target are masked
+        targets = flat_targets(batch)
+        ce = full_softmax_loss(rows, targets, self.item_embedding.weight, self.config.backend)
         if self.config.aap_weight == 0:
             aap = ce.new_zeros(())
         else:
             self._check_attributes(batch.target_attributes, batch.items, "target_attributes")
-            aap = self.attribute_loss(rows, [t[mask] for t in batch.target_attributes])
+            aap = self.attribute_loss(rows, [t.reshape(rows.shape[0], -1) for t in batch.target_attributes],
+                                      targets != 0)
         return {"loss": ce + self.config.aap_weight * aap, "ce": ce, "aap": aap}
 
-    def attribute_loss(self, rows: torch.Tensor, target_ids: Sequence[torch.Tensor]) -> torch.Tensor:
+    def attribute_loss(self, rows: torch.Tensor, target_ids: Sequence[torch.Tensor],
+                       valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """AAP: Σ_f mean BCE-with-logits of head_f(rows) (N, V_f-1) against the multi-hot of
-        target_ids[f] (N, A_f) (value 0 = padding, excluded). N = 0 gives 0."""
+        target_ids[f] (N, A_f) (value 0 = padding, excluded), the mean over the rows where valid
+        (N,) bool is True (all rows when None; others contribute exactly 0) and the values. No row gives 0."""
         total = rows.sum() * 0.0
         if rows.shape[0] == 0:
             return total
         for head, ids, size in zip(self.attribute_heads, target_ids, self.config.attribute_sizes):
             labels = rows.new_zeros(rows.shape[0], size)
             labels.scatter_(1, ids, 1.0)  # padding ids land in column 0, dropped below
-            logits = head(rows)
-            total = total + torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[:, 1:])
+            per_row = torch.nn.functional.binary_cross_entropy_with_logits(
+                head(rows), labels[:, 1:], reduction="none").mean(dim=1)
+            total = total + (per_row.mean() if valid is None else masked_mean(per_row, valid))
         return total
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:

@@ -40,8 +40,8 @@ features, local per domain, added::
     u(t) = z_loc(t) + z_glob(t),        score(t, j) = u(t) · E[j]
 
 Loss over the valid positions n (input item and next item present), with the positive y_n and
-M = num_negatives items z_{n,1..M} drawn uniformly from 1..num_items per position (torch's RNG;
-a draw equal to y_n is redrawn, duplicates among negatives are allowed)::
+M = num_negatives items z_{n,1..M} per position, each uniform over the items ≠ y_n (torch's RNG,
+one draw each; duplicates among negatives are allowed)::
 
     sampled_ce = mean_n [ logsumexp(u_n·E[y_n], u_n·E[z_n,1], …, u_n·E[z_n,M]) − u_n·E[y_n] ]
     proto      = || P̂ P̂ᵀ − I ||_F² / K²          P̂ = row-normalized prototypes (0 when orthogonal)
@@ -71,8 +71,8 @@ Deviations from the paper, and why:
   otherwise only know domains through the items); the prototypes pool by the global state.
 - num_domains = 1 is supported (single-domain data: `domains` / `target_domain` may be None and
   mean "all domain 0"); MAN then has one local branch that sees what the global one sees.
-- A domain branch that no row of a batch targets is not run: its weights get no gradient in
-  that step (they could only get zeros).
+- Every domain branch runs in every step; one that no row of the batch targets gets zero
+  gradients (skipping it would need a host read of the target domains, a device sync).
 """
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..functional import dif_attention
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_finite, check_int, check_items, init_weights, positions_from_padding,
-                     valid_positions)
+from .blocks import (EncoderConfig, TransformerLayer, check_finite, check_int, check_items, check_range, flat_targets,
+                     init_weights, masked_mean, positions_from_padding, sample_negatives)
 
 __all__ = ["MAN", "MANConfig", "CrossAttention", "PrototypeAttention", "SequenceEncoder", "last_index",
            "prototype_regularizer", "sampled_softmax_loss"]
@@ -256,16 +256,18 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def sampled_softmax_loss(rows: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                         item_weight: torch.Tensor) -> torch.Tensor:
+                         item_weight: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mean_n [logsumexp(r_n·E[y_n], r_n·E[z_n,1..M]) − r_n·E[y_n]]: cross-entropy with the positive
-    at index 0. rows (N, D), positives (N,), negatives (N, M) int64 item ids, item_weight (V, D).
-    N = 0 gives 0 (with a graph)."""
+    at index 0. rows (N, D), positives (N,), negatives (N, M) int64 item ids, item_weight (V, D);
+    valid (N,) bool: the mean runs over these rows only (the others contribute exactly 0; None =
+    every row). N = 0, or no valid row, gives 0 (with a graph)."""
     if rows.shape[0] == 0:
         return rows.sum() * 0.0 + item_weight.sum() * 0.0
     pos = (rows * item_weight[positives]).sum(-1, keepdim=True)                   # (N, 1)
     neg = torch.bmm(item_weight[negatives], rows.unsqueeze(-1)).squeeze(-1)       # (N, M)
     logits = torch.cat([pos, neg], dim=1)
-    return torch.nn.functional.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+    per_row = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return per_row.mean() if valid is None else masked_mean(per_row, valid)
 
 
 # ---------------------------------------------------------------- the model
@@ -316,9 +318,8 @@ class MAN(SequentialRecommender):
                              f"{getattr(domains, 'dtype', type(domains).__name__)} "
                              f"{tuple(getattr(domains, 'shape', ()))}")
         domains = domains.to(torch.int64)
-        if domains.numel() and (int(domains.min()) < 0 or int(domains.max()) >= g):
-            raise ValueError(f"{name} holds domain ids outside [0, {g}) "
-                             f"(num_domains={g}; set it from the data set)")
+        check_range(domains, 0, g,
+                    f"{name} holds domain ids outside [0, {g}) (num_domains={g}; set it from the data set)")
         return domains
 
     # ------------------------------------------------------------ encoders
@@ -389,24 +390,18 @@ class MAN(SequentialRecommender):
         # local part of each row's target domain
         local = torch.zeros_like(vectors)
         for d in range(self.config.num_domains):
+            # Every branch runs, also one that no row of the batch targets (it then gets zero
+            # gradients): skipping it would need a host read of target_domains, i.e. a device sync.
             wanted = target_domains == d
-            if not bool(wanted.any()):
-                continue  # no row predicts a domain-d item: skip the branch
             z_d = self.local_predict[d](torch.cat(self.local_features(items, domains, d, glob, last_only), dim=-1))
             local = torch.where(wanted.unsqueeze(-1), z_d, local)
         return vectors + local
 
     # ------------------------------------------------------------ SequentialRecommender
     def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
-        """(N,) targets → (N, num_negatives) uniform items in 1..num_items, each redrawn while it
-        equals its row's target (torch's RNG)."""
-        n, m = self.config.num_items, self.config.num_negatives
-        negatives = torch.randint(1, n + 1, (targets.shape[0], m), device=targets.device)
-        clash = negatives == targets.unsqueeze(1)
-        while bool(clash.any()):
-            negatives[clash] = torch.randint(1, n + 1, (int(clash.sum()),), device=targets.device)
-            clash = negatives == targets.unsqueeze(1)
-        return negatives
+        """(N,) targets → (N, num_negatives) items, each uniform over 1..num_items without its row's
+        target (`blocks.sample_negatives`: one draw each, no redraw loop; torch's RNG)."""
+        return sample_negatives(targets, self.config.num_items, self.config.num_negatives)
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -414,10 +409,10 @@ class MAN(SequentialRecommender):
         domains = self._check_domains("batch.domains", batch.domains, shape)
         target_domains = self._check_domains("batch.target_domains", batch.target_domains, shape)
         vectors = self.encode(batch.items, domains, target_domains)
-        mask = valid_positions(batch)
-        rows, targets = vectors[mask], batch.targets[mask]
+        rows = vectors.reshape(-1, vectors.shape[-1])  # every position; those without a target are masked
+        targets = flat_targets(batch)
         negatives = self.sample_negatives(targets)
-        sampled_ce = sampled_softmax_loss(rows, targets, negatives, self.item_embedding.weight)
+        sampled_ce = sampled_softmax_loss(rows, targets, negatives, self.item_embedding.weight, targets != 0)
         proto = self.prototype_attention.regularizer()
         if self.config.proto_weight > 0:
             loss = sampled_ce + self.config.proto_weight * proto

@@ -45,7 +45,7 @@ from ..functional import dif_attention, full_item_cross_entropy
 from ..ops.cross_entropy.targets import SoftTarget, ted_teacher
 from .base import SequentialRecommender
 from .blocks import (EncoderConfig, FeedForward, TransformerLayer, check_finite, check_int, check_positive,
-                     check_items, full_softmax_loss, init_weights, positions_from_padding, valid_positions)
+                     check_items, flat_targets, full_softmax_loss, init_weights, positions_from_padding)
 
 
 @dataclass(kw_only=True)
@@ -161,6 +161,7 @@ class MQSATED(SequentialRecommender):
         self.long_attention = LongQueryAttention(config)
         init_weights(self, config.init_std)
         self.teacher: Optional[SoftTarget] = None
+        self._teacher_width: Optional[tuple[SoftTarget, int]] = None  # (teacher, its max_row_nnz)
 
     def set_teacher(self, sequences: Union[Any, Iterable[Sequence[int]]]) -> SoftTarget:
         """Build the TED teacher from the TRAINING sequences (item ids 1..num_items, 0 = padding,
@@ -173,6 +174,7 @@ class MQSATED(SequentialRecommender):
             if seq.size and (int(seq.min()) < -1 or int(seq.max()) >= self.config.num_items):
                 raise ValueError(f"teacher sequences hold item ids outside [0, {self.config.num_items}]")
         self.teacher = ted_teacher(shifted, self.config.num_items, self.config.tau, pad_id=-1)
+        self._teacher_width = (self.teacher, self.teacher.max_row_nnz())  # on the CPU: no device sync
         return self.teacher
 
     def encode_short(self, items: torch.Tensor) -> torch.Tensor:
@@ -198,18 +200,34 @@ class MQSATED(SequentialRecommender):
         return alpha * short + (1.0 - alpha) * long
 
     def kd_loss(self, items: torch.Tensor) -> torch.Tensor:
-        """Mean over the given input items (N,) in 1..num_items of CE(teacher row, softmax(e_i·Eᵀ/τ))."""
-        if self.teacher is None:
-            raise ValueError("MQSATED needs a teacher when kd_weight > 0: call model.set_teacher(train_sequences) "
-                             "before training (or set kd_weight=0)")
+        """Mean over the input items (N,) in 1..num_items of CE(teacher row, softmax(e_i·Eᵀ/τ)); an
+        entry 0 means "no row" and is left out (exactly 0 to the loss and its gradients). The teacher
+        rows are gathered at a fixed width (`SoftTarget.rows(width=...)`), so no value is read on
+        the host."""
+        teacher, width = self._teacher_on(items.device)
         weight = self.item_embedding.weight
         if items.numel() == 0:
             return weight.sum() * 0.0
-        if self.teacher.base.device != items.device:
-            self.teacher = self.teacher.to(items.device)
-        target = self.teacher.rows(items - 1)
+        keep = items != 0
+        rows = teacher.rows((items - 1).clamp_min(0), width=width)
+        target = SoftTarget(torch.where(keep, rows.base, 0.0), rows.indptr, rows.indices,
+                            torch.where(keep[:, None], rows.values.view(items.shape[0], width), 0.0).reshape(-1))
         return full_item_cross_entropy(weight[items], weight[1:], target, temperature=self.config.tau,
                                        backend=self.config.backend)
+
+    def _teacher_on(self, device: torch.device) -> tuple[SoftTarget, int]:
+        """(the teacher on `device`, its `max_row_nnz`): the width is read once per teacher (at
+        `set_teacher`, or on first use of a teacher assigned directly), never per step."""
+        if self.teacher is None:
+            raise ValueError("MQSATED needs a teacher when kd_weight > 0: call model.set_teacher(train_sequences) "
+                             "before training (or set kd_weight=0)")
+        if self._teacher_width is None or self._teacher_width[0] is not self.teacher:
+            self._teacher_width = (self.teacher, self.teacher.max_row_nnz())
+        width = self._teacher_width[1]
+        if self.teacher.base.device != device:
+            self.teacher = self.teacher.to(device)
+            self._teacher_width = (self.teacher, width)
+        return self.teacher, width
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -217,11 +235,11 @@ class MQSATED(SequentialRecommender):
             raise ValueError("MQSATED needs a teacher when kd_weight > 0: call model.set_teacher(train_sequences) "
                              "before training (or set kd_weight=0)")
         hidden = self.encode(batch.items)
-        mask = valid_positions(batch)
+        targets = flat_targets(batch)  # every position; those without a target are masked (0)
         weight = self.item_embedding.weight
-        ce = full_softmax_loss(hidden[mask], batch.targets[mask], weight, self.config.backend)
+        ce = full_softmax_loss(hidden.reshape(-1, hidden.shape[-1]), targets, weight, self.config.backend)
         if self.config.kd_weight > 0:
-            kd = self.kd_loss(batch.items[mask])
+            kd = self.kd_loss(torch.where(targets != 0, batch.items.reshape(-1), 0))
             loss = ce + self.config.kd_weight * kd
         else:
             kd = ce.detach() * 0.0

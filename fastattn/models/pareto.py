@@ -44,7 +44,8 @@ Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 __all__ = ["NORMALIZATIONS", "active_constraints", "gram_matrix", "min_norm_from_gram", "min_norm_weights",
-           "pareto_mtl_init_weights", "pareto_mtl_weights", "preference_vectors"]
+           "pareto_mtl_init_weights", "pareto_mtl_init_weights_from_gram", "pareto_mtl_weights",
+           "pareto_mtl_weights_from_gram", "preference_vectors"]
 
 
 # ---------------------------------------------------------------- min-norm solver
@@ -226,10 +227,10 @@ def active_constraints(losses: torch.Tensor, preferences: torch.Tensor, region: 
     return active, directions
 
 
-def _normalized_gram(grads: Grads, losses: torch.Tensor, normalization: str) -> torch.Tensor:
+def _normalize_gram(gram: torch.Tensor, losses: torch.Tensor, normalization: str) -> torch.Tensor:
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    gram = gram_matrix(grads)
+    gram = _check_gram(gram)
     if normalization == "none":
         return gram
     norms = gram.diagonal().clamp_min(0.0).sqrt()
@@ -262,8 +263,17 @@ def pareto_mtl_weights(grads: Grads, losses: torch.Tensor, preferences: torch.Te
     A = [I_m ; (p_j − p_k)_{j in I}] ((m + |I|) × m), sol = min-norm weights of the vectors
     A·[g_1..g_m] (Gram A G Aᵀ), w = Aᵀ sol, then w / Σ|w|.
     """
+    return pareto_mtl_weights_from_gram(gram_matrix(grads), losses, preferences, region, normalization=normalization,
+                                        margin=margin, max_iter=max_iter, tol=tol)
+
+
+def pareto_mtl_weights_from_gram(gram: torch.Tensor, losses: torch.Tensor, preferences: torch.Tensor, region: int, *,
+                                 normalization: str = "l2", margin: float = 0.0, max_iter: int = 1000,
+                                 tol: float = 1e-10) -> torch.Tensor:
+    """`pareto_mtl_weights` from the Gram matrix G (m, m), G_ij = g_i · g_j, of the gradients (all
+    the solve needs: a caller can form G on the device and bring only m² numbers to the host)."""
     losses, preferences = _check_problem(losses, preferences, region, None)
-    gram = _normalized_gram(grads, losses, normalization)
+    gram = _normalize_gram(gram, losses, normalization)
     m = gram.shape[0]
     _check_problem(losses, preferences, region, m)
     active, directions = active_constraints(losses, preferences, region, margin=margin)
@@ -281,8 +291,17 @@ def pareto_mtl_init_weights(grads: Grads, losses: torch.Tensor, preferences: tor
     One active constraint j: w ∝ p_j − p_k; several: sol = min-norm weights of {∇G_j} and
     w = Σ_j sol_j (p_j − p_k). Arguments as in `pareto_mtl_weights`.
     """
+    return pareto_mtl_init_weights_from_gram(gram_matrix(grads), losses, preferences, region,
+                                             normalization=normalization, margin=margin, max_iter=max_iter, tol=tol)
+
+
+def pareto_mtl_init_weights_from_gram(gram: torch.Tensor, losses: torch.Tensor, preferences: torch.Tensor,
+                                      region: int, *, normalization: str = "l2", margin: float = 0.0,
+                                      max_iter: int = 1000, tol: float = 1e-10) -> Optional[torch.Tensor]:
+    """`pareto_mtl_init_weights` from the Gram matrix G (m, m) of the gradients (see
+    `pareto_mtl_weights_from_gram`)."""
     losses, preferences = _check_problem(losses, preferences, region, None)
-    gram = _normalized_gram(grads, losses, normalization)
+    gram = _normalize_gram(gram, losses, normalization)
     _check_problem(losses, preferences, region, gram.shape[0])
     active, directions = active_constraints(losses, preferences, region, margin=margin)
     if not bool(active.any()):

@@ -13,8 +13,9 @@ Two recipes (`SASRecConfig.loss`), over the valid positions (input item and next
 
 - "ce" (RecBole): full softmax over all items, mean_n [logsumexp_j x_n·E_j − x_n·E_{y_n}],
   by `fastattn.full_item_cross_entropy` on the gathered valid rows (never N×V logits).
-- "bce" (the paper): one uniformly sampled negative item z_n ≠ y_n per position,
-  mean_n [−log σ(x_n·E_{y_n}) − log(1 − σ(x_n·E_{z_n}))]; negatives come from torch's RNG.
+- "bce" (the paper): one negative item z_n per position, uniform over the items ≠ y_n,
+  mean_n [−log σ(x_n·E_{y_n}) − log(1 − σ(x_n·E_{z_n}))]; negatives come from torch's RNG
+  (`blocks.sample_negatives`: one draw, no redraw loop).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_items, full_softmax_loss, init_weights,
-                     positions_from_padding, valid_positions)
+from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_items, flat_targets, full_softmax_loss,
+                     init_weights, masked_mean, positions_from_padding, sample_negatives)
 
 LOSSES = ("ce", "bce")
 
@@ -86,29 +87,23 @@ class SASRec(SequentialRecommender):
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
         hidden = self.encode(batch.items)
-        mask = valid_positions(batch)
-        rows, targets = hidden[mask], batch.targets[mask]
+        rows = hidden.reshape(-1, hidden.shape[-1])  # every position; those without a target are masked
+        targets = flat_targets(batch)
         weight = self.item_embedding.weight
         if self.config.loss == "ce":
             loss = full_softmax_loss(rows, targets, weight, self.config.backend)
             return {"loss": loss, "ce": loss}
-        negatives = self.sample_negatives(targets)
+        negatives = sample_negatives(targets, self.config.num_items)
         pos_logit = (rows * weight[targets]).sum(-1)
         neg_logit = (rows * weight[negatives]).sum(-1)
         # −log σ(a) = softplus(−a), −log(1 − σ(b)) = softplus(b)
         per_row = torch.nn.functional.softplus(-pos_logit) + torch.nn.functional.softplus(neg_logit)
-        loss = per_row.mean() if per_row.numel() else rows.sum() * 0.0
+        loss = masked_mean(per_row, targets != 0)
         return {"loss": loss, "bce": loss}
 
     def sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
-        """One uniform item in 1..num_items per target, redrawn while it equals the target (torch RNG)."""
-        n = self.config.num_items
-        negatives = torch.randint(1, n + 1, targets.shape, device=targets.device)
-        clash = negatives == targets
-        while bool(clash.any()):
-            negatives[clash] = torch.randint(1, n + 1, (int(clash.sum()),), device=targets.device)
-            clash = negatives == targets
-        return negatives
+        """One item per target, uniform over 1..num_items without the target (`sample_negatives`)."""
+        return sample_negatives(targets, self.config.num_items)
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         check_items(batch, self.config.num_items, self.config.max_len)

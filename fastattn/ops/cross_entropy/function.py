@@ -7,7 +7,8 @@ and mass_i = Σ_j t_ij (1, or 0 for an ignored row):
     Σ_j t_ij z_ij = w_i z_{i,y_i} + base_i·scale·(h_i·Σ_j E_j + Σ_j b_j) + Σ_sparse value·z_ij
 
 The kernels give LSE and the dense + hard-target part of the gradient; the sparse part (cost
-∝ its nonzeros) is gathered here, deterministically (segment sums and a coalesced sparse mm).
+∝ its nonzeros) is gathered here, deterministically (segment sums, per row and per item) and
+without reading a tensor value on the host.
 """
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ class CrossEntropyKernels(Protocol):
 @dataclass(frozen=True)
 class RowTargets:
     """Targets resolved per row (all (N,) unless noted): hard index (-1: none) with weight,
-    dense base, total mass, and the CSR sparse part (indptr (N+1,), indices/values (nnz,))."""
+    dense base, total mass, and the CSR sparse part (indptr (N+1,), indices/values (nnz,)).
+    has_base: False when the caller knows every base is 0 (hard targets without label
+    smoothing), which skips the dense base term without reading `base` on the host."""
 
     index: torch.Tensor
     weight: torch.Tensor
@@ -49,6 +52,7 @@ class RowTargets:
     indptr: torch.Tensor
     indices: torch.Tensor
     values: torch.Tensor
+    has_base: bool = True
 
     @property
     def has_sparse(self) -> bool:
@@ -80,7 +84,7 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
         safe_index = targets.index.clamp_min(0)
         linear = targets.weight * _row_dots(h32, weight, bias, torch.arange(hidden.shape[0], device=hidden.device),
                                             safe_index)
-        if bool((targets.base != 0).any()):
+        if targets.has_base:
             total = h32 @ weight.to(h32.dtype).sum(dim=0)
             if bias is not None:
                 total = total + bias.to(h32.dtype).sum()
@@ -118,11 +122,13 @@ def _gradients(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor
         rows = _sparse_rows(t)
         dz = -ctx.scale * g[rows] * t.values  # (nnz,)
         dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].to(acc), "sum", offsets=t.indptr, axis=0)
-        # dE_j += Σ_e dz_e h_row(e): a coalesced (V × N) sparse matrix times [H | 1] — no atomics.
+        # dE_j += Σ_e dz_e [h_row(e) | 1]: entries sorted by item (stable), one segment sum per item —
+        # deterministic, no atomics, and no data-dependent size (a sparse coalesce would sync).
         n, v = hidden.shape[0], weight.shape[0]
-        scatter = torch.sparse_coo_tensor(torch.stack([t.indices, rows]), dz, (v, n), check_invariants=False).coalesce()
+        order = torch.argsort(t.indices, stable=True)
+        item_offsets = torch.searchsorted(t.indices[order], torch.arange(v + 1, device=hidden.device))
         rhs = torch.cat([hidden.to(acc), torch.ones(n, 1, dtype=acc, device=hidden.device)], dim=1)
-        both = torch.sparse.mm(scatter, rhs)
+        both = torch.segment_reduce(dz[order, None] * rhs[rows[order]], "sum", offsets=item_offsets, axis=0)
         de = de + both[:, :-1]
         if db is not None:
             db = db + both[:, -1]
@@ -131,5 +137,7 @@ def _gradients(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor
 
 
 def _sparse_rows(t: RowTargets) -> torch.Tensor:
+    """(nnz,) int64: the row of each sparse entry (output_size given: no device sync)."""
     counts = t.indptr[1:] - t.indptr[:-1]
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                   output_size=t.indices.shape[0])

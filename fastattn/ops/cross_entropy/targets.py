@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from ..checks import check_values
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,15 @@ class SoftTarget:
         return self.base.shape[0]
 
     def row_ids(self) -> torch.Tensor:
-        """(nnz,) int64: the row of each sparse entry."""
+        """(nnz,) int64: the row of each sparse entry (no device sync: the size is nnz)."""
         counts = self.indptr[1:] - self.indptr[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_rows, device=self.indptr.device), counts)
+        return torch.repeat_interleave(torch.arange(self.num_rows, device=self.indptr.device), counts,
+                                       output_size=self.indices.shape[0])
+
+    def max_row_nnz(self) -> int:
+        """The most sparse entries any row has (0 without rows): the `width` that `rows` needs. Reads
+        the value on the host — call it once when the target is built, not per training step."""
+        return int((self.indptr[1:] - self.indptr[:-1]).max()) if self.num_rows else 0
 
     def mass(self, num_items: int) -> torch.Tensor:
         """(N,) float64: Σ_j t_ij for each row."""
@@ -52,12 +60,22 @@ class SoftTarget:
         sparse.index_add_(0, self.row_ids(), self.values.double())
         return self.base.double() * num_items + sparse
 
-    def rows(self, row_index: Union[torch.Tensor, int, Sequence[int]]) -> "SoftTarget":
+    def rows(self, row_index: Union[torch.Tensor, int, Sequence[int]], *, width: Optional[int] = None
+             ) -> "SoftTarget":
         """The sub-target of the given rows (integer ids in [0, N), any shape; flattened), e.g. teacher
-        rows of a batch's items. An id outside [0, N) raises IndexError (no negative indexing)."""
+        rows of a batch's items. An id outside [0, N) raises IndexError (no negative indexing).
+
+        width=None: exactly the rows' entries; their count is a data-dependent size, read on the
+        host (one device sync). width=K (>= `max_row_nnz()`): every output row holds exactly K
+        entries, its own followed by zeros (value 0 at item 0, which changes no loss or gradient),
+        so no value is read on the host; the id and width checks then run only where they cost no
+        sync (`fastattn.ops.checks`: CPU tensors; a device-side assert on CUDA).
+        """
         row_index = torch.as_tensor(row_index, device=self.indptr.device)
         if row_index.dtype.is_floating_point or row_index.dtype.is_complex or row_index.dtype == torch.bool:
             raise TypeError(f"SoftTarget.rows: row_index must hold integer row ids, got {row_index.dtype}")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 0):
+            raise ValueError(f"SoftTarget.rows: width must be an int >= 0 or None, got {width!r}")
         row_index = row_index.reshape(-1).to(torch.int64)
         bad = (row_index < 0) | (row_index >= self.num_rows)
         if self.num_rows == 0 and row_index.numel():
@@ -65,7 +83,9 @@ class SoftTarget:
         safe = row_index.masked_fill(bad, 0)
         start = self.indptr[safe]
         counts = self.indptr[safe + 1] - start
-        # One host sync for both the output size and the range check (the training loop's only one here).
+        if width is not None:
+            return self._padded_rows(row_index, bad, safe, start, counts, width)
+        # One host sync for both the output size and the range check.
         total, num_bad = torch.stack([counts.sum(), bad.sum()]).tolist()
         if num_bad:
             self._bad_row(row_index, bad)
@@ -77,9 +97,34 @@ class SoftTarget:
         source = torch.repeat_interleave(start, counts, output_size=total) + within
         return SoftTarget(self.base[row_index], indptr, self.indices[source], self.values[source])
 
+    def _padded_rows(self, row_index: torch.Tensor, bad: torch.Tensor, safe: torch.Tensor, start: torch.Tensor,
+                     counts: torch.Tensor, width: int) -> "SoftTarget":
+        """`rows` with `width` entries per output row (see there): shapes from the arguments only."""
+        check_values(lambda: ~bad.any(), row_index.device, "SoftTarget.rows: row_index holds an id outside "
+                     f"[0, {self.num_rows}) (the rows of this target)", error=IndexError,
+                     detail=lambda: self._bad_row_message(row_index, bad))
+        check_values(lambda: (counts <= width).all(), row_index.device,
+                     f"SoftTarget.rows: a row has more than width={width} entries (use width >= max_row_nnz())")
+        n, device = row_index.numel(), self.indptr.device
+        slot = torch.arange(width, device=device)
+        used = slot < counts[:, None]  # (n, width)
+        source = torch.where(used, start[:, None] + slot, 0).reshape(-1)
+        used = used.reshape(-1)
+        if self.indices.shape[0] == 0:  # nothing to gather from: every slot is padding
+            source = torch.zeros_like(source)
+            indices, values = source, torch.zeros(source.shape, dtype=self.values.dtype, device=device)
+        else:
+            indices = torch.where(used, self.indices[source], 0)
+            values = torch.where(used, self.values[source], 0.0)
+        indptr = torch.arange(n + 1, device=device) * width
+        return SoftTarget(self.base[safe], indptr, indices, values)
+
     def _bad_row(self, row_index: torch.Tensor, bad: torch.Tensor) -> None:
-        raise IndexError(f"SoftTarget.rows: row_index holds {int(row_index[bad][0])}, outside [0, {self.num_rows}) "
-                         f"(the rows of this target)")
+        raise IndexError(self._bad_row_message(row_index, bad))
+
+    def _bad_row_message(self, row_index: torch.Tensor, bad: torch.Tensor) -> str:
+        return (f"SoftTarget.rows: row_index holds {int(row_index[bad][0])}, outside [0, {self.num_rows}) "
+                f"(the rows of this target)")
 
     def to(self, device: Union[str, torch.device]) -> "SoftTarget":
         return SoftTarget(*(t.to(device) for t in (self.base, self.indptr, self.indices, self.values)))
@@ -111,20 +156,32 @@ def validate_soft_target(target: SoftTarget, num_rows: int, num_items: int, devi
     if target.values.shape != (nnz,) or not target.values.dtype.is_floating_point:
         raise ValueError(f"target.values must be a float tensor of shape (nnz={nnz},), "
                          f"got {tuple(target.values.shape)} {target.values.dtype}")
-    if int(target.indptr[0]) != 0 or int(target.indptr[-1]) != nnz or bool((target.indptr.diff() < 0).any()):
-        raise ValueError(f"target.indptr must start at 0, be non-decreasing and end at nnz={nnz}")
-    if nnz and (int(target.indices.min()) < 0 or int(target.indices.max()) >= num_items):
-        raise ValueError(f"target.indices must lie in [0, {num_items}) (the number of items), got "
-                         f"[{int(target.indices.min())}, {int(target.indices.max())}]")
-    if bool((target.base < 0).any()) or bool((target.values < 0).any()):
-        raise ValueError("target.base and target.values must be non-negative")
+    _check_soft_values(target, num_items, nnz, device)
     mass = target.mass(num_items)
     bad = ~((mass - 1).abs() <= atol) & ~(mass.abs() <= atol)
-    if bool(bad.any()):
+
+    def first_bad_row() -> str:
         row = int(bad.nonzero()[0])
-        raise ValueError(f"target rows must sum to 1 (or 0 to ignore the row) within {atol}: "
-                         f"row {row} sums to {float(mass[row]):.6g}")
+        return (f"target rows must sum to 1 (or 0 to ignore the row) within {atol}: "
+                f"row {row} sums to {float(mass[row]):.6g}")
+
+    check_values(lambda: ~bad.any(), device, f"target rows must sum to 1 (or 0 to ignore the row) within {atol}",
+                 detail=first_bad_row)
     return torch.where(mass.abs() <= atol, torch.zeros_like(mass), mass)
+
+
+def _check_soft_values(target: SoftTarget, num_items: int, nnz: int, device: torch.device) -> None:
+    """The value checks of `validate_soft_target` (CSR layout, index range, signs), each only where
+    it costs no device sync (`fastattn.ops.checks`)."""
+    indptr, indices = target.indptr, target.indices
+    check_values(lambda: (indptr[0] == 0) & (indptr[-1] == nnz) & (indptr.diff() >= 0).all(), device,
+                 f"target.indptr must start at 0, be non-decreasing and end at nnz={nnz}")
+    check_values(lambda: ((indices >= 0) & (indices < num_items)).all(), device,
+                 f"target.indices must lie in [0, {num_items}) (the number of items)",
+                 detail=lambda: (f"target.indices must lie in [0, {num_items}) (the number of items), got "
+                                 f"[{int(indices.min())}, {int(indices.max())}]"))
+    check_values(lambda: (target.base >= 0).all() & (target.values >= 0).all(), device,
+                 "target.base and target.values must be non-negative")
 
 
 def ted_teacher(sequences: Iterable[Sequence[int]], num_items: int, tau: float = 0.1,
