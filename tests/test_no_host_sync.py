@@ -13,6 +13,7 @@ their target and are uniform over the other items.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import pytest
@@ -23,6 +24,7 @@ from fastattn.data.batch import TrainBatch
 from fastattn.functional import full_item_cross_entropy, topk_items
 from fastattn.models import DIFSR, MAN, MQSATED, SASRec, DIFSRConfig, MANConfig, MQSATEDConfig, SASRecConfig
 from fastattn.models.autocdsr import AutoCDSR, AutoCDSRConfig, AutoCDSRPlus, AutoCDSRPlusConfig, _ACDRecommender
+from fastattn.models.blocks import check_range
 from fastattn.ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
 from fastattn.ops.cross_entropy.targets import ted_teacher
 
@@ -197,3 +199,29 @@ def test_soft_target_rows_at_a_fixed_width_equal_the_exact_rows() -> None:
     with pytest.raises(ValueError, match="width must be an int >= 0"):
         teacher.rows(index, width=-1)
     assert teacher.rows(torch.zeros(0, dtype=torch.int64), width=width).num_rows == 0
+
+
+# ---------------------------------------------------------------- value checks where they are free
+def test_id_checks_still_raise_on_cpu_and_read_nothing_on_meta() -> None:
+    check_range(torch.tensor([0, 3, 4]), 0, 5, "unused")
+    with pytest.raises(ValueError, match="ids out of range"):
+        check_range(torch.tensor([0, 5]), 0, 5, "ids out of range")
+    check_range(torch.full((3,), 99, device="meta"), 0, 5, "never checked on meta")
+    good = TrainBatch(items=torch.tensor([[0, 1, 2]]), targets=torch.tensor([[0, 2, 3]]),
+                      attributes=(torch.ones(1, 3, 2, dtype=torch.int64), torch.ones(1, 3, 1, dtype=torch.int64)),
+                      target_attributes=(torch.ones(1, 3, 2, dtype=torch.int64),
+                                         torch.ones(1, 3, 1, dtype=torch.int64)),
+                      domains=torch.zeros(1, 3, dtype=torch.int64), target_domains=torch.zeros(1, 3, dtype=torch.int64))
+    bad = {"batch.items holds ids outside": dict(items=torch.tensor([[0, 1, NUM_ITEMS + 1]])),
+           "batch.targets holds ids outside": dict(targets=torch.tensor([[0, -1, 3]])),
+           r"batch.attributes\[1\] holds ids outside": dict(attributes=(good.attributes[0], torch.full((1, 3, 1), 3))),
+           "batch.domains holds domain ids outside": dict(domains=torch.tensor([[0, 2, 0]]))}
+    torch.manual_seed(0)
+    models = {"difsr": BUILDERS["difsr"](COMMON), "man": BUILDERS["man"](COMMON),
+              "autocdsr": BUILDERS["autocdsr_fixed"](COMMON)}
+    for message, change in bad.items():
+        name = "difsr" if "attributes" in message else "man" if "domains" in message else "autocdsr"
+        with pytest.raises(ValueError, match=message):
+            models[name].losses(replace(good, **change))
+    with pytest.raises(ValueError, match=r"batch.domains holds ids outside \[0, 2\)"):
+        models["autocdsr"].losses(replace(good, domains=torch.tensor([[0, 2, 0]])))
