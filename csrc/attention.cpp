@@ -29,17 +29,17 @@ constexpr int64_t kBlockM = 64;
 constexpr int64_t kBlockN = 256;
 
 // ------------------------------------------------------------------ dropout RNG
-// Philox-4x32-10 exactly as triton.language.random: key (k0, k1) = the 64-bit seed split in
-// halves, counter (offset, 0, 0, 0); tl.rand keeps the first output word. So the C++ and
-// Triton kernels draw identical masks for the same seed.
+// As `dropout_keep` in triton_fwd.py, so both backends draw identical masks for a seed:
+// Philox-4x32-10 exactly as triton.language.random.philox_impl with key (k0, k1) = the call's
+// 64-bit seed split in halves; element (R, j) of flat row R = (b·H + h)·Lq + i takes output word
+// j % 4 of the 64-bit counter R·⌈Lk/4⌉ + j/4, given as counter words (low, high, 0, 0).
 
 inline uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-inline uint32_t philox_first_word(uint64_t key, uint32_t counter) {
-  uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+inline void philox4x32(uint32_t k0, uint32_t k1, uint64_t counter, uint32_t out[4]) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
   for (int round = 0; round < 10; ++round) {
     const uint32_t a0 = c0, a2 = c2;
     c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
@@ -49,7 +49,10 @@ inline uint32_t philox_first_word(uint64_t key, uint32_t counter) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
 // tl.rand's uint_to_uniform_float for 32 bits, in fp32 as on the GPU.
@@ -59,17 +62,20 @@ inline float uniform_from_bits(uint32_t bits) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// keep[r·bn + c] = 1 iff the probability (m0 + r, n0 + c) of head `bh` survives dropout.
-// Key seed + bh and counter i·Lk + j (low 32 bits), as `dropout_keep` in triton_fwd.py.
-void dropout_keep_block(int64_t seed, int64_t bh, int64_t lk, float p, int64_t m0, int64_t bm, int64_t n0,
-                        int64_t bn, uint8_t* keep) {
-  const uint64_t key = static_cast<uint64_t>(seed + bh);
+// keep[r·bn + c] = 1 iff the probability (flat row row0 + r, key n0 + c) survives dropout; bn <= kBlockN.
+void dropout_keep_block(int64_t seed, int64_t row0, int64_t lk, float p, int64_t bm, int64_t n0, int64_t bn,
+                        uint8_t* keep) {
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  const int64_t groups = (lk + 3) / 4, g0 = n0 / 4, g1 = (n0 + bn + 3) / 4;
+  uint32_t bits[kBlockN + 8];  // the words of counters g0..g1-1: the block plus <= 3 on each side
   for (int64_t r = 0; r < bm; ++r) {
-    const int64_t base = (m0 + r) * lk + n0;
+    const uint64_t base = static_cast<uint64_t>(row0 + r) * static_cast<uint64_t>(groups);
+    for (int64_t g = g0; g < g1; ++g) philox4x32(k0, k1, base + static_cast<uint64_t>(g), bits + 4 * (g - g0));
+    const uint32_t* first = bits + (n0 - 4 * g0);
+    uint8_t* row = keep + r * bn;
 #pragma omp simd
-    for (int64_t c = 0; c < bn; ++c) {
-      keep[r * bn + c] = uniform_from_bits(philox_first_word(key, static_cast<uint32_t>(base + c))) >= p;
-    }
+    for (int64_t c = 0; c < bn; ++c) row[c] = uniform_from_bits(first[c]) >= p;
   }
 }
 
@@ -223,7 +229,7 @@ void forward_rows(const Problem<T>& pb, int64_t bh, int64_t m0, int64_t bm, T* o
     const int64_t bn = std::min(kBlockN, hi - n0);
     T* s = ws.s.data();
     block_scores(pb, bh, m0, bm, n0, bn, s);
-    if (dropout) dropout_keep_block(pb.seed, bh, pb.lk, pb.dropout_p, m0, bm, n0, bn, ws.keep.data());
+    if (dropout) dropout_keep_block(pb.seed, bh * pb.lq + m0, pb.lk, pb.dropout_p, bm, n0, bn, ws.keep.data());
     const int64_t* dk = pb.dom_k != nullptr ? pb.dom_k + b * pb.lk + n0 : nullptr;
     for (int64_t r = 0; r < bm; ++r) {
       T* row = s + r * bn;
@@ -298,7 +304,7 @@ void block_grad_scores(const Problem<T>& pb, const RowStats<T>& rs, int64_t bh, 
   gemm_rm<T>(false, true, bm, bn, pb.dv, rs.dout + (bh * pb.lq + m0) * pb.dv, pb.v + (bh * pb.lk + n0) * pb.dv,
              T(0), dp);
   const bool dropout = pb.dropout_p > 0.0f;
-  if (dropout) dropout_keep_block(pb.seed, bh, pb.lk, pb.dropout_p, m0, bm, n0, bn, ws.keep.data());
+  if (dropout) dropout_keep_block(pb.seed, bh * pb.lq + m0, pb.lk, pb.dropout_p, bm, n0, bn, ws.keep.data());
   const T inv_keep = dropout ? T(1) / (T(1) - T(pb.dropout_p)) : T(1);
   const int64_t* dk = (rs.gacd != nullptr && pb.dom_k != nullptr) ? pb.dom_k + b * pb.lk + n0 : nullptr;
   for (int64_t r = 0; r < bm; ++r) {
@@ -546,18 +552,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   return {dq.to(dt), dk.to(dt), dvv.to(dt)};
 }
 
-at::Tensor attn_dropout_mask(int64_t seed, double dropout_p, int64_t batch, int64_t heads, int64_t lq, int64_t lk) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attn_dropout_mask: dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(batch >= 0 && heads >= 0 && lq >= 0 && lk >= 0,
-              "attn_dropout_mask: batch, heads, lq and lk must be >= 0, got ", batch, ", ", heads, ", ", lq, ", ", lk);
-  at::Tensor keep = at::empty({batch, heads, lq, lk}, at::TensorOptions().dtype(at::kBool));
+at::Tensor attn_dropout_rows(int64_t seed, double dropout_p, int64_t lk, int64_t first_row, int64_t num_rows) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attn_dropout_rows: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(lk >= 0 && first_row >= 0 && num_rows >= 0,
+              "attn_dropout_rows: lk, first_row and num_rows must be >= 0, got ", lk, ", ", first_row, ", ", num_rows);
+  at::Tensor keep = at::empty({num_rows, lk}, at::TensorOptions().dtype(at::kBool));
   uint8_t* keep_p = reinterpret_cast<uint8_t*>(keep.data_ptr<bool>());
   const float p = static_cast<float>(dropout_p);
-  // One work item per (head, row): the same blocks the kernels draw, one row at a time.
-  at::parallel_for(0, batch * heads * lq, std::max<int64_t>(1, 4096 / std::max<int64_t>(lk, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      dropout_keep_block(seed, item / std::max<int64_t>(lq, 1), lk, p, item % lq, 1, 0, lk, keep_p + item * lk);
+  // One work item per row, in key blocks of kBlockN as the kernels draw them.
+  at::parallel_for(0, num_rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(lk, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t n0 = 0; n0 < lk; n0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, lk - n0);
+        dropout_keep_block(seed, first_row + r, lk, p, 1, n0, bn, keep_p + r * lk + n0);
+      }
     }
   });
   return keep;

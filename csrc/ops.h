@@ -24,8 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
     const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed);
 
-// The bool (B,H,Lq,Lk) keep-mask the attention kernels draw for `seed` (tests, debugging).
-at::Tensor attn_dropout_mask(int64_t seed, double dropout_p, int64_t batch, int64_t heads, int64_t lq, int64_t lk);
+// Rows [first_row, first_row + num_rows) of the (B·H·Lq, Lk) bool keep-mask the attention kernels
+// draw for `seed`, flat row (b·H + h)·Lq + i (it depends on Lk but not on B, H, Lq): tests, debugging.
+at::Tensor attn_dropout_rows(int64_t seed, double dropout_p, int64_t lk, int64_t first_row, int64_t num_rows);
 
 // Full-catalog cross-entropy (see fastattn/ops/cross_entropy/function.py).
 at::Tensor ce_lse(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

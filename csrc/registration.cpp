@@ -10,7 +10,7 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attn_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor? grad_acd, "
         "Tensor? key_padding_mask, Tensor? dom_q, Tensor? dom_k, float scale, bool causal, float dropout_p, "
         "int seed) -> (Tensor, Tensor, Tensor)");
-  m.def("attn_dropout_mask(int seed, float dropout_p, int batch, int heads, int lq, int lk) -> Tensor");
+  m.def("attn_dropout_rows(int seed, float dropout_p, int lk, int first_row, int num_rows) -> Tensor");
   m.def("ce_lse(Tensor hidden, Tensor weight, Tensor? bias, float scale) -> Tensor");
   m.def("ce_bwd(Tensor hidden, Tensor weight, Tensor? bias, float scale, Tensor lse, Tensor coef_p, "
         "Tensor coef_base, Tensor target, Tensor coef_t) -> (Tensor, Tensor, Tensor)");
@@ -25,9 +25,9 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("topk_items", &fastattn::topk_items);
 }
 
-// attn_dropout_mask takes no tensor, so it needs a backend-less (CompositeExplicitAutograd) kernel.
+// attn_dropout_rows takes no tensor, so it needs a backend-less (CompositeExplicitAutograd) kernel.
 TORCH_LIBRARY_IMPL(fastattn, CompositeExplicitAutograd, m) {
-  m.impl("attn_dropout_mask", &fastattn::attn_dropout_mask);
+  m.impl("attn_dropout_rows", &fastattn::attn_dropout_rows);
 }
 
 // Importable as fastattn._C when built by setup.py; loading it registers the operators.

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 import fastattn
@@ -132,13 +133,47 @@ def max_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
 
 def kernel_keep_mask(backend: str, seed: int, p: float, b: int, h: int, lq: int, lk: int) -> torch.Tensor:
     """The bool (B,H,Lq,Lk) dropout keep-mask `backend`'s kernels draw for `seed`."""
+    return kernel_keep_rows(backend, seed, p, lk, 0, b * h * lq).view(b, h, lq, lk)
+
+
+def kernel_keep_rows(backend: str, seed: int, p: float, lk: int, first_row: int, n_rows: int) -> torch.Tensor:
+    """Bool (n_rows, Lk): flat rows [first_row, first_row + n_rows) of `backend`'s keep-mask for `seed`."""
     if backend == "cpp":
-        from fastattn.ops.attention.cpp import cpp_dropout_keep_mask
+        from fastattn.ops.attention.cpp import cpp_dropout_keep_rows
 
-        return cpp_dropout_keep_mask(seed, p, b, h, lq, lk)
-    from fastattn.ops.attention.triton_fwd import dropout_keep_mask
+        return cpp_dropout_keep_rows(seed, p, lk, first_row, n_rows)
+    from fastattn.ops.attention.triton_fwd import dropout_keep_rows
 
-    return dropout_keep_mask(seed, p, b, h, lq, lk, torch.device("cpu"))
+    return dropout_keep_rows(seed, p, lk, first_row, n_rows, torch.device("cpu"))
+
+
+# The dropout RNG scheme of the kernels (triton_fwd.dropout_keep), written out element by element.
+M32 = 0xFFFFFFFF
+
+
+def philox4x32(key: int, counter: int) -> list[int]:
+    """Philox-4x32-10 (Salmon et al. 2011) of counter words (low, high, 0, 0) and key (low, high)."""
+    c = [counter & M32, counter >> 32, 0, 0]
+    k0, k1 = key & M32, key >> 32
+    for _ in range(10):
+        a0, a2 = c[0], c[2]
+        c = [((0xCD9E8D57 * a2) >> 32) ^ c[1] ^ k0, (0xCD9E8D57 * a2) & M32,
+             ((0xD2511F53 * a0) >> 32) ^ c[3] ^ k1, (0xD2511F53 * a0) & M32]
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c
+
+
+def reference_keep_rows(seed: int, p: float, lk: int, first_row: int, n_rows: int) -> torch.Tensor:
+    """The documented scheme, element by element; uniform = |int32 bits| · 2**-31 in fp32 (tl.rand)."""
+    groups = (lk + 3) // 4
+    keep = np.zeros((n_rows, lk), dtype=bool)
+    for r in range(n_rows):
+        for j in range(lk):
+            word = philox4x32(seed, (first_row + r) * groups + j // 4)[j % 4]
+            x = word - 2**32 if word >= 2**31 else word
+            uniform = np.float32(~x if x < 0 else x) * np.float32(4.6566127342e-10)
+            keep[r, j] = uniform >= np.float32(p)
+    return torch.from_numpy(keep)
 
 
 FP32_TOL = 2e-5

@@ -22,7 +22,7 @@ from attention_cases import (Case, check_dropout_own_mask, check_dropout_reprodu
 from cpp_required import cpp_tests_mark
 
 pytestmark = cpp_tests_mark()
-from fastattn.ops.attention.cpp import CppAttentionKernels, cpp_dropout_keep_mask  # noqa: E402
+from fastattn.ops.attention.cpp import CppAttentionKernels, cpp_dropout_keep_mask, cpp_dropout_keep_rows  # noqa: E402
 
 
 # ---------------------------------------------------------------- against the float64 truth
@@ -176,6 +176,10 @@ def test_dropout_kept_fraction(p: float) -> None:
     (0, 0.1, (2, 3, 70, 90)),
     (12345, 0.5, (1, 2, 129, 7)),
     (2**30 - 1, 0.3, (3, 1, 5, 300)),
+    (1, 0.3, (2, 3, 9, 6)),  # seeds 1 and 2 (adjacent) and 4 (< B·H apart): see test_dropout_rng.py
+    (2, 0.3, (2, 3, 9, 6)),
+    (4, 0.3, (2, 3, 9, 6)),
+    (2**62 + 2**33 + 5, 0.2, (2, 2, 3, 257)),  # both key words non-zero; Lk crosses a C++ key block
 ])
 def test_dropout_mask_equals_triton(seed: int, p: float, shape: tuple) -> None:
     # Both backends run Philox-4x32-10 on the same key and counters (Triton in its interpreter here).
@@ -184,6 +188,19 @@ def test_dropout_mask_equals_triton(seed: int, p: float, shape: tuple) -> None:
     cpp = cpp_dropout_keep_mask(seed, p, *shape)
     triton = dropout_keep_mask(seed, p, *shape, torch.device("cpu"))
     assert cpp.dtype == torch.bool and torch.equal(cpp, triton)
+
+
+@pytest.mark.parametrize("lk,first_row", [
+    (1001, 2**32 + 7),      # counter R·⌈Lk/4⌉ + j/4 ≈ 2**40: high counter word in use
+    (6, 3 * 2**31 - 1),    # the flat element index crosses 2**32 inside the window
+])
+def test_dropout_rows_beyond_2_pow_32_equal_triton(lk: int, first_row: int) -> None:
+    # A window of a call far too large to allocate (B·H·Lq·Lk > 2**32): both backends agree there.
+    from fastattn.ops.attention.triton_fwd import dropout_keep_rows
+
+    cpp = cpp_dropout_keep_rows(2**40 + 3, 0.25, lk, first_row, 3)
+    triton = dropout_keep_rows(2**40 + 3, 0.25, lk, first_row, 3, torch.device("cpu"))
+    assert cpp.shape == (3, lk) and torch.equal(cpp, triton)
 
 
 def test_dropout_output_is_unbiased() -> None:
@@ -286,8 +303,8 @@ def test_opcheck_attn_fwd_and_bwd(idx: int) -> None:
                           (q, k, v, dout, lse, delta, grad_acd, pad, dom_q, dom_k, scale, causal, p, seed))
 
 
-def test_opcheck_attn_dropout_mask() -> None:
-    torch.library.opcheck(torch.ops.fastattn.attn_dropout_mask.default, (3, 0.25, 2, 3, 5, 7))
+def test_opcheck_attn_dropout_rows() -> None:
+    torch.library.opcheck(torch.ops.fastattn.attn_dropout_rows.default, (3, 0.25, 7, 2**33, 5))
 
 
 BAD_OP_ARGS = [
@@ -323,8 +340,10 @@ def test_bad_bwd_input_names_the_argument() -> None:
         torch.ops.fastattn.attn_bwd(q, k, v, out[..., :4], lse, lse, None, *rest)
     with pytest.raises(RuntimeError, match="delta must have shape"):
         torch.ops.fastattn.attn_bwd(q, k, v, out, lse, lse[..., :3], None, *rest)
-    with pytest.raises(RuntimeError, match="attn_dropout_mask: dropout_p"):
-        torch.ops.fastattn.attn_dropout_mask(0, -0.5, 1, 1, 2, 2)
+    with pytest.raises(RuntimeError, match="attn_dropout_rows: dropout_p"):
+        torch.ops.fastattn.attn_dropout_rows(0, -0.5, 2, 0, 2)
+    with pytest.raises(RuntimeError, match="attn_dropout_rows: lk, first_row and num_rows"):
+        torch.ops.fastattn.attn_dropout_rows(0, 0.5, 2, -1, 2)
 
 
 def test_unavailable_extension_raises_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:

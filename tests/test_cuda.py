@@ -27,9 +27,10 @@ import fastattn
 from fastattn import nn as fnn
 from fastattn._dispatch import triton_interpreted
 from fastattn.ops.attention.function import draw_seed
-from fastattn.ops.attention.triton_fwd import dropout_keep_mask
+from fastattn.ops.attention.triton_fwd import dropout_keep_mask, dropout_keep_rows
 
-from attention_cases import FP32_TOL, Case, make_inputs, max_err, run_fastattn, run_reference, with_grad
+from attention_cases import (FP32_TOL, Case, make_inputs, max_err, reference_keep_rows, run_fastattn, run_reference,
+                             with_grad)
 from test_cross_entropy import (assert_close, check_topk, dense_soft_loss, make_case, random_soft_target, run,
                                 run_naive)
 
@@ -321,6 +322,15 @@ def test_dropout_kept_fraction(p: float) -> None:
         a, c = a.flatten(), c.flatten()
         corr = ((a - a.mean()) * (c - c.mean())).mean() / (a.std() * c.std())
         assert abs(corr.item()) < 4 / math.sqrt(a.numel())
+
+
+@pytest.mark.parametrize("lk,first_row", [(200, 0), (70, 2**33 + 5)])
+def test_dropout_mask_is_the_documented_philox(lk: int, first_row: int) -> None:
+    """The compiled kernel (four Philox words interleaved along the keys, 64-bit counters beyond
+    2**32) draws the documented scheme bit for bit, so it equals the C++ kernels' mask too."""
+    seed = 2**62 + 2**35 + 12345
+    got = dropout_keep_rows(seed, 0.3, lk, first_row, 5, torch.device(DEVICE)).cpu()
+    assert torch.equal(got, reference_keep_rows(seed, 0.3, lk, first_row, 5))
 
 
 def test_fully_padded_rows_are_zero_with_zero_grads() -> None:

@@ -1,6 +1,6 @@
 """The C++ CPU kernels behind `AttentionKernels` (csrc/attention.cpp), and their fake kernels.
 
-The operators `fastattn::attn_fwd`, `attn_bwd` and `attn_dropout_mask` are registered by the
+The operators `fastattn::attn_fwd`, `attn_bwd` and `attn_dropout_rows` are registered by the
 compiled extension (see `fastattn.ops.cpp_extension`); the fake (meta) implementations here give
 torch.compile and `torch.library.opcheck` their output shapes and dtypes.
 """
@@ -66,10 +66,17 @@ class CppAttentionKernels:
             opts.scale, opts.causal, opts.dropout_p, seed)
 
 
+def cpp_dropout_keep_rows(seed: int, dropout_p: float, lk: int, first_row: int, n_rows: int) -> torch.Tensor:
+    """Bool (n_rows, Lk): rows [first_row, first_row + n_rows) of the flattened (B·H·Lq, Lk) mask
+    of probabilities the C++ kernels keep for `seed`, flat row (b·H + h)·Lq + i — any window of
+    any call, however large. Equal to the Triton kernels' mask (`triton_fwd.dropout_keep_rows`):
+    both run Philox-4x32-10 on the same key and counters (see `triton_fwd.dropout_keep`)."""
+    return _ops().attn_dropout_rows(seed, dropout_p, lk, first_row, n_rows)
+
+
 def cpp_dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int) -> torch.Tensor:
-    """The bool (B,H,Lq,Lk) mask of probabilities the C++ kernels keep for `seed` (equal to the
-    Triton kernels' mask for the same seed: both use Philox-4x32-10 on the same counters)."""
-    return _ops().attn_dropout_mask(seed, dropout_p, batch, heads, lq, lk)
+    """The bool (B,H,Lq,Lk) mask of probabilities the C++ kernels keep for `seed` (tests, debugging)."""
+    return cpp_dropout_keep_rows(seed, dropout_p, lk, 0, batch * heads * lq).view(batch, heads, lq, lk)
 
 
 _FAKES_REGISTERED = False
@@ -106,9 +113,9 @@ def _register_fakes() -> None:
             torch.empty_like(k, memory_format=torch.contiguous_format), \
             torch.empty_like(v, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("fastattn::attn_dropout_mask")
-    def _attn_dropout_mask_fake(seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int) -> torch.Tensor:
-        return torch.empty((batch, heads, lq, lk), dtype=torch.bool)
+    @torch.library.register_fake("fastattn::attn_dropout_rows")
+    def _attn_dropout_rows_fake(seed: int, dropout_p: float, lk: int, first_row: int, num_rows: int) -> torch.Tensor:
+        return torch.empty((num_rows, lk), dtype=torch.bool)
 
 
 # Registered at import when the operators exist, so opcheck / torch.compile see them before any call.

@@ -38,11 +38,13 @@ class AttentionKernels(Protocol):
 
 
 def draw_seed() -> int:
-    """Dropout seed from torch's default generator, so torch.manual_seed reproduces a run.
+    """Dropout seed in [0, 2**63 - 1) from torch's default (CPU) generator, so torch.manual_seed
+    reproduces a run; a CPU draw, so no device sync.
 
-    Kept below 2**30 so seed + batch·head stays a 32-bit kernel argument.
+    The kernels use it as the 64-bit Philox key and the element index as the counter (see
+    `triton_fwd.dropout_keep`), so calls with different seeds share no random stream.
     """
-    return int(torch.randint(0, 2**30, (), dtype=torch.int64).item())
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
 
 
 class DIFAttentionFunction(torch.autograd.Function):

@@ -9,7 +9,7 @@ import torch
 from ..triton_launch import KernelLaunch
 from .options import AttentionOptions
 from .triton_bwd import bwd_launches
-from .triton_fwd import all_tile_configs, dropout_mask_launch, fwd_launch
+from .triton_fwd import all_tile_configs, dropout_rows_launch, fwd_launch
 
 
 class TritonAttentionKernels:
@@ -71,5 +71,5 @@ def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
                     q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, 1, pad, domains)
                 yield f"bwd_dkdv-{tag}", dkdv
                 yield f"bwd_dq-{tag}", dq
-    mask_launch, _ = dropout_mask_launch(1, 0.1, b, h, lq, lk, meta)
+    mask_launch, _ = dropout_rows_launch(1, 0.1, lk, 0, b * h * lq, meta)
     yield "dropout_mask", mask_launch

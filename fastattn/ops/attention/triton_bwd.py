@@ -16,13 +16,15 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .triton_fwd import LOG2E, dense_inputs, dot_precision, dropout_keep, key_inputs, tile_config, visible_tile
+from .triton_fwd import (
+    SEED_ARGS, LOG2E, dense_inputs, dot_precision, dropout_keep, key_inputs, seed_words, tile_config, visible_tile,
+)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _dif_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, GACD, PAD, DOM_Q, DOM_K, DK, DV,
-    qk_scale, scale, seed, dropout_p,
+    qk_scale, scale, seed_lo, seed_hi, dropout_p,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -80,7 +82,7 @@ def _dif_attn_bwd_dkdv_kernel(
         p_t = tl.where(visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p))
+            keep_t = tl.trans(dropout_keep(seed_lo, seed_hi, row_base + offs_m, start_n, Lk, dropout_p, BLOCK_N))
             inv_keep = 1.0 / (1.0 - dropout_p)
             pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
@@ -101,10 +103,10 @@ def _dif_attn_bwd_dkdv_kernel(
              mask=col_ok[:, None] & dv_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _dif_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, GACD, PAD, DOM_Q, DOM_K, DQ,
-    qk_scale, scale, seed, dropout_p,
+    qk_scale, scale, seed_lo, seed_hi, dropout_p,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -159,7 +161,7 @@ def _dif_attn_bwd_dq_kernel(
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p)
+            keep = dropout_keep(seed_lo, seed_hi, row_base + offs_m, start_n, Lk, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         if HAS_DOMAINS:
             dom_k = tl.load(DOM_K + b * stride_domk_b + offs_n, mask=col_ok, other=-1)
@@ -200,7 +202,7 @@ def bwd_launches(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
     shared = dict(
-        qk_scale=scale * LOG2E, scale=scale, seed=seed, dropout_p=dropout_p,
+        qk_scale=scale * LOG2E, scale=scale, **seed_words(seed), dropout_p=dropout_p,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),

@@ -21,14 +21,43 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p):
-    """Keep-mask of the (offs_m × offs_n) tile: counter-based, so any pass can regenerate it.
+def dropout_keep(seed_lo, seed_hi, rows, start_n, Lk, dropout_p, BLOCK_N: tl.constexpr):
+    """Keep-mask of the tile of flat rows `rows` (int64 (b·H + h)·Lq + i) × keys [start_n, start_n + BLOCK_N).
 
-    The philox key is seed + (batch·H + head) and the counter the in-head index i·Lk + j,
-    which stays in int32 for L up to 46k.
+    Counter-based, so any pass (and `_dropout_keep_kernel`, and csrc/attention.cpp) regenerates
+    it: Philox-4x32-10 with key (seed_lo, seed_hi) = the call's 64-bit seed, and element (R, j)
+    takes output word j % 4 of the 64-bit counter R·⌈Lk/4⌉ + j // 4 (split into counter words
+    c0, c1). Each row starts a fresh counter, so a tile (start_n a multiple of 4) is whole
+    counters and all four outputs are used whatever Lk; only the ≤ 3 words past a row's end are
+    unused. Counters never repeat within a call, and calls differ by their key.
     """
-    offsets = offs_m[:, None] * Lk + offs_n[None, :]
-    return tl.rand(seed + pid_bh, offsets) >= dropout_p
+    groups = (Lk + 3) // 4
+    counter = rows[:, None] * groups + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox_impl(c0, c1, zero, zero,
+                                    seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+    # Words in the order r0, r1, r2, r3 of each counter along the keys.
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+def seed_words(seed: int) -> dict[str, int]:
+    """The 64-bit dropout seed as the kernels' two int32 arguments (low, high word; always i32,
+    so every seed runs the same compiled kernel)."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63) (an int64, as the C++ operators take it), got {seed}")
+
+    def signed(word: int) -> int:
+        return word - 2**32 if word >= 2**31 else word
+
+    return dict(seed_lo=signed(seed & 0xFFFFFFFF), seed_hi=signed(seed >> 32))
+
+
+# The seed words take any value: no specialisation (a value of 1 or a multiple of 16 would
+# otherwise compile another variant of the kernel mid-training).
+SEED_ARGS = ["seed_lo", "seed_hi"]
 
 
 @triton.jit
@@ -47,11 +76,11 @@ def visible_tile(offs_m, offs_n, Lq, Lk, PAD, pad_row, causal, has_padding):
     return visible
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _dif_attn_fwd_kernel(
     Q, K, V, O, LSE, ACD, PAD, DOM_Q, DOM_K,
     qk_scale,  # scale · log2(e): scores are kept in base 2
-    seed, dropout_p,
+    seed_lo, seed_hi, dropout_p,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -73,6 +102,7 @@ def _dif_attn_fwd_kernel(
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
+    rows = pid_bh.to(tl.int64) * Lq + offs_m  # flat (batch, head, query) rows
 
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + h * stride_kh
@@ -110,7 +140,7 @@ def _dif_attn_fwd_kernel(
             cross = dom_q[:, None] != dom_k[None, :]
             c_i = c_i * alpha + tl.sum(tl.where(cross, p, 0.0), 1)
         if HAS_DROPOUT:
-            p = tl.where(dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p), p, 0.0)
+            p = tl.where(dropout_keep(seed_lo, seed_hi, rows, start_n, Lk, dropout_p, BLOCK_N), p, 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=col_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -126,9 +156,9 @@ def _dif_attn_fwd_kernel(
              mask=row_ok[:, None] & (offs_dv < DV)[None, :])
     # Base-2 log-sum-exp; +inf for empty rows makes every recomputed probability exactly 0.
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + rows, lse, mask=row_ok)
     if HAS_DOMAINS:
-        tl.store(ACD + pid_bh.to(tl.int64) * Lq + offs_m, c_i * inv_l, mask=row_ok)
+        tl.store(ACD + rows, c_i * inv_l, mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -231,7 +261,7 @@ def fwd_launch(
         grid=(triton.cdiv(lq, cfg.block_m) * b * h,),
         args=dict(
             Q=q, K=k, V=v, O=out, LSE=lse, ACD=acd, PAD=pad, DOM_Q=dom_q, DOM_K=dom_k,
-            qk_scale=scale * LOG2E, seed=seed, dropout_p=dropout_p,
+            qk_scale=scale * LOG2E, **seed_words(seed), dropout_p=dropout_p,
             stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
             stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
             stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -249,36 +279,46 @@ def fwd_launch(
     return launch, out, lse, acd
 
 
-@triton.jit
-def _dropout_keep_kernel(KEEP, seed, dropout_p, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, pid_bh, offs_m, offs_n, Lk, dropout_p)
-    ptrs = KEEP + pid_bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+@triton.jit(do_not_specialize=SEED_ARGS + ["first_row"])
+def _dropout_keep_kernel(KEEP, seed_lo, seed_hi, dropout_p, first_row, n_rows, Lk,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    n_col_blocks = tl.cdiv(Lk, BLOCK_N)  # 1-D grid: no 65535 cap on any axis
+    pid_m = tl.program_id(0) // n_col_blocks
+    start_n = (tl.program_id(0) % n_col_blocks) * BLOCK_N
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed_lo, seed_hi, first_row.to(tl.int64) + offs_r, start_n, Lk, dropout_p, BLOCK_N)
+    ptrs = KEEP + offs_r.to(tl.int64)[:, None] * Lk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_r[:, None] < n_rows) & (offs_n[None, :] < Lk))
 
 
-def dropout_mask_launch(
-    seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int, device: torch.device
+def dropout_rows_launch(
+    seed: int, dropout_p: float, lk: int, first_row: int, n_rows: int, device: torch.device
 ) -> tuple[KernelLaunch, torch.Tensor]:
-    """Describe the launch that writes the (B,H,Lq,Lk) int8 keep-mask the kernels draw for `seed`."""
-    keep = torch.empty(batch, heads, lq, lk, dtype=torch.int8, device=device)
+    """Describe the launch that writes the (n_rows, Lk) int8 keep-mask of flat rows
+    [first_row, first_row + n_rows), flat row (b·H + h)·Lq + i, that the kernels draw for `seed`."""
+    keep = torch.empty(n_rows, lk, dtype=torch.int8, device=device)
     launch = KernelLaunch(
         _dropout_keep_kernel,
-        grid=(triton.cdiv(lq, 64), triton.cdiv(lk, 64), batch * heads),
-        args=dict(KEEP=keep, seed=seed, dropout_p=dropout_p, Lq=lq, Lk=lk),
+        grid=(triton.cdiv(n_rows, 64) * triton.cdiv(lk, 64),),
+        args=dict(KEEP=keep, **seed_words(seed), dropout_p=dropout_p, first_row=first_row, n_rows=n_rows, Lk=lk),
         constexprs=dict(BLOCK_M=64, BLOCK_N=64),
     )
     return launch, keep
+
+
+def dropout_keep_rows(
+    seed: int, dropout_p: float, lk: int, first_row: int, n_rows: int, device: torch.device
+) -> torch.Tensor:
+    """Bool (n_rows, Lk): rows [first_row, first_row + n_rows) of the flattened (B·H·Lq, Lk) mask
+    the kernels keep for `seed` — any window of any call, however large (tests, debugging)."""
+    launch, keep = dropout_rows_launch(seed, dropout_p, lk, first_row, n_rows, device)
+    launch()
+    return keep.bool()
 
 
 def dropout_keep_mask(
     seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int, device: torch.device
 ) -> torch.Tensor:
     """The bool (B,H,Lq,Lk) mask of probabilities the kernels keep for `seed` (tests, debugging)."""
-    launch, keep = dropout_mask_launch(seed, dropout_p, batch, heads, lq, lk, device)
-    launch()
-    return keep.bool()
+    return dropout_keep_rows(seed, dropout_p, lk, 0, batch * heads * lq, device).view(batch, heads, lq, lk)
