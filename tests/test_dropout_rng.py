@@ -77,3 +77,18 @@ def test_dropout_deterministic_for_manual_seed(backend: str) -> None:
 def test_forward_backward_match_reference_with_own_mask(backend: str) -> None:
     # Lk = 67: key tiles of 64 (Triton) and 256 (C++) end mid-counter-group in the last tile.
     check_dropout_own_mask(Case(b=2, h=2, lq=70, lk=67, causal=False, dropout_p=0.2, attr_dims=(8,)), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_windows_and_bad_arguments(backend: str) -> None:
+    assert kernel_keep_mask(backend, 5, 0.5, 2, 0, 3, 4).shape == (2, 0, 3, 4)
+    assert kernel_keep_rows(backend, 5, 0.5, 0, 7, 3).shape == (3, 0)
+    error = RuntimeError if backend == "cpp" else ValueError
+    with pytest.raises(error, match="first_row"):
+        kernel_keep_rows(backend, 5, 0.5, 4, -1, 3)
+    with pytest.raises(error, match="dropout_p"):
+        kernel_keep_rows(backend, 5, 1.0, 4, 0, 3)
+
+def test_triton_rejects_seed_outside_int64() -> None:
+    with pytest.raises(ValueError, match="seed must be in"):
+        kernel_keep_rows("triton", 2**63, 0.5, 4, 0, 3)

@@ -297,6 +297,10 @@ def dropout_rows_launch(
 ) -> tuple[KernelLaunch, torch.Tensor]:
     """Describe the launch that writes the (n_rows, Lk) int8 keep-mask of flat rows
     [first_row, first_row + n_rows), flat row (b·H + h)·Lq + i, that the kernels draw for `seed`."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if min(lk, first_row, n_rows) < 0:
+        raise ValueError(f"lk, first_row and n_rows must be >= 0, got {lk}, {first_row}, {n_rows}")
     keep = torch.empty(n_rows, lk, dtype=torch.int8, device=device)
     launch = KernelLaunch(
         _dropout_keep_kernel,
