@@ -68,7 +68,10 @@ def test_cross_entropy_under_autocast(backend: str, hidden_dtype: torch.dtype) -
     h, w, b = leaf(case["hidden"].to(hidden_dtype)), leaf(case["weight"]), leaf(case["bias"])
     with autocast():
         loss = fastattn.full_item_cross_entropy(h, w, case["target"], bias=b, backend=backend)
+        inside = torch.autograd.grad(loss, (h, w, b), retain_graph=True)  # backward inside the block too
     loss.backward()
+    for got, want in zip(inside, (h.grad, w.grad, b.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert loss.dtype == torch.float32
     assert (h.grad.dtype, w.grad.dtype, b.grad.dtype) == (hidden_dtype, torch.float32, torch.float32)
 

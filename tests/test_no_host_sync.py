@@ -14,7 +14,7 @@ their target and are uniform over the other items.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -70,21 +70,8 @@ def meta_batch() -> TrainBatch:
                       target_attributes=(ids(B, L, 2), ids(B, L, 1)), domains=ids(B, L), target_domains=ids(B, L))
 
 
-def _shape_only_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-                         *coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Stands in for ChunkedCrossEntropyKernels.backward (ops/cross_entropy/chunked.py, outside this
-    change): its `dz[rows[hit], target[hit] - start]` boolean-mask indexing is a host read, see
-    test_chunked_cross_entropy_backward_reads_no_tensor_value. Same shapes and dtypes, no values."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return (torch.empty(hidden.shape, dtype=acc, device=hidden.device),
-            torch.empty(weight.shape, dtype=acc, device=weight.device),
-            None if bias is None else torch.empty(bias.shape, dtype=acc, device=bias.device))
-
-
-def meta_step(build: Callable[[dict[str, Any]], torch.nn.Module], dropout: float,
-              monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+def meta_step(build: Callable[[dict[str, Any]], torch.nn.Module], dropout: float) -> torch.nn.Module:
     """Build on the CPU, move to meta, run losses → backward → Adam step; return the model."""
-    monkeypatch.setattr(ChunkedCrossEntropyKernels, "backward", staticmethod(_shape_only_backward))
     torch.manual_seed(0)
     model = build({**COMMON, "dropout": dropout, "attn_dropout": dropout}).to("meta").train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -98,8 +85,8 @@ def meta_step(build: Callable[[dict[str, Any]], torch.nn.Module], dropout: float
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_training_step_reads_no_tensor_value(name: str, dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    meta_step(BUILDERS[name], dropout, monkeypatch)
+def test_training_step_reads_no_tensor_value(name: str, dropout: float) -> None:
+    meta_step(BUILDERS[name], dropout)
 
 
 @pytest.mark.parametrize("name", sorted(PARETO))
@@ -111,14 +98,11 @@ def test_pareto_step_reads_only_the_solver_inputs(name: str, monkeypatch: pytest
         return torch.tensor([1.0, 0.3, 2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
 
     monkeypatch.setattr(_ACDRecommender, "_to_host", host_values)
-    model = meta_step(PARETO[name], 0.0, monkeypatch)
+    model = meta_step(PARETO[name], 0.0)
     assert calls == [(6,)]
     assert model.pareto_steps.device.type == "meta"
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="ops/cross_entropy/chunked.py (outside this change) gathers the hard-target "
-                          "entries by boolean-mask indexing; remove this mark and the stand-in when it is fixed")
 def test_chunked_cross_entropy_backward_reads_no_tensor_value() -> None:
     n, v, d = 5, NUM_ITEMS, 8
     rows, meta = torch.empty(n, device="meta"), torch.device("meta")
@@ -128,7 +112,6 @@ def test_chunked_cross_entropy_backward_reads_no_tensor_value() -> None:
 
 def test_functional_calls_read_no_tensor_value(monkeypatch: pytest.MonkeyPatch) -> None:
     """The public functions' value checks run on CPU tensors only: on meta they are skipped."""
-    monkeypatch.setattr(ChunkedCrossEntropyKernels, "backward", staticmethod(_shape_only_backward))
     hidden = torch.empty(5, 8, device="meta", requires_grad=True)
     weight = torch.empty(NUM_ITEMS, 8, device="meta", requires_grad=True)
     target = torch.empty(5, dtype=torch.int64, device="meta")

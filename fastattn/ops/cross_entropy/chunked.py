@@ -52,12 +52,14 @@ class ChunkedCrossEntropyKernels:
         dh = torch.zeros_like(h32)
         de = torch.empty(weight.shape, dtype=h32.dtype, device=weight.device)
         db = torch.empty(weight.shape[0], dtype=h32.dtype, device=weight.device) if bias is not None else None
-        rows = torch.arange(n, device=hidden.device)
         for start, stop in item_chunks(n, weight.shape[0]):
             dz = _logits(h32, weight, bias, scale, start, stop).sub_(lse[:, None]).exp_()
             dz.mul_(coef_p[:, None]).sub_(coef_base[:, None])
+            # The hard-target term, one cell per row, without boolean indexing (a host sync on a GPU):
+            # rows whose target lies outside this chunk add 0 to a clamped, harmless cell.
             hit = (target >= start) & (target < stop)
-            dz[rows[hit], target[hit] - start] -= coef_t[hit]
+            col = (target - start).clamp(0, stop - start - 1)[:, None]
+            dz.scatter_add_(1, col, torch.where(hit, -coef_t, 0.0).to(dz.dtype)[:, None])
             dz.mul_(scale)
             dh.addmm_(dz, weight[start:stop].to(h32.dtype))
             torch.mm(dz.T, h32, out=de[start:stop])

@@ -101,7 +101,9 @@ class FullItemCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        with torch.no_grad():
+        # The engine runs backward under the caller's autocast state: keep the chunked kernels'
+        # float32 products float32 (the forward ran with autocast off, on already-cast inputs).
+        with torch.no_grad(), torch.autocast(grad_loss.device.type, enabled=False):
             grads = _gradients(ctx, grad_loss)
         if torch.is_grad_enabled():
             grads = no_second_derivative(grads, _NOT_TWICE, (*ctx.saved_tensors[:3], grad_loss))
