@@ -52,6 +52,10 @@ from .models.sasrec import SASRec, SASRecConfig
 from .reports import METRICS, _describe_device, _plot, _progress, loss_keys, print_metrics, say, warn
 
 SELECT_METRIC = "NDCG@10"
+# Steps between host reads of the running losses (progress bar, early stop on NaN): each is a
+# device sync on a GPU, so not every step.
+HOST_READ_EVERY = 20
+
 RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test", "exclude_history"})
 
 
@@ -470,13 +474,15 @@ def _evaluate_state(model: SequentialRecommender, weights: dict[str, torch.Tenso
 
 def _train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer, train_split: SequenceDataset,
                  config: TrainConfig, device: torch.device, epoch: int) -> tuple[dict[str, float], float]:
-    """One pass over the training split: (each loss averaged over the steps, seconds). Stops at the
-    first step whose running loss sums are not finite; they are the floats the progress bar reads
-    anyway, so the check adds no host sync."""
+    """One pass over the training split: (each loss averaged over the steps, seconds).
+
+    The running loss sums stay on the device; the host reads them (one sync on a GPU) only every
+    HOST_READ_EVERY steps, for the progress bar and to stop early once they are not finite, and
+    at the end. _check_finite then refuses the epoch before anything is saved."""
     model.train()
     steps = num_train_batches(train_split, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
                               seed=config.seed, epoch=epoch, bucket_batches=config.bucket_batches)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     rows, tick = 0, time.perf_counter()
     bar = _progress(train_batches(train_split, config.batch_size, config.max_len, shuffle=True,
                                   seed=config.seed, epoch=epoch, unit=config.batch_unit,
@@ -491,17 +497,25 @@ def _train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer,
             optimizer.step()
             rows += int(batch.items.shape[0])
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            if not all(math.isfinite(v) for v in sums.values()):
-                break
-            if step % 5 == 0 or step == steps:
-                bar.set_postfix({k: f"{v / step:.4f}" for k, v in sums.items()} |
+                value = value.detach().to(torch.float64)
+                sums[key] = sums[key] + value if key in sums else value
+            if step % HOST_READ_EVERY == 0:
+                host = _read_sums(sums)
+                if not all(math.isfinite(v) for v in host.values()):
+                    break
+                bar.set_postfix({k: f"{v / step:.4f}" for k, v in host.items()} |
                                 {"seq/s": f"{rows / (time.perf_counter() - tick):.0f}"}, refresh=False)
     finally:
         bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {k: v / max(1, steps) for k, v in sums.items()}, time.perf_counter() - tick
+    host = _read_sums(sums)
+    return {k: v / max(1, steps) for k, v in host.items()}, time.perf_counter() - tick
+
+
+def _read_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The running sums on the host: one transfer for all of them."""
+    if not sums:
+        return {}
+    return dict(zip(sums, torch.stack(list(sums.values())).tolist()))
 
 
 def _check_finite(means: dict[str, float], model: SequentialRecommender, epoch: int, config: TrainConfig,

@@ -208,3 +208,22 @@ def test_id_checks_still_raise_on_cpu_and_read_nothing_on_meta() -> None:
             models[name].losses(replace(good, **change))
     with pytest.raises(ValueError, match=r"batch.domains holds ids outside \[0, 2\)"):
         models["autocdsr"].losses(replace(good, domains=torch.tensor([[0, 2, 0]])))
+
+
+def test_training_loop_reads_the_losses_every_few_steps(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop keeps the running losses on the device and reads them (a sync on a GPU) every
+    HOST_READ_EVERY steps and once at the end of the epoch, not after every step."""
+    from fastattn import train as training
+    from fastattn.__main__ import main
+
+    reads: list[int] = []
+    original = training._read_sums
+    monkeypatch.setattr(training, "_read_sums", lambda sums: reads.append(1) or original(sums))
+    steps: list[int] = []
+    original_steps = training.num_train_batches
+    monkeypatch.setattr(training, "num_train_batches", lambda *a, **k: steps.append(original_steps(*a, **k)) or steps[-1])
+    code = main(["train", "--model", "sasrec", "--data", "synthetic:num_users=300", "--epochs", "1",
+                 "--batch-size", "64", "--hidden", "16", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 0
+    assert steps and steps[0] > training.HOST_READ_EVERY  # the case is long enough to tell
+    assert len(reads) == steps[0] // training.HOST_READ_EVERY + 1
