@@ -13,6 +13,10 @@ the largest value; float16/bfloat16 must be at most twice as far from the truth 
 reference run in that dtype, plus a small slack (the rule of test_attention / test_cross_entropy).
 Helpers are reused from attention_cases.py and test_cross_entropy.py; this file only moves their
 inputs to the device and the results back.
+
+Last, a training step of SASRec and DIF-SR (issue 16): under torch.cuda.set_sync_debug_mode("error")
+(no device→host sync), and captured in a CUDA graph whose replays equal eager steps. They need
+CUDA itself, so with FASTATTN_TEST_DEVICE=cpu they skip (with the reason).
 """
 from __future__ import annotations
 
@@ -537,3 +541,128 @@ def test_multihead_attention_gradients_match_torch() -> None:
     for name, p in ours.named_parameters():
         assert p.grad is not None, name
         assert_within(name, to_cpu(p.grad), ref_params[name].grad, None, torch.float32)
+
+
+# ---------------------------------------------------------------- a training step: no host sync, CUDA graphs
+# Issue 16: a training step of a model (forward, loss, backward, Adam) reads no tensor value on the
+# host, so it runs under torch.cuda.set_sync_debug_mode("error") and can be captured in a CUDA graph.
+# tests/test_no_host_sync.py proves the first on the meta device for every model; these run the
+# compiled Triton kernels (backend "auto" on CUDA) at a small but kernel-filling size (head dim 32).
+NEEDS_CUDA = pytest.mark.skipif(
+    DEVICE != "cuda", reason="sync-debug mode and CUDA graphs exist for CUDA tensors only (run on a GPU by "
+                             "bench/gpu.sh); tests/test_no_host_sync.py checks the step on the meta device")
+STEP_ITEMS, STEP_B, STEP_L = 200, 8, 50
+STEP_MODELS = ("sasrec", "difsr")
+
+
+def _step_model(name: str, dropout: float) -> torch.nn.Module:
+    """SASRec (CE loss) or DIF-SR (one item feature: per-head streams 32 + 8) on CUDA, seeded weights."""
+    from fastattn.models import DIFSR, SASRec, DIFSRConfig, SASRecConfig
+    common = dict(num_items=STEP_ITEMS, hidden=64, layers=2, heads=2, inner=128, max_len=STEP_L,
+                  dropout=dropout, attn_dropout=dropout, backend="auto")
+    torch.manual_seed(0)
+    if name == "sasrec":
+        model = SASRec(SASRecConfig(**common))
+    else:
+        model = DIFSR(DIFSRConfig(**common, attribute_sizes=(6,), attribute_dim=16))
+    return model.to("cuda").train()
+
+
+def _step_batch(name: str) -> Any:
+    """A (B, L) TrainBatch on CUDA: rows left padded to lengths 1..L, targets 0 where none follows."""
+    from fastattn.data import TrainBatch
+    gen = torch.Generator().manual_seed(3)
+    seq = torch.randint(1, STEP_ITEMS + 1, (STEP_B, STEP_L + 1), generator=gen)
+    lengths = torch.linspace(2, STEP_L + 1, STEP_B).long()  # one row without padding, one with one item
+    seq[torch.arange(STEP_L + 1) < (STEP_L + 1 - lengths)[:, None]] = 0
+    items, targets = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    targets[items == 0] = 0
+    attrs: tuple = ()
+    target_attrs: tuple = ()
+    if name == "difsr":  # one single-valued feature with ids 1..5, 0 on padding
+        attr_of = torch.randint(1, 6, (STEP_ITEMS + 1,), generator=gen)
+        attr_of[0] = 0
+        attrs, target_attrs = (attr_of[items][..., None],), (attr_of[targets][..., None],)
+    batch = TrainBatch(items=items, targets=targets, attributes=attrs, target_attributes=target_attrs)
+    return batch.to("cuda")
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = model.losses(batch)["loss"]
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("adam", ["fused", "capturable"])
+@pytest.mark.parametrize("name", STEP_MODELS)
+def test_training_step_does_not_sync(name: str, adam: str) -> None:
+    """With dropout (the seed is a host draw from the CPU generator: no device sync): "error" mode
+    raises on any device→host synchronisation in forward, loss, backward or the Adam step."""
+    model = _step_model(name, dropout=0.3)
+    batch = _step_batch(name)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **{adam: True})
+    # One step outside the check: Triton compiles (and any autotuning benchmarks) on the first
+    # launch and Adam creates its state — one-time work, not the step that repeats.
+    _train_step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [_train_step(model, optimizer, batch).detach() for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the step changed nothing"
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("name", STEP_MODELS)
+def test_cuda_graph_replay_equals_eager_step(name: str) -> None:
+    """A whole training step captured once with torch.cuda.graph and replayed 3 times gives the
+    losses and parameters of 3 eager steps from the same state (model and Adam moments).
+
+    No dropout: the attention dropout seed is a Python int drawn on the host per call, so a
+    captured graph would bake one seed in and replay the same mask every step (and the eager steps
+    would draw others); with dropout 0 both sides compute the same function.
+    Same kernels in the same order, all deterministic (no atomics), so the results agree to
+    assert_close's float32 defaults (slack only for cuBLAS picking another algorithm under capture).
+    """
+    import copy
+    model = _step_model(name, dropout=0.0)
+    static_batch = _step_batch(name)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    # Warm-up on a side stream (torch.cuda.graph's documented recipe): compiles the kernels,
+    # creates Adam's state, and keeps the warm-up allocations out of the capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _train_step(model, optimizer, static_batch)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    # The eager twin starts from the state the capture starts from.
+    eager = copy.deepcopy(model)
+    eager_opt = torch.optim.Adam(eager.parameters(), lr=1e-3, capturable=True)
+    eager_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # the grads are allocated inside the graph's pool
+    with torch.cuda.graph(graph):
+        static_loss = model.losses(static_batch)["loss"]
+        static_loss.backward()
+        optimizer.step()
+
+    graph_losses, eager_losses = [], []
+    for _ in range(3):
+        graph.replay()
+        graph_losses.append(static_loss.detach().clone())
+        eager_losses.append(_train_step(eager, eager_opt, static_batch).detach())
+    torch.cuda.synchronize()
+    torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses))
+    assert len(set(round(x.item(), 7) for x in eager_losses)) == 3, "the eager steps did not train"
+    for (pname, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m, pname=pname: f"{pname}: {m}")
