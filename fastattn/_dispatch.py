@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from .ops import cpp_extension
+
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 
@@ -20,9 +22,21 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Decided once at import for torch.compile's trace (importlib cannot run there); eager calls look again.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_interpreted() -> bool:
+    """Triton runs kernels on CPU tensors only in interpreter mode (set before import)."""
+    if torch.compiler.is_compiling():
+        return _TRITON_INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     """None if the Triton kernels can run on these tensors, else the reason they cannot."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed (it ships Linux wheels only: pip install triton)"
     device = tensors[0].device
     if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
@@ -33,13 +47,23 @@ def triton_unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
+# The C++ extension's availability, decided once at import: loading it is not traceable
+# (importlib, lru_cache), so torch.compile reads this constant. Eager calls ask the loader each
+# time (cached there), which lets a test stand in for a missing compiler.
+_CPP_BUILD_REASON = cpp_extension.cpp_unavailable_reason()
+
+
+def _cpp_build_reason() -> str | None:
+    if torch.compiler.is_compiling():
+        return _CPP_BUILD_REASON
+    return cpp_extension.cpp_unavailable_reason()
+
+
 def cpp_unavailable_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     """None if the C++ CPU kernels can run on these tensors, else the reason they cannot."""
     if tensors[0].device.type != "cpu":
         return f"the C++ kernels run on CPU tensors (got {tensors[0].device.type})"
-    from .ops.cpp_extension import cpp_unavailable_reason as build_reason
-
-    return build_reason()
+    return _cpp_build_reason()
 
 
 def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], extra_reason: str | None = None) -> str:

@@ -8,12 +8,11 @@ import torch
 
 from ._autocast import autocast_device, autocast_inputs, autocast_off
 from ._dispatch import BackendUnavailable, resolve_backend
-from .ops.attention.function import DIFAttentionFunction
+from .ops.attention.function import dif_attention_op, draw_seed_tensor
 from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
 from .ops.attention.reference import dif_attention_reference
 from .ops.checks import check_values
-from .ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
-from .ops.cross_entropy.function import FullItemCrossEntropyFunction, RowTargets
+from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_op
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
 from .ops.cross_entropy.topk import chunked_topk
 
@@ -203,13 +202,11 @@ def dif_attention(
     if chosen == "torch":
         out, acd = dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask, None, domain_pair)
     else:
-        if chosen == "triton":
-            from .ops.attention.triton_backend import TritonAttentionKernels as kernels
-        else:
-            from .ops.attention.cpp import CppAttentionKernels as kernels
-        out, acd = DIFAttentionFunction.apply(
-            kernels, opts, key_padding_mask, domain_pair, q, k, v, *attr_q, *attr_k
-        )
+        # The streams are concatenated along the head dim; autograd splits their gradients back.
+        dom_q, dom_k = domain_pair if domain_pair is not None else (None, None)
+        out, _, acd = dif_attention_op(
+            torch.cat([q, *attr_q], dim=-1), torch.cat([k, *attr_k], dim=-1), v, key_padding_mask, dom_q, dom_k,
+            draw_seed_tensor() if opts.has_dropout else None, opts.scale, opts.causal, opts.dropout_p, chosen)
     if domain_pair is None:
         return out
     return out, acd.float()
@@ -362,13 +359,9 @@ def full_item_cross_entropy(
     too_wide = None if hidden.shape[-1] <= MAX_HIDDEN_DIM else (
         f"the Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {hidden.shape[-1]}")
     chosen = resolve_backend(backend, [h2, item_weight], too_wide)
-    if chosen == "triton":
-        from .ops.cross_entropy.triton_backend import TritonCrossEntropyKernels as kernels
-    elif chosen == "cpp":
-        from .ops.cross_entropy.cpp import CppCrossEntropyKernels as kernels
-    else:
-        kernels = ChunkedCrossEntropyKernels
-    loss = FullItemCrossEntropyFunction.apply(kernels, 1.0 / float(temperature), targets, h2, item_weight, bias)
+    loss, _ = full_item_cross_entropy_op(
+        h2, item_weight, bias, targets.index, targets.weight, targets.base, targets.mass, targets.indptr,
+        targets.indices, targets.values, 1.0 / float(temperature), targets.has_base, chosen)
     if reduction == "none":
         return loss.reshape(lead_shape)
     if reduction == "sum":

@@ -1,4 +1,5 @@
-"""autograd.Function of full-catalog cross-entropy, shared by the Triton and chunked torch kernels.
+"""The operator `fastattn::full_item_cross_entropy` (forward and autograd), shared by the Triton,
+C++ and chunked torch kernels.
 
 Per row i, with z_ij = scale·(h_i·E_j + b_j), target t_ij = w_i·[j = y_i] + base_i + sparse_ij
 and mass_i = Σ_j t_ij (1, or 0 for an ignored row):
@@ -11,6 +12,8 @@ The kernels give LSE and the dense + hard-target part of the gradient; the spars
 without reading a tensor value on the host.
 """
 from __future__ import annotations
+
+import contextlib
 
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
@@ -71,58 +74,40 @@ def _row_dots(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return dots + bias[cols].to(h32.dtype) if bias is not None else dots
 
 
-class FullItemCrossEntropyFunction(torch.autograd.Function):
-    """Per-row loss (N,) fp32 = f(hidden (N,D), weight (V,D), bias (V,) | None)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, kernels: CrossEntropyKernels, scale: float, targets: RowTargets,
-        hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        lse = kernels.lse(hidden, weight, bias, scale)
-        h32 = hidden.to(compute_dtype(hidden.dtype))
-        safe_index = targets.index.clamp_min(0)
-        linear = targets.weight * _row_dots(h32, weight, bias, torch.arange(hidden.shape[0], device=hidden.device),
-                                            safe_index)
-        if targets.has_base:
-            total = h32 @ weight.to(h32.dtype).sum(dim=0)
-            if bias is not None:
-                total = total + bias.to(h32.dtype).sum()
-            linear = linear + targets.base * total
-        if targets.has_sparse:
-            rows = _sparse_rows(targets)
-            contrib = targets.values * _row_dots(h32, weight, bias, rows, targets.indices)
-            linear = linear + torch.segment_reduce(contrib, "sum", offsets=targets.indptr, axis=0)
-        # mass 0 (ignored rows) must give 0 even where lse is large.
-        loss = torch.where(targets.mass > 0, targets.mass * lse, torch.zeros_like(lse)) - scale * linear
-        ctx.save_for_backward(hidden, weight, bias, lse)
-        ctx.kernels, ctx.scale, ctx.targets = kernels, scale, targets
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        # The engine runs backward under the caller's autocast state: keep the chunked kernels'
-        # float32 products float32 (the forward ran with autocast off, on already-cast inputs).
-        with torch.no_grad(), torch.autocast(grad_loss.device.type, enabled=False):
-            grads = _gradients(ctx, grad_loss)
-        if torch.is_grad_enabled():
-            grads = no_second_derivative(grads, _NOT_TWICE, (*ctx.saved_tensors[:3], grad_loss))
-        return grads
+def row_losses(kernels: CrossEntropyKernels, scale: float, targets: RowTargets, hidden: torch.Tensor,
+               weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (N,) and LSE (N,), compute dtype, of hidden (N,D), weight (V,D), bias (V,) | None."""
+    lse = kernels.lse(hidden, weight, bias, scale)
+    h32 = hidden.to(compute_dtype(hidden.dtype))
+    safe_index = targets.index.clamp_min(0)
+    linear = targets.weight * _row_dots(h32, weight, bias, torch.arange(hidden.shape[0], device=hidden.device),
+                                        safe_index)
+    if targets.has_base:
+        total = h32 @ weight.to(h32.dtype).sum(dim=0)
+        if bias is not None:
+            total = total + bias.to(h32.dtype).sum()
+        linear = linear + targets.base * total
+    if targets.has_sparse:
+        rows = _sparse_rows(targets)
+        contrib = targets.values * _row_dots(h32, weight, bias, rows, targets.indices)
+        linear = linear + torch.segment_reduce(contrib, "sum", offsets=targets.indptr, axis=0)
+    # mass 0 (ignored rows) must give 0 even where lse is large.
+    return torch.where(targets.mass > 0, targets.mass * lse, torch.zeros_like(lse)) - scale * linear, lse
 
 
-def _gradients(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-    """The Function's backward proper: (None, None, None, dhidden, dweight, dbias)."""
-    hidden, weight, bias, lse = ctx.saved_tensors
-    t: RowTargets = ctx.targets
+def _gradients(kernels: CrossEntropyKernels, scale: float, t: RowTargets, hidden: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor], lse: torch.Tensor, grad_loss: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """dhidden, dweight, dbias (None without bias) in the inputs' dtypes."""
     acc = compute_dtype(hidden.dtype)
     g = grad_loss.to(acc).contiguous()
-    dh, de, db = ctx.kernels.backward(
-        hidden, weight, bias, ctx.scale, lse, (g * t.mass).contiguous(), (g * t.base).contiguous(),
+    dh, de, db = kernels.backward(
+        hidden, weight, bias, scale, lse, (g * t.mass).contiguous(), (g * t.base).contiguous(),
         t.index, (g * t.weight).contiguous(),
     )
     if t.has_sparse:
         rows = _sparse_rows(t)
-        dz = -ctx.scale * g[rows] * t.values  # (nnz,)
+        dz = -scale * g[rows] * t.values  # (nnz,)
         dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].to(acc), "sum", offsets=t.indptr, axis=0)
         # dE_j += Σ_e dz_e [h_row(e) | 1]: entries sorted by item (stable), one segment sum per item —
         # deterministic, no atomics, and no data-dependent size (a sparse coalesce would sync).
@@ -134,8 +119,77 @@ def _gradients(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor
         de = de + both[:, :-1]
         if db is not None:
             db = db + both[:, -1]
-    return (None, None, None, dh.to(hidden.dtype), de.to(weight.dtype),
+    return (dh.to(hidden.dtype), de.to(weight.dtype),
             db.to(bias.dtype) if bias is not None and db is not None else None)
+
+
+# ---------------------------------------------------------------- the operator torch.compile sees
+def kernels_of(backend: str) -> CrossEntropyKernels:
+    """The kernels behind a resolved backend name: "triton", "cpp" or "torch" (chunked eager)."""
+    if backend == "triton":
+        from .triton_backend import TritonCrossEntropyKernels
+        return TritonCrossEntropyKernels
+    if backend == "cpp":
+        from .cpp import CppCrossEntropyKernels
+        return CppCrossEntropyKernels
+    if backend == "torch":
+        from .chunked import ChunkedCrossEntropyKernels
+        return ChunkedCrossEntropyKernels
+    raise ValueError(f"fastattn::full_item_cross_entropy: backend must be 'triton', 'cpp' or 'torch', got {backend!r}")
+
+
+def _targets(index: torch.Tensor, row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor,
+             indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, has_base: bool) -> RowTargets:
+    return RowTargets(index=index, weight=row_weight, base=base, mass=mass, indptr=indptr, indices=indices,
+                      values=values, has_base=has_base)
+
+
+@torch.library.custom_op("fastattn::full_item_cross_entropy", mutates_args=())
+def full_item_cross_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
+    row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+    values: torch.Tensor, scale: float, has_base: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (N,) and LSE (N,) (float32; float64 for float64 inputs; the LSE is kept for the
+    backward, callers drop it) of hidden (N,D), weight (V,D), bias (V,) | None against the
+    `RowTargets` given field by field (module docstring); row_weight is RowTargets.weight."""
+    targets = _targets(index, row_weight, base, mass, indptr, indices, values, has_base)
+    return row_losses(kernels_of(backend), scale, targets, hidden, weight, bias)
+
+
+@full_item_cross_entropy_op.register_fake
+def _full_item_cross_entropy_fake(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
+    row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
+    values: torch.Tensor, scale: float, has_base: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
+    return hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    hidden, weight, bias, *target_parts, scale, has_base, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, output[1], *target_parts)
+    ctx.scale, ctx.has_base, ctx.backend = scale, has_base, backend
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    hidden, weight, bias, lse, *target_parts = ctx.saved_tensors
+    kernels = kernels_of(ctx.backend)
+    # The engine runs backward under the caller's autocast state: keep the chunked kernels'
+    # float32 products float32 (the forward ran with autocast off, on already-cast inputs).
+    # (autocast knows only real devices: a meta trace has none to turn off.)
+    device = grad_loss.device.type
+    off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
+    with torch.no_grad(), off:
+        grads = _gradients(kernels, ctx.scale, _targets(*target_parts, ctx.has_base), hidden, weight, bias,
+                           lse, grad_loss)
+    if torch.is_grad_enabled():
+        grads = no_second_derivative(grads, _NOT_TWICE, (hidden, weight, bias, grad_loss))
+    return (*grads,) + (None,) * 10
+
+
+full_item_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _sparse_rows(t: RowTargets) -> torch.Tensor:
