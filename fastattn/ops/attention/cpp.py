@@ -18,7 +18,9 @@ Domains = Optional[tuple[torch.Tensor, torch.Tensor]]
 
 def _ops() -> object:
     """torch.ops.fastattn after loading (building on first use) the extension; raises if it cannot."""
-    reason = cpp_unavailable_reason()
+    # While torch.compile traces, the dispatch has already chosen "cpp" from its import-time constant
+    # (the loader is not traceable).
+    reason = None if torch.compiler.is_compiling() else cpp_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
     _register_fakes()

@@ -193,11 +193,49 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.backend = backend
 
 
+@torch.library.custom_op("fastattn::dif_attention_backward", mutates_args=())
+def dif_attention_backward_op(
+    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+    delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+    scale: float, causal: bool, dropout_p: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq_cat, dk_cat, dv of `fastattn::dif_attention` (an operator so that a traced backward
+    reads the seed tensor only inside the kernel call); delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd)."""
+    opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
+    dq, dk, dv = kernels_of(backend).backward(q_cat, k_cat, v, dout, lse, delta, grad_acd, opts,
+                                              int(seed) if seed is not None else 0, key_padding_mask,
+                                              _domains(dom_q, dom_k))
+    # An operator's outputs may not alias its inputs (a kernel could return a view of one).
+    return tuple(g.clone() if g._base is not None else g for g in (dq, dk, dv))  # type: ignore[return-value]
+
+
+@dif_attention_backward_op.register_fake
+def _dif_attention_backward_fake(q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, *_: Any
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q_cat, k_cat, v))  # type: ignore[return-value]
+
+
+class _KernelsViaOperator:
+    """`AttentionKernels.backward` through `fastattn::dif_attention_backward`, with the seed as a tensor."""
+
+    def __init__(self, backend: str, seed: Optional[torch.Tensor]) -> None:
+        self.name, self.seed = backend, seed
+
+    def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                 delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, _seed: int,
+                 key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dom_q, dom_k = domains if domains is not None else (None, None)
+        return dif_attention_backward_op(q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k,
+                                         self.seed, opts.scale, opts.causal, opts.dropout_p, self.name)
+
+
 def _backward(ctx: Any, dout: Optional[torch.Tensor], _dlse: Optional[torch.Tensor],
               grad_acd: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
     q_cat, k_cat, v, out, lse, acd, key_padding_mask, dom_q, dom_k, seed = ctx.saved_tensors
     domains = _domains(dom_q, dom_k)
-    dq, dk, dv = guarded_grads(kernels_of(ctx.backend), ctx.opts, int(seed) if seed is not None else 0,
+    dq, dk, dv = guarded_grads(_KernelsViaOperator(ctx.backend, seed), ctx.opts, 0,  # type: ignore[arg-type]
                                key_padding_mask, domains, (q_cat, k_cat, v, out, lse, acd if domains else None),
                                dout, grad_acd if domains else None)
     return (dq, dk, dv) + (None,) * 8

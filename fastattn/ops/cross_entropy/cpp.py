@@ -17,7 +17,9 @@ from ..cpp_extension import cpp_unavailable_reason
 
 def _ops() -> object:
     """torch.ops.fastattn once the extension is loaded; raises with the reason if it cannot be."""
-    reason = cpp_unavailable_reason()
+    # While torch.compile traces, the dispatch has already chosen "cpp" from its import-time constant
+    # (the loader is not traceable).
+    reason = None if torch.compiler.is_compiling() else cpp_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
     return torch.ops.fastattn
