@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..cpp_extension import cpp_unavailable_reason
-from .options import AttentionOptions
+from .options import AttentionOptions, forward_output_like
 
 Domains = Optional[tuple[torch.Tensor, torch.Tensor]]
 
@@ -25,11 +25,6 @@ def _ops() -> object:
         raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
     _register_fakes()
     return torch.ops.fastattn
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of lse, acd and the kernels' accumulation: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _domain_args(domains: Domains) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -97,12 +92,7 @@ def _register_fakes() -> None:
         dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], scale: float, causal: bool,
         dropout_p: float, seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, h, lq, _ = q.shape
-        stats = _stats_dtype(q.dtype)
-        out = q.new_empty((b, h, lq, v.shape[3]))
-        lse = q.new_empty((b, h, lq), dtype=stats)
-        acd = q.new_empty((b, h, lq) if dom_q is not None else (0,), dtype=stats)
-        return out, lse, acd
+        return forward_output_like(q, v, dom_q is not None)
 
     @torch.library.register_fake("fastattn::attn_bwd")
     def _attn_bwd_fake(

@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from ..autograd_guard import no_second_derivative
-from .options import AttentionOptions
+from .options import AttentionOptions, forward_output_like
 
 
 class AttentionKernels(Protocol):
@@ -144,11 +144,6 @@ def kernels_of(backend: str) -> AttentionKernels:
     raise ValueError(f"fastattn::dif_attention: backend must be 'cpp' or 'triton', got {backend!r}")
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of lse and acd: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _domains(dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     return None if dom_q is None or dom_k is None else (dom_q, dom_k)
 
@@ -177,12 +172,7 @@ def _dif_attention_fake(
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
     scale: float, causal: bool, dropout_p: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, h, lq, _ = q_cat.shape
-    stats = _stats_dtype(q_cat.dtype)
-    out = q_cat.new_empty((b, h, lq, v.shape[3]))
-    lse = q_cat.new_empty((b, h, lq), dtype=stats)
-    acd = q_cat.new_empty((b, h, lq) if dom_q is not None else (0,), dtype=stats)
-    return out, lse, acd
+    return forward_output_like(q_cat, v, dom_q is not None)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 # Widest head dims the fused tiles take: the concatenated QK streams and V (triton_fwd.tile_config).
 MAX_QK_DIM = 256
@@ -25,3 +27,16 @@ class AttentionOptions:
     @property
     def has_dropout(self) -> bool:
         return self.dropout_p > 0.0
+
+
+def forward_output_like(q: torch.Tensor, v: torch.Tensor, has_domains: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (out (B,H,Lq,Dv), lse (B,H,Lq), acd (B,H,Lq) or (0,)) of the attention forward: the
+    fake kernels' outputs. lse/acd are float64 for float64 inputs, else float32."""
+    b, h, lq, _ = q.shape
+    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_empty((b, h, lq, v.shape[3]))
+    lse = q.new_empty((b, h, lq), dtype=stats)
+    acd = q.new_empty((b, h, lq) if has_domains else (0,), dtype=stats)
+    return out, lse, acd
+
