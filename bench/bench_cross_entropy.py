@@ -41,7 +41,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 import fastattn
 from fastattn import SoftTarget
 from fastattn.ops.cross_entropy.reference import naive_cross_entropy
-from fastattn.ops.cross_entropy.topk import chunked_topk
+from fastattn.ops.topk.chunked import chunked_topk
 
 from _common import COMPILE_FAILURE, COMPILE_MODE_SKIP, COMPILE_MODES, MODES, bench_size, compile_for_bench, run_benchmark, sweep, triton_unavailable
 
@@ -337,7 +337,7 @@ def _topk_fastattn(x: CEInputs) -> torch.Tensor:
 
 
 def _topk_cpp(x: CEInputs) -> torch.Tensor:
-    from fastattn.ops.cross_entropy.cpp import cpp_topk
+    from fastattn.ops.topk.cpp import cpp_topk
 
     return cpp_topk(x.hidden, x.weight, TOPK, None, x.history)[0]
 

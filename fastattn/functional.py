@@ -14,7 +14,7 @@ from .ops.attention.reference import dif_attention_reference
 from .ops.checks import check_values
 from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_op
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
-from .ops.cross_entropy.topk import chunked_topk
+from .ops.topk.op import BACKENDS as TOPK_BACKENDS
 
 # Widest hidden size the cross-entropy Triton tiles take (ops/cross_entropy/triton_fwd.py).
 MAX_HIDDEN_DIM = 256
@@ -415,9 +415,5 @@ def topk_items(
         exclude = exclude.reshape(h2.shape[0], -1)
     if backend == "triton":
         raise BackendUnavailable("backend='triton' cannot run: top-k has no Triton kernel (use 'auto' or 'torch')")
-    if resolve_backend(backend, [h2]) == "cpp":
-        from .ops.cross_entropy.cpp import cpp_topk as topk
-    else:
-        topk = chunked_topk
-    scores, index = topk(h2, item_weight, k, bias, exclude)
+    scores, index = TOPK_BACKENDS[resolve_backend(backend, [h2])](h2, item_weight, k, bias, exclude)
     return scores.reshape(*lead_shape, k), index.reshape(*lead_shape, k)

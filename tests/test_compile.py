@@ -20,6 +20,7 @@ from fastattn.data.batch import TrainBatch
 from fastattn.ops.attention.function import dif_attention_op
 from fastattn.ops.cross_entropy.function import full_item_cross_entropy_op
 from fastattn.ops.cross_entropy.targets import SoftTarget
+from fastattn.ops.topk.reference import topk_reference
 from cpp_required import cpp_tests_mark
 
 from test_no_host_sync import ATTRIBUTE_SIZES, BUILDERS, COMMON, NUM_ITEMS
@@ -120,10 +121,10 @@ def test_full_item_cross_entropy_compiles(backend: str, option: str) -> None:
     _check(fn, _catalog())
 
 
-# backend="torch" top-k does not trace whole yet: its chunked selection (ops/cross_entropy/topk.py)
-# masks excluded ids by boolean indexing, a data-dependent size.
-@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_topk_items_compiles(backend: str) -> None:
+    """Both backends trace whole (the chunked torch one has static shapes: no boolean indexing) and
+    give eager's items; eager itself equals the dense reference."""
     exclude = torch.tensor([[[1, -1], [2, 3], [-1, -1]], [[0, 0], [4, 5], [6, -1]]])
 
     def fn(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +136,9 @@ def test_topk_items_compiles(backend: str) -> None:
     got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*inputs)
     want = fn(*inputs)
     assert torch.equal(got[1], want[1]) and _close(got[0], want[0])
+    hidden, weight, bias = inputs
+    ref_scores, ref_index = topk_reference(hidden.reshape(6, 8), weight, 3, bias, exclude.reshape(6, 2))
+    assert torch.equal(want[1].reshape(6, 3), ref_index) and _close(want[0].reshape(6, 3).double(), ref_scores)
 
 
 def test_inductor_compiles_attention_and_loss() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.ops.cross_entropy import chunked
+from fastattn.ops import _common as chunked  # item_chunks and CHUNK_ELEMENTS live in ops/_common.py
 from fastattn.ops.cross_entropy.reference import materialized_logits, naive_cross_entropy
 
 @pytest.fixture(params=["torch", "torch-small-chunks", "triton"])

@@ -16,7 +16,8 @@ from test_cross_entropy import (assert_close, check_topk, dense_soft_loss, leave
 
 pytestmark = cpp_tests_mark()  # a failed build fails loudly; FASTATTN_DISABLE_CPP=1 skips
 if cpp_unavailable_reason() is None:
-    from fastattn.ops.cross_entropy.cpp import CppCrossEntropyKernels, cpp_topk
+    from fastattn.ops.cross_entropy.cpp import CppCrossEntropyKernels
+    from fastattn.ops.topk.cpp import cpp_topk
 
 
 @pytest.fixture(params=["default", "small-blocks"])

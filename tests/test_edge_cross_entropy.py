@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn.ops import _common
 from fastattn.ops.cross_entropy import chunked
 from fastattn.ops.cross_entropy.reference import materialized_logits
 from cpp_required import cpp_tests_mark
@@ -271,7 +272,7 @@ def test_topk_ties_inf_and_nan_follow_the_rule(topk_backend: str, k: int, dtype:
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Both backends against the one reference, so they agree with each other."""
     if chunks == "many":  # ties and ±inf spread over chunks of 7 items (torch) and 7 × 3 blocks (C++)
-        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 12 * 7)
+        monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 12 * 7)
         monkeypatch.setenv("FASTATTN_CE_CHUNK_ITEMS", "7")
         monkeypatch.setenv("FASTATTN_CE_CHUNK_ROWS", "3")
     case = integer_case(dtype)

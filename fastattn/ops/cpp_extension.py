@@ -54,3 +54,13 @@ def cpp_unavailable_reason() -> Optional[str]:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         return f"building the C++ kernels failed ({type(exc).__name__}: {' | '.join(lines[-3:])[:600]})"
     return None
+
+
+def cpp_ops() -> object:
+    """torch.ops.fastattn once the extension is loaded (built on first use); raises with the reason
+    if it cannot be. While torch.compile traces, the dispatch has already chosen "cpp" from its
+    import-time constant (the loader itself is not traceable), so the check is skipped there."""
+    reason = None if torch.compiler.is_compiling() else cpp_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
+    return torch.ops.fastattn

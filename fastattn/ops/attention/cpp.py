@@ -10,21 +10,17 @@ from typing import Optional
 
 import torch
 
-from ..cpp_extension import cpp_unavailable_reason
+from ..cpp_extension import cpp_ops, cpp_unavailable_reason
 from .options import AttentionOptions, forward_output_like
 
 Domains = Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _ops() -> object:
-    """torch.ops.fastattn after loading (building on first use) the extension; raises if it cannot."""
-    # While torch.compile traces, the dispatch has already chosen "cpp" from its import-time constant
-    # (the loader is not traceable).
-    reason = None if torch.compiler.is_compiling() else cpp_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
+    """torch.ops.fastattn with the fake kernels registered (see `cpp_ops`)."""
+    ops = cpp_ops()
     _register_fakes()
-    return torch.ops.fastattn
+    return ops
 
 
 def _domain_args(domains: Domains) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

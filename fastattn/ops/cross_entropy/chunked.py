@@ -2,24 +2,11 @@
 never holds N×V either (extra memory O(N·chunk)). Same contract as the Triton kernels."""
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-# Elements of one chunk of logits (N × chunk): 16M floats = 64 MB, plus a few temporaries.
-CHUNK_ELEMENTS = 1 << 24
-
-
-def item_chunks(num_rows: int, num_items: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) item ranges whose N×chunk logits stay within CHUNK_ELEMENTS."""
-    chunk = max(1, CHUNK_ELEMENTS // max(num_rows, 1))
-    for start in range(0, num_items, chunk):
-        yield start, min(num_items, start + chunk)
-
-
-def in_compute_dtype(hidden: torch.Tensor) -> torch.Tensor:
-    """hidden in the accumulation dtype: float64 stays float64, everything else float32."""
-    return hidden.double() if hidden.dtype == torch.float64 else hidden.float()
+from .._common import in_compute_dtype, item_chunks
 
 
 def _logits(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,

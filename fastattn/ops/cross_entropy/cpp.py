@@ -1,7 +1,7 @@
-"""The C++ CPU kernels behind `CrossEntropyKernels` and top-k (csrc/cross_entropy.cpp), and
-their fake kernels.
+"""The C++ CPU kernels behind `CrossEntropyKernels` (csrc/cross_entropy.cpp), and their fake
+kernels.
 
-The operators `fastattn::ce_lse`, `ce_bwd` and `topk_items` are registered by the compiled
+The operators `fastattn::ce_lse` and `ce_bwd` are registered by the compiled
 extension (see `fastattn.ops.cpp_extension`); importing this module loads it (building it on
 first use) and registers the fake (meta) implementations, which give torch.compile and
 `torch.library.opcheck` the output shapes and dtypes.
@@ -12,22 +12,8 @@ from typing import Optional
 
 import torch
 
-from ..cpp_extension import cpp_unavailable_reason
-
-
-def _ops() -> object:
-    """torch.ops.fastattn once the extension is loaded; raises with the reason if it cannot be."""
-    # While torch.compile traces, the dispatch has already chosen "cpp" from its import-time constant
-    # (the loader is not traceable).
-    reason = None if torch.compiler.is_compiling() else cpp_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the fastattn C++ kernels are unavailable: {reason}")
-    return torch.ops.fastattn
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the kernels' LSE and gradients: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._common import compute_dtype
+from ..cpp_extension import cpp_ops, cpp_unavailable_reason
 
 
 class CppCrossEntropyKernels:
@@ -38,7 +24,7 @@ class CppCrossEntropyKernels:
     def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         """hidden (N,D), weight (V,D), bias (V,) | None → (N,) natural-log LSE_i of
         z_ij = scale·(h_i·E_j + b_j); float32 (float64 for float64 inputs)."""
-        return _ops().ce_lse(hidden, weight, bias, scale)
+        return cpp_ops().ce_lse(hidden, weight, bias, scale)
 
     @staticmethod
     def backward(
@@ -49,25 +35,15 @@ class CppCrossEntropyKernels:
         """dH (N,D), dE (V,D), db (V,) or None (no bias) for
         dz_ij = scale·(coef_p_i·softmax_ij − coef_base_i − coef_t_i·[j = target_i]), target −1 = none;
         float32 (float64 for float64 inputs)."""
-        dh, de, db = _ops().ce_bwd(hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t)
+        dh, de, db = cpp_ops().ce_bwd(hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t)
         return dh, de, db if bias is not None else None
-
-
-@torch.no_grad()
-def cpp_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, bias: Optional[torch.Tensor],
-             exclude: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (N,D), weight (V,D), exclude (N,M) int64 (< 0: unused) → scores (N,k) float32 and
-    indices (N,k) int64, best first, of h·E_j + b_j; rows with fewer than k eligible items end
-    with score -inf and index -1; NaN and -inf scores are ineligible, ties go to the lower item
-    id (the ranking rule of `fastattn.ops.cross_entropy.topk`)."""
-    return _ops().topk_items(hidden, weight, k, bias, exclude)
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("fastattn::ce_lse")
     def _ce_lse_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      scale: float) -> torch.Tensor:
-        return hidden.new_empty((hidden.shape[0],), dtype=_compute_dtype(hidden.dtype))
+        return hidden.new_empty((hidden.shape[0],), dtype=compute_dtype(hidden.dtype))
 
     @torch.library.register_fake("fastattn::ce_bwd")
     def _ce_bwd_fake(
@@ -75,15 +51,9 @@ def _register_fakes() -> None:
         lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
         coef_t: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = compute_dtype(hidden.dtype)
         return (hidden.new_empty(hidden.shape, dtype=dtype), weight.new_empty(weight.shape, dtype=dtype),
                 weight.new_empty((weight.shape[0] if bias is not None else 0,), dtype=dtype))
-
-    @torch.library.register_fake("fastattn::topk_items")
-    def _topk_items_fake(hidden: torch.Tensor, weight: torch.Tensor, k: int, bias: Optional[torch.Tensor],
-                         exclude: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        n = hidden.shape[0]
-        return (hidden.new_empty((n, k), dtype=torch.float32), hidden.new_empty((n, k), dtype=torch.int64))
 
 
 # Once per process, at import: the operators must exist before fake kernels can be attached.

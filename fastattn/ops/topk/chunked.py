@@ -1,18 +1,13 @@
-"""Exact top-k items of the full catalog, chunked over items (never an N×V buffer).
-
-The ranking rule, shared with the C++ kernel (csrc/cross_entropy.cpp) so that both backends
-return the same items: scores h·E_j + b_j in the compute dtype (float64 for float64 inputs,
-else float32); excluded items and items scoring NaN or -inf are ineligible; eligible items rank
-by score, highest first (+inf included), equal scores by lower item id; a row with fewer than k
-eligible items ends with score -inf and index -1.
-"""
+"""The torch backend of top-k: eager torch ops over chunks of items (never an N×V buffer),
+following the ranking rule of `fastattn.ops.topk`. Sync-free and of static shapes (no boolean
+indexing), so torch.compile traces it whole and a CUDA step never waits on the host."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .chunked import in_compute_dtype, item_chunks
+from .._common import in_compute_dtype, item_chunks
 
 
 @torch.no_grad()
@@ -27,7 +22,6 @@ def chunked_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, bias: Optio
     h = in_compute_dtype(hidden)
     best_scores = torch.full((n, 0), float("-inf"), dtype=h.dtype, device=hidden.device)
     best_index = torch.zeros((n, 0), dtype=torch.int64, device=hidden.device)
-    rows = torch.arange(n, device=hidden.device)
     for start, stop in item_chunks(n, v):
         scores = h @ weight[start:stop].to(h.dtype).T
         if bias is not None:
@@ -35,8 +29,12 @@ def chunked_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, bias: Optio
         # -0.0 → +0.0 (CUDA's radix sort would order it below +0.0, breaking the tie rule); NaN → ineligible.
         scores = torch.where(scores.isnan(), float("-inf"), scores + 0.0)
         if exclude is not None:
+            # Excluded ids of this chunk → -inf by a scatter (amin with +inf leaves the rest as is),
+            # not by boolean indexing, whose result size depends on the data.
             hit = (exclude >= start) & (exclude < stop)
-            scores[rows[:, None].expand_as(exclude)[hit], exclude[hit] - start] = float("-inf")
+            col = (exclude - start).clamp(0, stop - start - 1)
+            scores.scatter_reduce_(1, col, torch.where(hit, float("-inf"), float("inf")).to(scores.dtype),
+                                   reduce="amin")
         top_scores, top_index = _chunk_best(scores, k, start)
         best_scores, best_index = _ranked(torch.cat([best_scores, top_scores], 1),
                                           torch.cat([best_index, top_index], 1), k)
