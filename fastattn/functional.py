@@ -8,16 +8,13 @@ import torch
 
 from ._autocast import autocast_device, autocast_inputs, autocast_off
 from ._dispatch import BackendUnavailable, resolve_backend
-from .ops.attention.function import dif_attention_op, draw_seed_tensor
-from .ops.attention.options import MAX_QK_DIM, MAX_V_DIM, AttentionOptions
-from .ops.attention.reference import dif_attention_reference
+from .ops.attention.op import BACKENDS as ATTENTION_BACKENDS
+from .ops._common import MAX_HIDDEN_DIM, MAX_QK_DIM, MAX_V_DIM
+from .ops.attention.options import AttentionOptions
 from .ops.checks import check_values
 from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_op
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
 from .ops.topk.op import BACKENDS as TOPK_BACKENDS
-
-# Widest hidden size the cross-entropy Triton tiles take (ops/cross_entropy/triton_fwd.py).
-MAX_HIDDEN_DIM = 256
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -199,14 +196,7 @@ def dif_attention(
         too_wide = (f"the fused tiles take a summed QK head dim <= {MAX_QK_DIM} and a V head dim <= "
                     f"{MAX_V_DIM}, got {dqk} and {v.shape[-1]}")
     chosen = resolve_backend(backend, streams, too_wide)
-    if chosen == "torch":
-        out, acd = dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask, None, domain_pair)
-    else:
-        # The streams are concatenated along the head dim; autograd splits their gradients back.
-        dom_q, dom_k = domain_pair if domain_pair is not None else (None, None)
-        out, _, acd = dif_attention_op(
-            torch.cat([q, *attr_q], dim=-1), torch.cat([k, *attr_k], dim=-1), v, key_padding_mask, dom_q, dom_k,
-            draw_seed_tensor() if opts.has_dropout else None, opts.scale, opts.causal, opts.dropout_p, chosen)
+    out, acd = ATTENTION_BACKENDS[chosen](q, k, v, attr_q, attr_k, opts, key_padding_mask, domain_pair)
     if domain_pair is None:
         return out
     return out, acd.float()

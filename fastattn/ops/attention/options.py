@@ -5,10 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .._common import MAX_QK_DIM, MAX_V_DIM, compute_dtype
 
-# Widest head dims the fused tiles take: the concatenated QK streams and V (triton_fwd.tile_config).
-MAX_QK_DIM = 256
-MAX_V_DIM = 128
+__all__ = ["MAX_QK_DIM", "MAX_V_DIM", "AttentionOptions", "forward_output_like"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ def forward_output_like(q: torch.Tensor, v: torch.Tensor, has_domains: bool
     """Empty (out (B,H,Lq,Dv), lse (B,H,Lq), acd (B,H,Lq) or (0,)) of the attention forward: the
     fake kernels' outputs. lse/acd are float64 for float64 inputs, else float32."""
     b, h, lq, _ = q.shape
-    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = compute_dtype(q.dtype)
     out = q.new_empty((b, h, lq, v.shape[3]))
     lse = q.new_empty((b, h, lq), dtype=stats)
     acd = q.new_empty((b, h, lq) if has_domains else (0,), dtype=stats)

@@ -1,0 +1,44 @@
+"""Attention's backend table: what `fastattn.dif_attention` dispatches to after validation.
+
+Every entry takes the validated streams and returns (out (B,H,Lq,Dv), acd (B,H,Lq) or None):
+
+- "torch": the plain-torch reference (reference.py), differentiable by torch's autograd (to any
+  order) and traced op by op by torch.compile;
+- "cpp" / "triton": the fused kernels behind the operator `fastattn::dif_attention`
+  (function.py), with the streams concatenated along the head dim ([q | qa_1 | …]) so a kernel
+  sees one QK head dim; autograd splits the gradients back.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .function import dif_attention_op, draw_seed_tensor
+from .options import AttentionOptions
+from .reference import dif_attention_reference
+
+Domains = Optional[tuple[torch.Tensor, torch.Tensor]]
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor],
+                      AttentionOptions, Optional[torch.Tensor], Domains], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def _torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr_q: Sequence[torch.Tensor],
+           attr_k: Sequence[torch.Tensor], opts: AttentionOptions, key_padding_mask: Optional[torch.Tensor],
+           domains: Domains) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask, None, domains)
+
+
+def _fused(backend: str) -> Attention:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr_q: Sequence[torch.Tensor],
+            attr_k: Sequence[torch.Tensor], opts: AttentionOptions, key_padding_mask: Optional[torch.Tensor],
+            domains: Domains) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        dom_q, dom_k = domains if domains is not None else (None, None)
+        out, _, acd = dif_attention_op(
+            torch.cat([q, *attr_q], dim=-1), torch.cat([k, *attr_k], dim=-1), v, key_padding_mask, dom_q, dom_k,
+            draw_seed_tensor() if opts.has_dropout else None, opts.scale, opts.causal, opts.dropout_p, backend)
+        return out, (acd if domains is not None else None)
+    return run
+
+
+BACKENDS: dict[str, Attention] = {"torch": _torch, "cpp": _fused("cpp"), "triton": _fused("triton")}
