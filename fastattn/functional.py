@@ -12,6 +12,7 @@ from .ops.attention.op import BACKENDS as ATTENTION_BACKENDS
 from .ops._common import MAX_HIDDEN_DIM, MAX_QK_DIM, MAX_V_DIM
 from .ops.attention.options import AttentionOptions
 from .ops.checks import check_values
+from .ops.cross_entropy import cpp as _cross_entropy_cpp  # noqa: F401  (the C++ operators' fakes)
 from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_op
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
 from .ops.topk.op import BACKENDS as TOPK_BACKENDS

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import cpp as _cpp  # noqa: F401  (registers the C++ operators' fake kernels, for tracing)
 from .function import dif_attention_op, draw_seed_tensor
 from .options import AttentionOptions
 from .reference import dif_attention_reference
