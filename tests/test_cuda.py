@@ -35,8 +35,8 @@ from fastattn.ops.attention.triton_fwd import dropout_keep_mask, dropout_keep_ro
 
 from attention_cases import (FP32_TOL, Case, make_inputs, max_err, reference_keep_rows, run_fastattn, run_reference,
                              with_grad)
-from test_cross_entropy import (assert_close, check_topk, dense_soft_loss, make_case, random_soft_target, run,
-                                run_naive)
+from catalog_cases import (assert_close, check_topk, dense_soft_loss, make_case, random_soft_target, run,
+                           run_naive)
 
 # ---------------------------------------------------------------- device selection
 SKIP_REASON = (

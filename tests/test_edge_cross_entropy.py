@@ -16,7 +16,7 @@ from fastattn.ops import _common
 from fastattn.ops.cross_entropy import chunked
 from fastattn.ops.cross_entropy.reference import materialized_logits
 from cpp_required import cpp_tests_mark
-from test_cross_entropy import assert_close, dense_soft_loss, leaves, make_case, random_soft_target, run, run_naive
+from catalog_cases import assert_close, dense_soft_loss, leaves, make_case, random_soft_target, run, run_naive
 
 CPP = pytest.param("cpp", marks=cpp_tests_mark())
 N, V, D = 67, 70, 8  # more rows and items than one Triton tile (64), so strides cross tiles

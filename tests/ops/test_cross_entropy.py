@@ -1,74 +1,33 @@
-"""Full-catalog cross-entropy, soft targets and top-k against materialized float64 references."""
-from __future__ import annotations
+"""Full-catalog cross-entropy (`fastattn.full_item_cross_entropy`) and soft targets on every
+backend against materialized float64 references.
 
-from typing import Callable, Optional
+Backends (variants in catalog_cases.py): "torch" (also with tiny item chunks), "triton" (in its
+interpreter here), "cpp" (also with tiny blocks). Each check runs on every variant unless a
+comment says why not. The C++ operators themselves (opcheck, bad input): test_cross_entropy_ops.py;
+top-k: test_topk.py.
+"""
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
 import fastattn
-from fastattn.ops import _common as chunked  # item_chunks and CHUNK_ELEMENTS live in ops/_common.py
-from fastattn.ops.cross_entropy.reference import materialized_logits, naive_cross_entropy
+from fastattn.ops.cross_entropy.reference import naive_cross_entropy
 
-@pytest.fixture(params=["torch", "torch-small-chunks", "triton"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The backend to test; the torch backend also with tiny item chunks (many chunks per call).
-    The Triton kernels split their loops by size alone, so small and large cases cover both."""
-    if request.param == "torch-small-chunks":
-        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 257 * 37)
-        return "torch"
-    return request.param
+from backend_params import backend_param
+from catalog_cases import (CPP_VARIANTS, TORCH_VARIANTS, assert_close, dense_soft_loss, leaves, make_case,
+                           random_soft_target, run, run_naive)
+
+ALL = [*TORCH_VARIANTS, "triton", *map(backend_param, CPP_VARIANTS)]
 
 
-def make_case(n: int, v: int, d: int, dtype: torch.dtype = torch.float32, seed: int = 0,
-              ignore: str = "some", with_bias: bool = True) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    target = torch.randint(0, v, (n,), generator=gen)
-    if ignore == "some":
-        target[torch.rand(n, generator=gen) < 0.3] = -100
-    elif ignore == "all":
-        target[:] = -100
-    return {
-        "hidden": torch.randn(n, d, generator=gen).to(dtype),
-        "weight": (torch.randn(v, d, generator=gen) / d ** 0.25).to(dtype),
-        "bias": torch.randn(v, generator=gen).to(dtype) if with_bias else None,
-        "target": target,
-    }
+def variants(*names: str) -> list:
+    """Indirect params of the `backend` fixture (tests/ops/conftest.py) for these variants."""
+    return [backend_param(name) for name in names]
 
 
-def leaves(case: dict, dtype: Optional[torch.dtype] = None) -> list[Optional[torch.Tensor]]:
-    return [None if case[k] is None else case[k].detach().to(dtype or case[k].dtype).requires_grad_(True)
-            for k in ("hidden", "weight", "bias")]
-
-
-def run(case: dict, backend: str, target: object = None, grad: Optional[torch.Tensor] = None, **kw: object
-        ) -> tuple[torch.Tensor, list]:
-    h, w, b = leaves(case)
-    loss = fastattn.full_item_cross_entropy(h, w, case["target"] if target is None else target, bias=b,
-                                            backend=backend, **kw)
-    (loss * (grad if grad is not None else 1.0)).sum().backward()
-    return loss.detach(), [None if t is None else t.grad for t in (h, w, b)]
-
-
-def run_naive(case: dict, target: Optional[torch.Tensor] = None, grad: Optional[torch.Tensor] = None,
-              dtype: torch.dtype = torch.float64, **kw: object) -> tuple[torch.Tensor, list]:
-    h, w, b = leaves(case, dtype)
-    loss = naive_cross_entropy(h, w, case["target"] if target is None else target, bias=b, **kw)
-    (loss * (grad.to(dtype) if grad is not None else 1.0)).sum().backward()
-    return loss.detach(), [None if t is None else t.grad for t in (h, w, b)]
-
-
-def assert_close(got: tuple, want: tuple, tol: float = 2e-5) -> None:
-    (loss, grads), (ref_loss, ref_grads) = got, want
-    assert torch.isfinite(loss).all()
-    assert (loss.double() - ref_loss).abs().max() <= tol * max(1.0, ref_loss.abs().max().item())
-    for name, g, r in zip(("hidden", "item_weight", "bias"), grads, ref_grads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert torch.isfinite(g).all(), name
-            err = (g.double() - r).abs().max().item()
-            assert err <= tol * max(1.0, r.abs().max().item()), f"{name}: {err:.2e}"
+EVERY_BACKEND = pytest.mark.parametrize("backend", ALL, indirect=True)
 
 
 SHAPES = [  # (N, V, D): the odd sizes of the issue, crossed so every value appears
@@ -78,6 +37,7 @@ SHAPES = [  # (N, V, D): the odd sizes of the issue, crossed so every value appe
 
 
 @pytest.mark.parametrize("n,v,d", SHAPES)
+@EVERY_BACKEND
 def test_hard_targets(n: int, v: int, d: int, backend: str) -> None:
     case = make_case(n, v, d)
     assert_close(run(case, backend, temperature=0.7), run_naive(case, temperature=0.7))
@@ -85,6 +45,7 @@ def test_hard_targets(n: int, v: int, d: int, backend: str) -> None:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@EVERY_BACKEND
 def test_reductions_and_ignore_index(backend: str, reduction: str, ignore: str) -> None:
     case = make_case(37, 1000, 50, ignore=ignore)
     grad = torch.randn(37) if reduction == "none" else None  # each row weighted by its own gradient
@@ -100,15 +61,17 @@ def test_reductions_and_ignore_index(backend: str, reduction: str, ignore: str) 
 
 @pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
 @pytest.mark.parametrize("with_bias", [True, False])
+@EVERY_BACKEND
 def test_label_smoothing_temperature_bias(backend: str, label_smoothing: float, with_bias: bool) -> None:
     case = make_case(257, 1000, 8, with_bias=with_bias)
     kw = dict(label_smoothing=label_smoothing, temperature=2.5)
     assert_close(run(case, backend, **kw), run_naive(case, **kw))
 
 
+@EVERY_BACKEND
 def test_custom_ignore_index_and_leading_dims(backend: str) -> None:
     case = make_case(4 * 9, 13, 50)
-    case["target"][case["target"] == -100] = 7 - 10  # ignore_index=-3 instead
+    case["target"][case["target"] == -100] = -3  # ignore_index=-3 instead
     h, w, b = leaves(case)
     loss = fastattn.full_item_cross_entropy(h.view(4, 9, 50), w, case["target"].view(4, 9), bias=b,
                                             ignore_index=-3, reduction="none", backend=backend)
@@ -119,6 +82,7 @@ def test_custom_ignore_index_and_leading_dims(backend: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@EVERY_BACKEND
 def test_low_precision_error_bound(backend: str, dtype: torch.dtype) -> None:
     # At most twice the error of the naive version run in that dtype, plus a small slack.
     case = make_case(257, 1000, 64, dtype=dtype)
@@ -133,39 +97,48 @@ def test_low_precision_error_bound(backend: str, dtype: torch.dtype) -> None:
         assert err <= 2 * (lo.double() - t).abs().max().item() + slack * scale
 
 
+# Triton takes no float64 (test_triton_backend_reasons); torch and C++ compute in float64 then.
+@pytest.mark.parametrize("backend", variants("torch", "cpp"), indirect=True)
+def test_float64_matches_reference_tightly(backend: str) -> None:
+    case = make_case(37, 1000, 50, dtype=torch.float64)
+    assert_close(run(case, backend, temperature=0.7), run_naive(case, temperature=0.7), tol=1e-10)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("backend", variants(*TORCH_VARIANTS, *CPP_VARIANTS), indirect=True)
+def test_gradcheck(soft: bool, with_bias: bool, backend: str) -> None:
+    # float64 only: no Triton (see above).
+    case = make_case(6, 11, 5, dtype=torch.float64, with_bias=with_bias)
+    target = random_soft_target(6, 11, seed=2, ignored_rows=(1,)) if soft else case["target"]
+    inputs = [t for t in leaves(case) if t is not None]
+
+    def loss(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return fastattn.full_item_cross_entropy(h, w, target, bias=b, temperature=0.7, label_smoothing=0.1,
+                                                reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@EVERY_BACKEND
+def test_zero_rows_give_zero_gradients(backend: str, with_bias: bool) -> None:
+    """N = 0 (e.g. a batch with no valid position): the catalog gradients are exactly zero."""
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(37, 8, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True) if with_bias else None
+    loss = fastattn.full_item_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.int64), bias=bias,
+                                            reduction="sum", backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    if with_bias:
+        assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
 # ---------------------------------------------------------------- soft targets
-def random_soft_target(n: int, v: int, seed: int = 0, ignored_rows: tuple = ()) -> fastattn.SoftTarget:
-    """Rows mixing a dense base with a few sparse entries (duplicates included), summing to 1."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, 5, (n,), generator=gen)
-    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    indices = torch.randint(0, v, (int(indptr[-1]),), generator=gen)
-    raw = torch.rand(int(indptr[-1]), generator=gen, dtype=torch.float64)
-    base_share = torch.rand(n, generator=gen, dtype=torch.float64) * 0.5
-    base_share[counts == 0] = 1.0
-    row_of = torch.repeat_interleave(torch.arange(n), counts)
-    row_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, row_of, raw)
-    values = raw / row_sum[row_of] * (1 - base_share[row_of])
-    base = base_share / v
-    for r in ignored_rows:
-        base[r] = 0
-        values[row_of == r] = 0
-    return fastattn.SoftTarget(base.float(), indptr, indices, values.float())
-
-
-def dense_soft_loss(case: dict, t: torch.Tensor, dtype: torch.dtype = torch.float64, reduction: str = "mean",
-                    temperature: float = 1.0, label_smoothing: float = 0.0) -> tuple[torch.Tensor, list]:
-    h, w, b = leaves(case, dtype)
-    logits = materialized_logits(h, w, b, temperature)
-    used = t.sum(1) > 0
-    t = t * (1 - label_smoothing) + used[:, None] * label_smoothing / t.shape[1]
-    per_row = -(t * logits.log_softmax(-1)).sum(-1)
-    loss = per_row.sum() / used.sum().clamp_min(1) if reduction == "mean" else per_row
-    loss.sum().backward()
-    return loss.detach(), [None if x is None else x.grad for x in (h, w, b)]
-
-
 @pytest.mark.parametrize("n,v,d", [(37, 13, 50), (257, 1000, 8), (1, 5003, 64)])
+@EVERY_BACKEND
 def test_soft_targets_match_dense(n: int, v: int, d: int, backend: str) -> None:
     case = make_case(n, v, d)
     ignored = (0, n // 2) if n > 2 else ()
@@ -175,6 +148,7 @@ def test_soft_targets_match_dense(n: int, v: int, d: int, backend: str) -> None:
     assert_close(got, want)
 
 
+@EVERY_BACKEND
 def test_soft_target_reduces_to_hard_target(backend: str) -> None:
     case = make_case(37, 1000, 50, ignore="none")
     y = case["target"]
@@ -219,47 +193,6 @@ def test_ted_teacher_as_distillation_target() -> None:
     assert abs(loss.item() - ref.item()) < 1e-4
     loss.backward()
     assert torch.isfinite(emb.grad).all()
-
-
-# ---------------------------------------------------------------- top-k
-@pytest.mark.parametrize("n,v,k", [(1, 1, 1), (37, 13, 5), (37, 1000, 20), (257, 5003, 10)])
-@pytest.mark.parametrize("with_exclude", [False, True])
-@pytest.mark.parametrize("chunk_elements", [chunked.CHUNK_ELEMENTS, 257 * 37])
-def test_topk_matches_torch_topk(n: int, v: int, k: int, with_exclude: bool, chunk_elements: int,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", chunk_elements)
-    check_topk(make_case(n, v, 50), k, with_exclude,
-               lambda h, w, kk, b, ex: fastattn.topk_items(h, w, kk, bias=b, exclude=ex, backend="torch"))
-
-
-def check_topk(case: dict, k: int, with_exclude: bool, topk_fn: Callable[..., tuple]) -> None:
-    """topk_fn(hidden, weight, k, bias, exclude) against torch.topk of the masked float64 logits."""
-    n, v = case["hidden"].shape[0], case["weight"].shape[0]
-    exclude = None
-    logits = materialized_logits(case["hidden"].double(), case["weight"].double(), case["bias"].double())
-    if with_exclude:
-        gen = torch.Generator().manual_seed(1)
-        exclude = torch.randint(-1, v, (n, 30), generator=gen)  # -1 = unused slot; duplicates too
-        mask = torch.zeros(n, v, dtype=torch.bool)
-        rows = torch.arange(n)[:, None].expand_as(exclude)
-        mask[rows[exclude >= 0], exclude[exclude >= 0]] = True
-        logits = logits.masked_fill(mask, float("-inf"))
-    scores, index = topk_fn(case["hidden"], case["weight"], k, case["bias"], exclude)
-    assert scores.dtype == torch.float32 and index.dtype == torch.int64 and scores.shape == (n, k)
-    ref = logits.topk(k, dim=1)
-    finite = torch.isfinite(ref.values)
-    assert torch.equal(index[finite], ref.indices[finite])
-    assert torch.allclose(scores[finite].double(), ref.values[finite], atol=1e-4)
-    assert (index[~finite] == -1).all() and torch.isinf(scores[~finite]).all()
-
-
-def test_topk_leading_dims_and_history_masking() -> None:
-    weight = torch.eye(6)
-    hidden = torch.tensor([[[6.0, 5, 4, 3, 2, 1]], [[1.0, 2, 3, 4, 5, 6]]])  # (2, 1, 6)
-    exclude = torch.tensor([[[0, 1, -1]], [[5, -1, -1]]])
-    scores, index = fastattn.topk_items(hidden, weight, 3, exclude=exclude, backend="torch")
-    assert index.shape == (2, 1, 3)
-    assert index.tolist() == [[[2, 3, 4]], [[4, 3, 2]]]
 
 
 # ---------------------------------------------------------------- module and bad input
@@ -317,22 +250,21 @@ def test_bad_input_raises(over: dict, exc: type, match: str) -> None:
                                          **kwargs)
 
 
-BAD_TOPK = [
-    (dict(backend="triton"), fastattn.BackendUnavailable, "top-k has no Triton kernel"),
-    (dict(k=0), ValueError, r"k must be an int in \[1, 13\]"),
-    (dict(k=14), ValueError, r"k must be an int in \[1, 13\]"),
-    (dict(exclude=torch.zeros(5, 2, dtype=torch.int32)), TypeError, "exclude must be an int64 tensor"),
-    (dict(exclude=torch.zeros(4, 2, dtype=torch.int64)), ValueError, "exclude must have shape"),
-    (dict(exclude=torch.full((5, 2), 13)), ValueError, "exclude holds item ids >= 13"),
-]
-
-
-@pytest.mark.parametrize("over,exc,match", BAD_TOPK, ids=[m for _, _, m in BAD_TOPK])
-def test_bad_topk_input_raises(over: dict, exc: type, match: str) -> None:
-    case = make_case(5, 13, 8)
-    kwargs = {"k": 3, **over}
+@pytest.mark.parametrize("over,exc,match", BAD_CE, ids=[m for _, _, m in BAD_CE])
+def test_bad_input_raises(over: dict, exc: type, match: str) -> None:
+    kwargs = _ce_args(**over)
     with pytest.raises(exc, match=match):
-        fastattn.topk_items(case["hidden"], case["weight"], kwargs.pop("k"), **kwargs)
+        fastattn.full_item_cross_entropy(kwargs.pop("hidden"), kwargs.pop("item_weight"), kwargs.pop("target"),
+                                         **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", backend_param("cpp")])
+def test_bad_input_checked_before_dispatch(backend: str) -> None:
+    # Validation happens in Python before dispatch, so every backend raises the same errors.
+    case = make_case(5, 13, 8)
+    with pytest.raises(ValueError, match=r"target holds 13, outside \[0, 13\)"):
+        fastattn.full_item_cross_entropy(case["hidden"], case["weight"], torch.tensor([0, 1, 13, 2, 3]),
+                                         backend=backend)
 
 
 def test_triton_backend_reasons() -> None:

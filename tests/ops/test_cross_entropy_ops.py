@@ -1,0 +1,89 @@
+"""The C++ cross-entropy operators themselves (csrc/cross_entropy.cpp: fastattn::ce_lse, ce_bwd):
+torch.library.opcheck, agreement with the chunked torch kernels, and bad input named by the op.
+The end-to-end checks of every backend are in test_cross_entropy.py; top-k's operator in test_topk.py."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from catalog_cases import make_case
+from cpp_required import cpp_tests_mark
+
+pytestmark = cpp_tests_mark()  # a failed build fails loudly; FASTATTN_DISABLE_CPP=1 skips
+
+
+def op_args(dtype: torch.dtype = torch.float32, with_bias: bool = True) -> dict:
+    """Arguments of the operators on a small case: coefficients in the compute dtype, targets with -1."""
+    case = make_case(9, 23, 8, dtype=dtype, with_bias=with_bias)
+    gen = torch.Generator().manual_seed(5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = {name: torch.rand(9, generator=gen).to(acc) for name in ("coef_p", "coef_base", "coef_t")}
+    return dict(hidden=case["hidden"], weight=case["weight"], bias=case["bias"], target=case["target"].clamp_min(-1),
+                **coef)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(dtype: torch.dtype, with_bias: bool) -> None:
+    a = op_args(dtype, with_bias)
+    ops = torch.ops.fastattn
+    lse = ops.ce_lse(a["hidden"], a["weight"], a["bias"], 0.5)
+    torch.library.opcheck(ops.ce_lse, (a["hidden"], a["weight"], a["bias"], 0.5))
+    torch.library.opcheck(ops.ce_bwd, (a["hidden"], a["weight"], a["bias"], 0.5, lse, a["coef_p"], a["coef_base"],
+                                       a["target"], a["coef_t"]))
+
+
+def test_backward_kernel_matches_chunked_torch() -> None:
+    from fastattn.ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
+    from fastattn.ops.cross_entropy.cpp import CppCrossEntropyKernels
+
+    a = op_args()
+    args = (a["hidden"], a["weight"], a["bias"], 0.5)
+    lse = CppCrossEntropyKernels.lse(*args)
+    assert torch.allclose(lse, ChunkedCrossEntropyKernels.lse(*args), atol=1e-5)
+    rest = (lse, a["coef_p"], a["coef_base"], a["target"], a["coef_t"])
+    for got, want in zip(CppCrossEntropyKernels.backward(*args, *rest), ChunkedCrossEntropyKernels.backward(*args, *rest)):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert CppCrossEntropyKernels.backward(a["hidden"], a["weight"], None, 0.5, *rest)[2] is None
+
+
+def _bad_op_calls() -> list[tuple[Callable[[], object], str]]:
+    """(call, expected message) pairs; torch.ops.fastattn.* resolves only when a call runs."""
+    a = op_args()
+    h, w, b = a["hidden"], a["weight"], a["bias"]
+    lse = torch.zeros(9)
+    p, base, y, t = a["coef_p"], a["coef_base"], a["target"], a["coef_t"]
+    ops = torch.ops.fastattn
+    return [
+        (lambda: ops.ce_lse(h[0], w, b, 1.0), r"ce_lse: hidden must have shape \(N, D\)"),
+        (lambda: ops.ce_lse(h.long(), w, b, 1.0), "ce_lse: hidden must be float32, float64"),
+        (lambda: ops.ce_lse(h, w[:, :3], b, 1.0), r"ce_lse: weight must have shape \(V >= 1, D=8\)"),
+        (lambda: ops.ce_lse(h, w.double(), b, 1.0), "ce_lse: weight has dtype Double but hidden has Float"),
+        (lambda: ops.ce_lse(h, w, b[:5], 1.0), r"ce_lse: bias must have shape \(V=23,\)"),
+        (lambda: ops.ce_lse(h, w, b.double(), 1.0), "ce_lse: bias has dtype Double"),
+        (lambda: ops.ce_lse(h, w, b, float("inf")), "ce_lse: scale must be a positive finite float"),
+        (lambda: ops.ce_bwd(h, w, b, 1.0, lse[:3], p, base, y, t), r"ce_bwd: lse must have shape \(N=9,\)"),
+        (lambda: ops.ce_bwd(h, w, b, 1.0, lse, p.long(), base, y, t), "ce_bwd: coef_p must be a float"),
+        (lambda: ops.ce_bwd(h, w, b, 1.0, lse, p, base, y.int(), t),
+         r"ce_bwd: target must be an int64 tensor of shape \(N=9,\)"),
+        (lambda: ops.ce_bwd(h, w, b, 1.0, lse, p, base, torch.full((9,), 23), t),
+         r"ce_bwd: target must hold item ids in \[0, 23\) or -1"),
+    ]
+
+
+BAD_OPS = _bad_op_calls()
+
+
+@pytest.mark.parametrize("call,match", BAD_OPS, ids=[m for _, m in BAD_OPS])
+def test_bad_input_to_the_ops(call: Callable[[], object], match: str) -> None:
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_bad_chunk_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTATTN_CE_CHUNK_ITEMS", "zero")
+    a = op_args()
+    with pytest.raises(RuntimeError, match="FASTATTN_CE_CHUNK_ITEMS must be a positive integer"):
+        torch.ops.fastattn.ce_lse(a["hidden"], a["weight"], a["bias"], 1.0)
