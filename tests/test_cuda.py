@@ -11,7 +11,7 @@ Every comparison is against the torch reference in float64 on CPU. float32 must 
 attention_cases.FP32_TOL (cross-entropy: the 2e-5 of test_cross_entropy.assert_close) relative to
 the largest value; float16/bfloat16 must be at most twice as far from the truth as the same
 reference run in that dtype, plus a small slack (the rule of test_attention / test_cross_entropy).
-Helpers are reused from attention_cases.py and test_cross_entropy.py; this file only moves their
+Helpers are reused from tests/ops/attention_cases.py and tests/ops/catalog_cases.py; this file only moves their
 inputs to the device and the results back.
 
 Last, a training step of SASRec and DIF-SR (issue 16): under torch.cuda.set_sync_debug_mode("error")
@@ -41,7 +41,7 @@ from catalog_cases import (assert_close, check_topk, dense_soft_loss, make_case,
 # ---------------------------------------------------------------- device selection
 SKIP_REASON = (
     "needs a CUDA GPU (bench/gpu.sh runs it there); on CPU the Triton kernels are checked in the "
-    "interpreter by test_attention.py / test_cross_entropy.py and compiled for sm_80/sm_90 by "
+    "interpreter by tests/ops/test_attention.py / tests/ops/test_cross_entropy.py and compiled for sm_80/sm_90 by "
     "test_gpu_compile.py — set FASTATTN_TEST_DEVICE=cpu to run this file in the interpreter"
 )
 
