@@ -162,6 +162,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides["sampled_eval"] = True if args.sampled_eval else None
     overrides["progress"] = False if args.no_progress else None
     overrides["track_test"] = True if args.track_test else None
+    overrides["compile"] = True if args.compile else None
 
     def run() -> int:
         if args.resume:
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                        "history: the result of any shorter epoch budget, for comparisons")
     train.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the training step (forward + loss, optimizer step; Inductor)")
     train.set_defaults(run=_train)
 
     evaluate = sub.add_parser("evaluate", help="metrics of a saved training checkpoint")

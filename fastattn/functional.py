@@ -11,7 +11,7 @@ from ._dispatch import BackendUnavailable, resolve_backend
 from .ops.attention.op import BACKENDS as ATTENTION_BACKENDS
 from .ops._common import MAX_HIDDEN_DIM, MAX_QK_DIM, MAX_V_DIM
 from .ops.attention.options import AttentionOptions
-from .ops.checks import check_values
+from .ops.checks import check_values, is_finite_number
 from .ops.cross_entropy import cpp as _cross_entropy_cpp  # noqa: F401  (the C++ operators' fakes)
 from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_op
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
@@ -79,7 +79,7 @@ def _validate_attention(
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (not isinstance(scale, (int, float)) or not is_finite_number(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
 
@@ -337,7 +337,7 @@ def full_item_cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
+    if not isinstance(temperature, (int, float)) or not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     lead_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])

@@ -43,6 +43,7 @@ from .data import (BATCH_UNITS, EvalSet, SequenceDataset, Splits, eval_batches, 
                    split_dataset, train_batches)
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
 from .models.base import SequentialRecommender
+from .training_step import TrainingStep
 from .models.autocdsr import AutoCDSR, AutoCDSRConfig, AutoCDSRPlus, AutoCDSRPlusConfig
 from .models.difsr import DIFSR, DIFSRConfig
 from .models.man import MAN, MANConfig
@@ -56,7 +57,8 @@ SELECT_METRIC = "NDCG@10"
 # device sync on a GPU, so not every step.
 HOST_READ_EVERY = 20
 
-RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test", "exclude_history"})
+RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test", "exclude_history",
+                            "compile"})
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ class TrainConfig:
     track_test: bool = False
     exclude_history: bool = True
     progress: bool = True
+    compile: bool = False  # torch.compile the training step (fastattn.training_step)
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -205,6 +208,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
         if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"--compile takes no value (True or False in a config), got {self.compile!r}")
         if self.batch_unit not in BATCH_UNITS:
             raise ValueError(f"--batch-unit must be one of {BATCH_UNITS}, got {self.batch_unit!r}")
 
@@ -414,6 +419,8 @@ def _run(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log: C
         if config.track_test and best["state"] is not None and "test" not in best:  # --track-test added now
             best["test"] = _evaluate_state(model, best["state"], splits.test, dataset, config, device)
         log(f"resumed from {ckpt_path} after epoch {start_epoch} (best epoch {best['epoch']})")
+    # compiled once per run (the module is not wrapped: state_dict keys and checkpoints unchanged)
+    train_step = TrainingStep(model, optimizer, compile=config.compile)
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {config.model} ({params:,} parameters) on {device}, preset {config.preset}, "
         f"options {config.model_options}")
@@ -421,7 +428,7 @@ def _run(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log: C
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if epoch - best["epoch"] > config.patience and best["epoch"] > 0:
             break
-        means, epoch_seconds = _train_epoch(model, optimizer, splits.train, config, device, epoch)
+        means, epoch_seconds = _train_epoch(train_step, splits.train, config, device, epoch)
         _check_finite(means, model, epoch, config, ckpt_path)
         train_seconds += epoch_seconds
         tick = time.perf_counter()
@@ -472,14 +479,14 @@ def _evaluate_state(model: SequentialRecommender, weights: dict[str, torch.Tenso
         model.load_state_dict(current)
 
 
-def _train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer, train_split: SequenceDataset,
-                 config: TrainConfig, device: torch.device, epoch: int) -> tuple[dict[str, float], float]:
+def _train_epoch(train_step: TrainingStep, train_split: SequenceDataset, config: TrainConfig, device: torch.device,
+                 epoch: int) -> tuple[dict[str, float], float]:
     """One pass over the training split: (each loss averaged over the steps, seconds).
 
     The running loss sums stay on the device; the host reads them (one sync on a GPU) only every
     HOST_READ_EVERY steps, for the progress bar and to stop early once they are not finite, and
     at the end. _check_finite then refuses the epoch before anything is saved."""
-    model.train()
+    train_step.model.train()
     steps = num_train_batches(train_split, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
                               seed=config.seed, epoch=epoch, bucket_batches=config.bucket_batches)
     sums: dict[str, torch.Tensor] = {}
@@ -491,10 +498,7 @@ def _train_epoch(model: SequentialRecommender, optimizer: torch.optim.Optimizer,
     try:
         for step, batch in enumerate(bar, 1):
             batch = batch.to(device)
-            losses = model.losses(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            losses = train_step(batch)
             rows += int(batch.items.shape[0])
             for key, value in losses.items():
                 value = value.detach().to(torch.float64)

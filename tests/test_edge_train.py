@@ -75,7 +75,7 @@ _BAD_TRAIN = [
     ("out", "", "sasrec"), ("data", "", "sasrec"), ("data", "/no/such/file.txt", "sasrec"),
     ("data", "synthetic:num_users=-3", "sasrec"), ("format", "csv", "sasrec"), ("preset", "huge", "sasrec"),
     ("model", "gru4rec", "sasrec"), ("sampled-eval", "", "sasrec"), ("no-progress=1", None, "sasrec"),
-    ("track-test=yes", None, "sasrec"), ("resume=1", None, "sasrec"),
+    ("track-test=yes", None, "sasrec"), ("resume=1", None, "sasrec"), ("compile=1", None, "sasrec"),
 ]
 
 
@@ -83,7 +83,7 @@ def test_every_train_flag_has_a_bad_value_case() -> None:
     covered = {flag.split("=")[0] for flag, _, _ in _BAD_TRAIN}
     every = {name for name, _, _ in _MODEL_FLAGS + _LOOP_FLAGS} | {"data", "format", "preset", "model",
                                                                    "sampled-eval", "track-test", "resume",
-                                                                   "no-progress"}
+                                                                   "no-progress", "compile"}
     assert every <= covered, sorted(every - covered)
 
 

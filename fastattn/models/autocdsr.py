@@ -253,10 +253,24 @@ class _ACDRecommender(SequentialRecommender):
             w_acd, w_rec = w_acd / w_rec, 1.0
         return w_acd, w_rec
 
-    def _losses(self, batch: TrainBatch, hidden: torch.Tensor, acd: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _task_losses(self, batch: TrainBatch, hidden: torch.Tensor, acd: torch.Tensor) -> dict[str, torch.Tensor]:
         # every position; those without a target are masked (no boolean gather: no device sync)
         rec = full_softmax_loss(hidden.reshape(-1, hidden.shape[-1]), flat_targets(batch), self.item_embedding.weight,
                                 self.config.backend)
+        return {"rec": rec, "acd": acd}
+
+    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        return self.combine_loss_terms(self.loss_terms(batch))
+
+    def combine_loss_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"rec", "acd"} (with their graphs) → {"loss", "rec", "acd", "w_acd"}.
+
+        Kept out of `loss_terms` so that a compiled training step (fastattn.training_step)
+        captures the whole forward and both task losses in one graph while the Pareto weights
+        (torch.autograd.grad through that graph's compiled backward, then the small host solve
+        and the Python-float weights, which would break the graph and, as guarded constants,
+        recompile it every step) stay eager."""
+        rec, acd = terms["rec"], terms["acd"]
         w_acd, w_rec = self.task_weights(rec, acd)
         loss = w_rec * rec + w_acd * acd
         return {"loss": loss, "rec": rec.detach(), "acd": acd.detach(),
@@ -315,12 +329,12 @@ class AutoCDSR(_ACDRecommender):
                 per_layer.append(acd)
         return x, per_layer
 
-    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
         domains = check_domains(batch, self.config.num_domains)
         hidden, acd = self.encode(batch.items, domains)
         assert acd is not None
-        return self._losses(batch, hidden, acd)
+        return self._task_losses(batch, hidden, acd)
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -395,11 +409,11 @@ class AutoCDSRPlus(_ACDRecommender):
             h = layer(h, key_padding_mask=padding)
         return h, acd_mean
 
-    def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
         domains = check_domains(batch, self.config.num_domains)
         hidden, acd = self.encode(batch.items, domains)
-        return self._losses(batch, hidden, acd)
+        return self._task_losses(batch, hidden, acd)
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         check_items(batch, self.config.num_items, self.config.max_len)

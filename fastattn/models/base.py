@@ -22,6 +22,16 @@ class SequentialRecommender(torch.nn.Module):
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The traceable part of `losses` (what `torch.compile` may capture in one graph); default:
+        `losses` itself. A model whose loss needs eager work (AutoCDSR's Pareto solve calls
+        `torch.autograd.grad`) returns its task losses here and finishes in `combine_loss_terms`."""
+        return self.losses(batch)
+
+    def combine_loss_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """terms from `loss_terms` → the `losses` dict; run eagerly. Default: terms unchanged."""
+        return terms
+
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         raise NotImplementedError
 

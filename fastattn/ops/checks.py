@@ -13,11 +13,18 @@ CUDA-graph capture. So a check of tensor *values* (not shapes) runs only where i
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["check_values", "eager_host_checks"]
+__all__ = ["check_values", "eager_host_checks", "is_finite_number"]
+
+
+def is_finite_number(x: float) -> bool:
+    """math.isfinite for a Python float that torch.compile may trace as a SymFloat (Dynamo marks a
+    float argument dynamic once it recompiles, and cannot trace math.isfinite): comparisons only."""
+    return bool(x == x and abs(x) != math.inf)
 
 
 def eager_host_checks(device: torch.device) -> bool:
