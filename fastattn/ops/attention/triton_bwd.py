@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import LOG2E, dot_precision
 from ..triton_launch import KernelLaunch
 from .triton_fwd import (
-    SEED_ARGS, LOG2E, dense_inputs, dot_precision, dropout_keep, key_inputs, seed_words, tile_config, visible_tile,
+    SEED_ARGS, dense_inputs, dropout_keep, key_inputs, seed_words, tile_config, visible_tile,
 )
 
 

@@ -15,9 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .options import MAX_QK_DIM, MAX_V_DIM
-
-LOG2E = 1.4426950408889634
+from .._common import LOG2E, MAX_QK_DIM, MAX_V_DIM, dot_precision
 
 
 @triton.jit
@@ -199,11 +197,6 @@ def tile_config(dqk: int, dv: int) -> TileConfig:
 def all_tile_configs() -> list[TileConfig]:
     """Every tile configuration `tile_config` can return (the GPU-compile test covers each)."""
     return list(_TILES.values())
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products (as torch does by default), not tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def dense_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

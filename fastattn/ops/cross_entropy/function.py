@@ -20,6 +20,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from .._common import compute_dtype
 from ..autograd_guard import no_second_derivative
 
 _NOT_TWICE = ("full_item_cross_entropy cannot be differentiated twice: its fused backward has no derivative "
@@ -60,11 +61,6 @@ class RowTargets:
     @property
     def has_sparse(self) -> bool:
         return self.indices.numel() > 0
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs (so gradcheck sees exact math), else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_dots(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

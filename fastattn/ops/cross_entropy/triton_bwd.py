@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .triton_fwd import (LOG2E, ce_dot_precision, ce_tile_config, kernel_layout, load_items, load_rows, logit_tile,
+from .._common import LOG2E, dot_precision
+from .triton_fwd import (ce_tile_config, kernel_layout, load_items, load_rows, logit_tile,
                          split_count)
 
 
@@ -137,7 +138,7 @@ def bwd_launches(
     )
     sizes = dict(scale=scale, scale_log2=scale * LOG2E, N=n, V=v, D=d,
                  stride_h=hidden.stride(0), stride_e=weight.stride(0))
-    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=ce_dot_precision(hidden.dtype),
+    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(hidden.dtype),
                       BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
     dh = KernelLaunch(_ce_bwd_dh_kernel, grid=(row_blocks * dh_splits,),
                       args={**shared, "DH_PART": dh_part, **sizes, "items_per_split": items_per_split},

@@ -15,13 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import LOG2E, MAX_HIDDEN_DIM, dot_precision
 from ..triton_launch import KernelLaunch
 
-LOG2E = 1.4426950408889634
 # Aim for this many programs per launch (a few waves on a 132-SM H100); sizes alone decide the
 # split count, so the interpreter tests exercise the same split logic as the GPU.
 TARGET_PROGRAMS = 512
-MAX_HIDDEN_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,6 @@ def kernel_layout(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return (hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
             weight if weight.stride(-1) == 1 else weight.contiguous(),
             bias.contiguous() if bias is not None else None)
-
-
-def ce_dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -151,7 +146,7 @@ def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         args=dict(H=hidden, E=weight, BIAS=bias if bias is not None else weight,
                   M_PART=m_part, L_PART=l_part, scale_log2=scale * LOG2E, N=n, V=v, D=d,
                   stride_h=hidden.stride(0), stride_e=weight.stride(0), items_per_split=items_per_split),
-        constexprs=dict(HAS_BIAS=bias is not None, DOT_PRECISION=ce_dot_precision(hidden.dtype),
+        constexprs=dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(hidden.dtype),
                         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
