@@ -46,6 +46,14 @@ allocation events), then pytest-benchmark's calibrated rounds — or 3 fixed rou
 (`benchmark.pedantic`) when a step takes over a second. Group "model NAME L=L", so the two
 providers of a model share a table.
 
+Compiled vs eager (`test_model_train_step_compiled`, issue 16): the same step through
+`fastattn.training_step.TrainingStep` — "eager" as above with backend="auto", "compiled" with
+`compile=True` (the forward + loss one `torch.compile(fullgraph=True)` graph, Inductor: C++ code
+on CPU, Triton on CUDA; the fused Adam stays eager, see training_step.py) — dropout 0.5 as in
+training. The warm-up call compiles (tens of seconds per model on a 2-core CPU; not timed).
+Lengths: L ∈ {50, 200} at full and quick size, L = 8 at tiny. Group "model NAME L=L compile";
+the reference of the group is "eager", so its speed-up column is eager time / compiled time.
+
 Run: python -m pytest bench/bench_models.py --benchmark-only   (see bench/README.md)
      FASTATTN_BENCH_SIZE=quick OMP_NUM_THREADS=1 python -m pytest bench/bench_models.py --benchmark-only
 """
@@ -57,9 +65,10 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from _common import sweep, time_training_step, training_step
+from _common import synchronize, sweep, time_training_step, training_step
 from fastattn.data import SequenceDataset, TrainBatch, load_dataset, split_dataset, train_batches
 from fastattn.train import MODELS, build_model, make_config
+from fastattn.training_step import TrainingStep
 
 MODEL_NAMES = ("sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus")
 PROVIDERS = {"fastattn": "auto", "torch": "torch"}  # provider label → the models' `backend`
@@ -68,6 +77,9 @@ BATCH = sweep(full=(256,), quick=(64,), tiny=(8,))[0]
 ITEMS = sweep(full=(12_101,), quick=(500,), tiny=(100,))[0]
 USERS = sweep(full=(2_000,), quick=(512,), tiny=(64,))[0]  # >= BATCH; the rest feed MQSA-TED's teacher
 SEED = 0
+COMPILE_PROVIDERS = {"eager": False, "compiled": True}  # provider label → TrainingStep(compile=...)
+COMPILE_LENGTHS = sweep(full=(50, 200), quick=(50, 200), tiny=(8,))
+
 
 @functools.lru_cache(maxsize=None)
 def _training_data(length: int) -> tuple[SequenceDataset, SequenceDataset, TrainBatch]:
@@ -111,4 +123,23 @@ def test_model_train_step(benchmark: BenchmarkFixture, bench_device: torch.devic
     step = training_step(model, lambda: model.losses(batch)["loss"], bench_device,
                          fused_adam=bench_device.type in ("cpu", "cuda"))
     time_training_step(benchmark, step, bench_device, f"model {name} L={length}",
+          {"op": f"train_step_{name}", "provider": provider, "L": length, "V": dataset.num_items, "B": BATCH})
+
+
+@pytest.mark.parametrize("length", COMPILE_LENGTHS, ids=lambda v: f"L={v}")
+@pytest.mark.parametrize("provider", list(COMPILE_PROVIDERS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_train_step_compiled(benchmark: BenchmarkFixture, bench_device: torch.device, name: str, provider: str,
+                                   length: int) -> None:
+    dataset, train, batch = _training_data(length)
+    model = _model(name, "auto", length, dataset, train, bench_device)
+    batch = batch.to(bench_device)
+    torch._dynamo.reset()  # each case compiles its own model from scratch (no cache hits across cases)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=bench_device.type in ("cpu", "cuda"))
+    train_step = TrainingStep(model, optimizer, compile=COMPILE_PROVIDERS[provider])
+
+    def step() -> None:
+        train_step(batch)
+        synchronize(bench_device)
+    time_training_step(benchmark, step, bench_device, f"model {name} L={length} compile",
           {"op": f"train_step_{name}", "provider": provider, "L": length, "V": dataset.num_items, "B": BATCH})

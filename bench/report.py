@@ -23,7 +23,7 @@ if str(Path(__file__).parent) not in sys.path:
 
 from _common import describe_machine  # noqa: E402
 
-REFERENCES = ("torch", "torch+acd", "naive", "recbole")
+REFERENCES = ("torch", "torch+acd", "naive", "recbole", "eager")
 SWEEPS = ("L", "V")  # the swept quantity of a case, whichever its extra_info has (L first)
 RESULTS = Path(__file__).parent / "results"
 # The runs the README's performance section is generated from, in this order: committed files
@@ -32,6 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 README_RUNS: tuple[tuple[str, str], ...] = (
     ("suite-gpu/bench.json", "bash bench/gpu.sh"),
     ("suite-cpu/bench.json", "python -m fastattn.bench --quick --out bench/results/suite-cpu"),
+    ("compile-cpu/bench.json", "python -m fastattn.bench --quick -k compiled --out bench/results/compile-cpu"),
     ("attention-cpu.json", "python -m pytest bench/bench_attention.py --benchmark-only "
                            "--benchmark-json=bench/results/attention-cpu.json"),
     ("cross_entropy-cpu.json", "python -m pytest bench/bench_cross_entropy.py --benchmark-only "

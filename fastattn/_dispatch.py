@@ -17,11 +17,6 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run these inputs; the message says why."""
 
 
-def triton_interpreted() -> bool:
-    """Triton runs kernels on CPU tensors only in interpreter mode (set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Decided once at import for torch.compile's trace (importlib cannot run there); eager calls look again.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -60,6 +60,10 @@ def test_tiny_suite_runs_every_op_and_reports(tiny_run: Path) -> None:
     assert data["fastattn_size"] == "tiny" and data["fastattn_command"].startswith("python -m fastattn.bench")
     md = (tiny_run / "bench.md").read_text()
     assert "Machine: " in md and "speed-up vs torch" in md and "speed-up vs naive" in md
+    # the compiled training step of every model, against its eager step (issue 16)
+    compiled = {b["extra_info"]["op"] for b in data["benchmarks"] if b["extra_info"]["provider"] == "compiled"}
+    assert compiled == {f"train_step_{m}" for m in ("sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus")}
+    assert "speed-up vs eager" in md
     plots = {p.name for p in tiny_run.glob("*.png")}
     assert "dif_attention-fwd_bwd-vs-L.png" in plots and "full_item_cross_entropy-fwd_bwd-vs-V.png" in plots
 
