@@ -31,6 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 # that made it when its JSON does not record one (runs older than `python -m fastattn.bench`).
 README_RUNS: tuple[tuple[str, str], ...] = (
     ("suite-gpu/bench.json", "bash bench/gpu.sh"),
+    ("suite-gpu/compile/bench.json", "bash bench/gpu.sh"),
     ("suite-cpu/bench.json", "python -m fastattn.bench --quick --out bench/results/suite-cpu"),
     ("compile-cpu/bench.json", "python -m fastattn.bench --quick -k compiled --out bench/results/compile-cpu"),
     ("attention-cpu.json", "python -m pytest bench/bench_attention.py --benchmark-only "
