@@ -13,7 +13,7 @@ from .ops._common import MAX_HIDDEN_DIM, MAX_QK_DIM, MAX_V_DIM
 from .ops.attention.options import AttentionOptions
 from .ops.checks import check_values, is_finite_number
 from .ops.cross_entropy import cpp as _cross_entropy_cpp  # noqa: F401  (the C++ operators' fakes)
-from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_op
+from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_rows
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
 from .ops.topk.op import BACKENDS as TOPK_BACKENDS
 
@@ -350,9 +350,7 @@ def full_item_cross_entropy(
     too_wide = None if hidden.shape[-1] <= MAX_HIDDEN_DIM else (
         f"the Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {hidden.shape[-1]}")
     chosen = resolve_backend(backend, [h2, item_weight], too_wide)
-    loss, _ = full_item_cross_entropy_op(
-        h2, item_weight, bias, targets.index, targets.weight, targets.base, targets.mass, targets.indptr,
-        targets.indices, targets.values, 1.0 / float(temperature), targets.has_base, chosen)
+    loss, _ = full_item_cross_entropy_rows(h2, item_weight, bias, targets, 1.0 / float(temperature), chosen)
     if reduction == "none":
         return loss.reshape(lead_shape)
     if reduction == "sum":

@@ -144,7 +144,8 @@ def check_attention(case: Case, dtype: torch.dtype = torch.float32, which: str =
     keep = None
     if case.dropout_p:
         torch.manual_seed(seed + 4321)
-        keep = dropout_keep_mask(draw_seed(), case.dropout_p, case.b, case.h, case.lq, case.keys,
+        # The operator draws its seed on the streams' device (the CUDA generator on a GPU).
+        keep = dropout_keep_mask(draw_seed(DEVICE), case.dropout_p, case.b, case.h, case.lq, case.keys,
                                  torch.device(DEVICE)).cpu()
     torch.manual_seed(seed + 4321)
     out, acd, grads = to_cpu(run_fastattn(case, with_grad(to_device(inputs)), "triton", grad_out.to(DEVICE),
@@ -555,11 +556,12 @@ STEP_ITEMS, STEP_B, STEP_L = 200, 8, 50
 STEP_MODELS = ("sasrec", "difsr")
 
 
-def _step_model(name: str, dropout: float) -> torch.nn.Module:
-    """SASRec (CE loss) or DIF-SR (one item feature: per-head streams 32 + 8) on CUDA, seeded weights."""
+def _step_model(name: str, dropout: float, attn_dropout: Optional[float] = None) -> torch.nn.Module:
+    """SASRec (CE loss) or DIF-SR (one item feature: per-head streams 32 + 8) on CUDA, seeded weights;
+    attn_dropout defaults to dropout."""
     from fastattn.models import DIFSR, SASRec, DIFSRConfig, SASRecConfig
     common = dict(num_items=STEP_ITEMS, hidden=64, layers=2, heads=2, inner=128, max_len=STEP_L,
-                  dropout=dropout, attn_dropout=dropout, backend="auto")
+                  dropout=dropout, attn_dropout=dropout if attn_dropout is None else attn_dropout, backend="auto")
     torch.manual_seed(0)
     if name == "sasrec":
         model = SASRec(SASRecConfig(**common))
@@ -599,8 +601,9 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 @pytest.mark.parametrize("adam", ["fused", "capturable"])
 @pytest.mark.parametrize("name", STEP_MODELS)
 def test_training_step_does_not_sync(name: str, adam: str) -> None:
-    """With dropout (the seed is a host draw from the CPU generator: no device sync): "error" mode
-    raises on any device→host synchronisation in forward, loss, backward or the Adam step."""
+    """With dropout (the attention seed is drawn on the GPU by the CUDA generator and read only by
+    the kernels: no device sync): "error" mode raises on any device→host synchronisation in
+    forward, loss, backward or the Adam step."""
     model = _step_model(name, dropout=0.3)
     batch = _step_batch(name)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **{adam: True})
@@ -624,9 +627,8 @@ def test_cuda_graph_replay_equals_eager_step(name: str) -> None:
     """A whole training step captured once with torch.cuda.graph and replayed 3 times gives the
     losses and parameters of 3 eager steps from the same state (model and Adam moments).
 
-    No dropout: the attention dropout seed is a Python int drawn on the host per call, so a
-    captured graph would bake one seed in and replay the same mask every step (and the eager steps
-    would draw others); with dropout 0 both sides compute the same function.
+    No dropout, so the steps differ only through the parameters (dropout under capture:
+    `test_cuda_graph_replays_draw_fresh_dropout_masks`).
     Same kernels in the same order, all deterministic (no atomics), so the results agree to
     assert_close's float32 defaults (slack only for cuBLAS picking another algorithm under capture).
     """
@@ -634,15 +636,7 @@ def test_cuda_graph_replay_equals_eager_step(name: str) -> None:
     model = _step_model(name, dropout=0.0)
     static_batch = _step_batch(name)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
-    # Warm-up on a side stream (torch.cuda.graph's documented recipe): compiles the kernels,
-    # creates Adam's state, and keeps the warm-up allocations out of the capture.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            _train_step(model, optimizer, static_batch)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    _warm_up(model, static_batch, lambda m, b: _train_step(m, optimizer, b))  # also creates Adam's state
 
     # The eager twin starts from the state the capture starts from.
     eager = copy.deepcopy(model)
@@ -666,3 +660,69 @@ def test_cuda_graph_replay_equals_eager_step(name: str) -> None:
     assert len(set(round(x.item(), 7) for x in eager_losses)) == 3, "the eager steps did not train"
     for (pname, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, msg=lambda m, pname=pname: f"{pname}: {m}")
+
+
+def _warm_up(model: torch.nn.Module, batch: Any, step: Any) -> None:
+    """Two calls of `step(model, batch)` on a side stream (torch.cuda.graph's documented recipe):
+    compiles the kernels and keeps the warm-up allocations out of the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(model, batch)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    loss = model.losses(batch)["loss"]
+    loss.backward()
+    return loss
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("name", STEP_MODELS)
+def test_cuda_graph_replays_draw_fresh_dropout_masks(name: str) -> None:
+    """Attention dropout under CUDA-graph capture: the seed is a `torch.randint` on the GPU
+    (draw_seed_tensor), which a captured graph replays as a fresh draw of the CUDA generator (each
+    replay advances its offset), and the kernels read it from device memory. So two replays give
+    different losses and gradients (fresh masks, same parameters), and a replay started from a
+    given generator state equals an eager forward + backward started from the same state.
+
+    Forward + backward only (no optimizer step): the parameters stay fixed across replays, so any
+    difference between replays is the masks. Only attention dropout is on (dropout 0 elsewhere).
+    """
+    import copy
+    model = _step_model(name, dropout=0.0, attn_dropout=0.3)
+    static_batch = _step_batch(name)
+    _warm_up(model, static_batch, _loss_and_grads)
+    eager = copy.deepcopy(model)  # same parameters, its own gradients
+
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)  # the grads are allocated inside the graph's pool
+    with torch.cuda.graph(graph):
+        static_loss = model.losses(static_batch)["loss"]
+        static_loss.backward()
+
+    def replay() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        graph.replay()
+        return static_loss.detach().clone(), [p.grad.detach().clone() for p in model.parameters()]
+
+    torch.cuda.manual_seed(1234)
+    first_loss, first_grads = replay()
+    second_loss, second_grads = replay()  # the generator moved on: another seed, other masks
+    torch.cuda.manual_seed(1234)
+    again_loss, again_grads = replay()
+    torch.cuda.manual_seed(1234)
+    eager_loss = _loss_and_grads(eager, static_batch).detach()
+    torch.cuda.synchronize()
+
+    assert torch.isfinite(first_loss) and torch.isfinite(second_loss)
+    assert not torch.equal(first_loss, second_loss), "two replays drew the same dropout masks"
+    assert any(not torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+    # Same generator state → same seed → same masks: the replay is reproducible and equals eager.
+    assert torch.equal(again_loss, first_loss) and all(torch.equal(a, b) for a, b in zip(again_grads, first_grads))
+    torch.testing.assert_close(eager_loss, first_loss)
+    for (pname, p), g in zip(eager.named_parameters(), first_grads):
+        torch.testing.assert_close(p.grad, g, msg=lambda m, pname=pname: f"{pname}: {m}")

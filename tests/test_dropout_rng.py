@@ -92,3 +92,15 @@ def test_empty_windows_and_bad_arguments(backend: str) -> None:
 def test_triton_rejects_seed_outside_int64() -> None:
     with pytest.raises(ValueError, match="seed must be in"):
         kernel_keep_rows("triton", 2**63, 0.5, 4, 0, 3)
+
+
+def test_triton_launch_takes_the_seed_as_an_int64_tensor_on_the_kernels_device() -> None:
+    # The kernels load SEED: a missing seed, another dtype or another device would read garbage.
+    from fastattn.ops.attention.triton_fwd import fwd_launch
+
+    q = torch.randn(1, 1, 4, 8)
+    for seed in (None, torch.tensor(3, dtype=torch.int32), torch.tensor(3, device="meta")):
+        with pytest.raises(ValueError, match="seed as a one-element int64 tensor"):
+            fwd_launch(q, q, q, 1.0, True, 0.5, seed, None, None)
+    launch, *_ = fwd_launch(q, q, q, 1.0, True, 0.0, None, None, None)  # no dropout: no seed argument
+    assert launch.args["SEED"] is None

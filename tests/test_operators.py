@@ -6,7 +6,7 @@ inventory: a new operator fails `test_every_operator_has_an_opcheck_case` until 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -32,23 +32,25 @@ DOM = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]])
 PAD = torch.tensor([[True, False, False, False, False], [False] * 5])
 
 
-def _attention_forward(backend: str) -> list[Args]:
+# The C++ operators take the backend name as their last argument; the Triton ones (fastattn::*_triton,
+# run here in the interpreter, on CPU tensors) have none.
+def _attention_forward(*backend: str) -> list[Args]:
     q, k, v = _streams()
     qc, kc, vc = _streams(attr=4)
-    return [_grad((q, k, v, None, None, None, None, 0.35, True, 0.0, backend)),
-            _grad((qc, kc, vc, PAD, DOM, DOM, None, 0.2, False, 0.0, backend)),
-            _grad((q, k, v, None, None, None, torch.tensor(7), 0.35, True, 0.25, backend))]
+    return [_grad((q, k, v, None, None, None, None, 0.35, True, 0.0, *backend)),
+            _grad((qc, kc, vc, PAD, DOM, DOM, None, 0.2, False, 0.0, *backend)),
+            _grad((q, k, v, None, None, None, torch.tensor(7), 0.35, True, 0.25, *backend))]
 
 
-def _attention_backward(backend: str) -> list[Args]:
+def _attention_backward(forward: Callable[..., Any], *backend: str) -> list[Args]:
     cases = []
-    for q, k, v, pad, dom_q, dom_k, seed, scale, causal, p, _ in _attention_forward(backend):
+    for q, k, v, pad, dom_q, dom_k, seed, scale, causal, p, *_ in _attention_forward(*backend):
         q, k, v = q.detach(), k.detach(), v.detach()
-        out, lse, acd = torch.ops.fastattn.dif_attention(q, k, v, pad, dom_q, dom_k, seed, scale, causal, p, backend)
+        out, lse, acd = forward(q, k, v, pad, dom_q, dom_k, seed, scale, causal, p, *backend)
         dout = torch.randn_like(out)
         grad_acd = torch.randn_like(lse) if dom_q is not None else None
         delta = (dout * out).sum(-1) + (grad_acd * acd if grad_acd is not None else 0)
-        cases.append((q, k, v, dout, lse, delta, grad_acd, pad, dom_q, dom_k, seed, scale, causal, p, backend))
+        cases.append((q, k, v, dout, lse, delta, grad_acd, pad, dom_q, dom_k, seed, scale, causal, p, *backend))
     return cases
 
 
@@ -57,15 +59,15 @@ def _catalog(n: int = 6, v: int = 11, d: int = 8) -> tuple[torch.Tensor, torch.T
     return torch.randn(n, d, generator=g), torch.randn(v, d, generator=g), torch.randn(v, generator=g)
 
 
-def _cross_entropy(backend: str) -> list[Args]:
+def _cross_entropy(*backend: str) -> list[Args]:
     hidden, weight, bias = _catalog()
     n = hidden.shape[0]
     hard = (torch.tensor([1, -1, 3, 10, 0, 4]), torch.full((n,), 0.9), torch.full((n,), 0.01), torch.ones(n),
             torch.zeros(n + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
     soft = (torch.full((n,), -1), torch.zeros(n), torch.full((n,), 0.02), torch.ones(n),
             torch.tensor([0, 1, 2, 2, 3, 4, 6]), torch.tensor([3, 4, 5, 0, 1, 2]), torch.full((6,), 0.4))
-    return [_grad((hidden, weight, bias, *hard, 0.5, True, backend)),
-            _grad((hidden, weight, None, *soft, 1.0, True, backend))]
+    return [_grad((hidden, weight, bias, *hard, 0.5, True, *backend)),
+            _grad((hidden, weight, None, *soft, 1.0, True, *backend))]
 
 
 def _ce_kernels() -> list[Args]:
@@ -73,9 +75,13 @@ def _ce_kernels() -> list[Args]:
     return [(hidden, weight, bias, 0.5), (hidden.double(), weight.double(), None, 1.0)]
 
 
-def _ce_backward() -> list[Args]:
+def _ce_backward(dtype: Optional[torch.dtype] = None) -> list[Args]:
+    """Cases of the kernels' backward (fastattn::ce_bwd); dtype: cast every case to it (the Triton
+    kernels take no float64)."""
     cases = []
     for hidden, weight, bias, scale in _ce_kernels():
+        if dtype is not None:
+            hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
         lse = torch.ops.fastattn.ce_lse(hidden, weight, bias, scale)
         coef = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(2)).to(lse.dtype)
         cases.append((hidden, weight, bias, scale, lse, coef, coef / 11, torch.tensor([1, -1, 3, 10, 0, 4]), coef))
@@ -99,14 +105,19 @@ def _cpp_attention_kernels() -> list[Args]:
 
 
 def _cpp_attention_backward_kernels() -> list[Args]:
-    return [a[:10] + a[11:14] + (int(a[10]) if a[10] is not None else 0,) for a in _attention_backward("cpp")]
+    return [a[:10] + a[11:14] + (int(a[10]) if a[10] is not None else 0,)
+            for a in _attention_backward(torch.ops.fastattn.dif_attention, "cpp")]
 
 
 # operator name → its argument tuples (built lazily: some need the extension or other ops).
 CASES: dict[str, Callable[[], list[Args]]] = {
     "fastattn::dif_attention": lambda: _attention_forward("cpp"),
-    "fastattn::dif_attention_backward": lambda: _attention_backward("cpp"),
+    "fastattn::dif_attention_backward": lambda: _attention_backward(torch.ops.fastattn.dif_attention, "cpp"),
+    "fastattn::dif_attention_triton": _attention_forward,
+    "fastattn::dif_attention_triton_backward": lambda: _attention_backward(torch.ops.fastattn.dif_attention_triton),
     "fastattn::full_item_cross_entropy": lambda: _cross_entropy("cpp") + _cross_entropy("torch"),
+    "fastattn::full_item_cross_entropy_triton": _cross_entropy,
+    "fastattn::full_item_cross_entropy_triton_backward": lambda: _ce_backward(torch.float32),
     "fastattn::attn_fwd": _cpp_attention_kernels,
     "fastattn::attn_bwd": _cpp_attention_backward_kernels,
     "fastattn::attn_dropout_rows": lambda: [(3, 0.25, 7, 2**33, 5)],

@@ -1,11 +1,16 @@
 """A Triton launch described as data, so the same description is run by the launchers and
-compiled ahead of time for sm_80/sm_90 by the tests (tests/test_gpu_compile.py)."""
+compiled ahead of time for sm_80/sm_90 by the tests (tests/test_gpu_compile.py).
+
+A launch runs through `torch.library.wrap_triton`, so inside a `torch.library.triton_op`
+(triton_registration.py) torch.compile traces it as a `triton_kernel_wrapper_functional` node;
+in that operator's eager call, and under the interpreter, wrap_triton returns the kernel itself."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.library import wrap_triton
 
 _TRITON_DTYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -28,7 +33,8 @@ class KernelLaunch:
     def __call__(self) -> None:
         if 0 in self.grid:  # empty sequences: nothing to compute (and CUDA rejects empty grids)
             return
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        wrap_triton(self.kernel)[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
+                                            num_stages=self.num_stages)
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any]]:
         """Triton signature and constexpr values as a real launch specializes them (None → constexpr)."""

@@ -19,5 +19,7 @@ draw for (row (b·H + h)·Lq + i, key j) passes, keyed by the call's 64-bit seed
 Files: reference.py (plain torch, materializes the scores: the tests' truth and backend "torch"),
 options.py (validated options), triton_fwd.py / triton_bwd.py (kernels and launchers),
 triton_backend.py, cpp.py (the C++ operators' binding and fakes), function.py (the operators
-`fastattn::dif_attention` / `dif_attention_backward` and their autograd), op.py (backend table).
+`fastattn::dif_attention` / `dif_attention_backward` on the C++ kernels and
+`dif_attention_triton` / `dif_attention_triton_backward` on the Triton ones, with one autograd
+formula), op.py (backend table).
 """

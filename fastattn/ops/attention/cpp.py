@@ -27,6 +27,12 @@ def _domain_args(domains: Domains) -> tuple[Optional[torch.Tensor], Optional[tor
     return (None, None) if domains is None else (domains[0], domains[1])
 
 
+def _seed_int(seed: Optional[torch.Tensor]) -> int:
+    """The C++ kernels take the seed as an int64 argument: read from a CPU tensor (no device sync;
+    they run inside an opaque operator, so no trace sees this read)."""
+    return int(seed) if seed is not None else 0
+
+
 class CppAttentionKernels:
     """`AttentionKernels` on CPU tensors: fused flash-style C++ kernels, any float dtype, any strides
     (the operators copy their inputs to contiguous compute-dtype buffers)."""
@@ -35,7 +41,7 @@ class CppAttentionKernels:
 
     @staticmethod
     def forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: int,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Domains,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV) → out (B,H,Lq,DV) in q's dtype, lse
@@ -43,20 +49,20 @@ class CppAttentionKernels:
         acd are float32, or float64 for float64 inputs."""
         dom_q, dom_k = _domain_args(domains)
         out, lse, acd = _ops().attn_fwd(
-            q, k, v, key_padding_mask, dom_q, dom_k, opts.scale, opts.causal, opts.dropout_p, seed)
+            q, k, v, key_padding_mask, dom_q, dom_k, opts.scale, opts.causal, opts.dropout_p, _seed_int(seed))
         return out, lse, acd if domains is not None else None
 
     @staticmethod
     def backward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: int,
+        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Domains,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv (shapes and dtypes of q, k, v); delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd)."""
         dom_q, dom_k = _domain_args(domains)
         return _ops().attn_bwd(
             q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k,
-            opts.scale, opts.causal, opts.dropout_p, seed)
+            opts.scale, opts.causal, opts.dropout_p, _seed_int(seed))
 
 
 def cpp_dropout_keep_rows(seed: int, dropout_p: float, lk: int, first_row: int, n_rows: int) -> torch.Tensor:

@@ -1,17 +1,24 @@
-"""The operator `fastattn::dif_attention` (and an autograd.Function) of decoupled attention,
-shared by the fused backends.
+"""The operators of decoupled attention, one autograd formula shared by the fused backends.
+
+- `fastattn::dif_attention` / `dif_attention_backward` (`custom_op`, backend="cpp"): the C++
+  kernels, opaque to torch.compile.
+- `fastattn::dif_attention_triton` / `dif_attention_triton_backward`: the Triton kernels, as
+  `torch.library.triton_op`s so torch.compile sees each kernel launch (a `custom_op` under the
+  interpreter: see ops/triton_registration.py).
 
 The score streams are concatenated along the head dim ([q | qa_1 | …], [k | ka_1 | …]) so a
 backend sees one QK head dim; their gradients are split back afterwards. A backend is any
-object with the `AttentionKernels` methods (Triton now, the C++ kernels later).
+object with the `AttentionKernels` methods. The dropout seed is an int64 tensor on the kernels'
+device, read only by the kernels: no host sync, and a captured CUDA graph draws anew per replay.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
 from ..autograd_guard import no_second_derivative
+from ..triton_registration import triton_operator
 from .options import AttentionOptions, forward_output_like
 
 
@@ -22,41 +29,46 @@ class AttentionKernels(Protocol):
 
     @staticmethod
     def forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: int,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """→ out (B,H,Lq,Dv), lse (B,H,Lq) fp32 base-2, acd (B,H,Lq) fp32 or None."""
+        """→ out (B,H,Lq,Dv), lse (B,H,Lq) fp32 base-2, acd (B,H,Lq) fp32 or None. seed: the int64
+        0-dim Philox key on the kernels' device (None without dropout)."""
         ...
 
     @staticmethod
     def backward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: int,
+        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ dq, dk, dv for the concatenated q, k and v."""
+        """→ dq, dk, dv for the concatenated q, k and v (the forward's seed)."""
         ...
 
 
-def draw_seed() -> int:
-    """Dropout seed in [0, 2**63 - 1) from torch's default (CPU) generator, so torch.manual_seed
-    reproduces a run; a CPU draw, so no device sync.
+def draw_seed(device: torch.device | str = "cpu") -> int:
+    """The value `draw_seed_tensor(device)` draws, as an int (tests: the seed a call will draw
+    after the same torch.manual_seed; on CUDA this reads the device)."""
+    return int(draw_seed_tensor(device).item())
 
-    The kernels use it as the 64-bit Philox key and the element index as the counter (see
-    `triton_fwd.dropout_keep`), so calls with different seeds share no random stream.
+
+def draw_seed_tensor(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A dropout seed in [0, 2**63 - 1): an int64 0-dim tensor on `device`, drawn by torch's
+    generator of that device, so torch.manual_seed reproduces a run and torch.compile traces it.
+
+    On CUDA the draw is a device kernel of the CUDA generator: no host sync, and safe under
+    CUDA-graph capture (each replay draws a fresh seed, hence fresh masks). On CPU it is the
+    default CPU generator's draw. The kernels use it as the 64-bit Philox key and the element
+    index as the counter (see `triton_fwd.dropout_keep`), so calls with different seeds share no
+    random stream.
     """
-    return int(draw_seed_tensor().item())
-
-
-def draw_seed_tensor() -> torch.Tensor:
-    """The draw of `draw_seed` as an int64 0-dim CPU tensor (traceable by torch.compile: no host read)."""
-    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device)
 
 
 class DIFAttentionFunction(torch.autograd.Function):
     """out, acd = f(q, k, v, *attr_q, *attr_k); acd is None unless domains are given. Kept for
-    direct use with a kernels class (tests); `dif_attention` calls the operator
-    `fastattn::dif_attention` below, which torch.compile can trace."""
+    direct use with a kernels class (tests); `dif_attention` calls the operators below, which
+    torch.compile can trace."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -74,7 +86,7 @@ class DIFAttentionFunction(torch.autograd.Function):
         q_cat = torch.cat([q, *attrs[:n_attr]], dim=-1).contiguous()
         k_cat = torch.cat([k, *attrs[n_attr:]], dim=-1).contiguous()
         v = v.contiguous()
-        seed = draw_seed() if opts.has_dropout else 0
+        seed = draw_seed_tensor(q.device) if opts.has_dropout else None
         out, lse, acd = kernels.forward(q_cat, k_cat, v, opts, seed, key_padding_mask, domains)
         ctx.save_for_backward(q_cat, k_cat, v, out, lse, acd)
         ctx.kernels, ctx.opts, ctx.seed = kernels, opts, seed
@@ -94,9 +106,10 @@ class DIFAttentionFunction(torch.autograd.Function):
         return (None, None, None, None, dq_parts[0], dk_parts[0], dv, *dq_parts[1:], *dk_parts[1:])
 
 
-def guarded_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: int, key_padding_mask: Optional[torch.Tensor],
-                  domains: Optional[tuple[torch.Tensor, torch.Tensor]], saved: tuple[Optional[torch.Tensor], ...],
-                  dout: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def guarded_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: Optional[torch.Tensor],
+                  key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+                  saved: tuple[Optional[torch.Tensor], ...], dout: Optional[torch.Tensor],
+                  grad_acd: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """dq_cat, dk_cat, dv from the fused kernels; saved = (q_cat, k_cat, v, out, lse, acd | None)."""
     # The kernels' backward is not itself differentiable: compute it outside the graph and,
     # under create_graph=True, make differentiating its result raise instead of giving zeros.
@@ -110,7 +123,7 @@ def guarded_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: int, 
     return grads
 
 
-def _first_order_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: int,
+def _first_order_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: Optional[torch.Tensor],
                        key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
                        saved: tuple[Optional[torch.Tensor], ...], dout: Optional[torch.Tensor],
                        grad_acd: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -132,20 +145,54 @@ def _first_order_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: 
                             key_padding_mask, domains)
 
 
-# ---------------------------------------------------------------- the operator torch.compile sees
+# ---------------------------------------------------------------- the operators torch.compile sees
 def kernels_of(backend: str) -> AttentionKernels:
-    """The fused kernels behind a resolved backend name ("cpp" or "triton"), imported on first use."""
+    """The kernels behind `fastattn::dif_attention`'s backend argument ("cpp"; imported on first
+    use). The Triton kernels have operators of their own (below)."""
     if backend == "cpp":
         from .cpp import CppAttentionKernels
         return CppAttentionKernels
-    if backend == "triton":
-        from .triton_backend import TritonAttentionKernels
-        return TritonAttentionKernels
-    raise ValueError(f"fastattn::dif_attention: backend must be 'cpp' or 'triton', got {backend!r}")
+    raise ValueError(f"fastattn::dif_attention: backend must be 'cpp' (the Triton kernels are the operator "
+                     f"fastattn::dif_attention_triton), got {backend!r}")
 
 
 def _domains(dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     return None if dom_q is None or dom_k is None else (dom_q, dom_k)
+
+
+def _forward(kernels: AttentionKernels, q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor,
+             key_padding_mask: Optional[torch.Tensor], dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor],
+             seed: Optional[torch.Tensor], scale: float, causal: bool, dropout_p: float,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both forward operators' body: (out, lse, acd), acd (0,) without domains."""
+    opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
+    out, lse, acd = kernels.forward(q_cat, k_cat, v, opts, seed, key_padding_mask, _domains(dom_q, dom_k))
+    if acd is None or dom_q is None:
+        acd = lse.new_empty((0,))
+    return out, lse, acd
+
+
+def _backward_kernels(kernels: AttentionKernels, q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor,
+                      dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, grad_acd: Optional[torch.Tensor],
+                      key_padding_mask: Optional[torch.Tensor], dom_q: Optional[torch.Tensor],
+                      dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], scale: float, causal: bool,
+                      dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both backward operators' body: dq_cat, dk_cat, dv."""
+    opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
+    dq, dk, dv = kernels.backward(q_cat, k_cat, v, dout, lse, delta, grad_acd, opts, seed, key_padding_mask,
+                                  _domains(dom_q, dom_k))
+    # An operator's outputs may not alias its inputs (a kernel could return a view of one).
+    return tuple(g.clone() if g._base is not None else g for g in (dq, dk, dv))  # type: ignore[return-value]
+
+
+def _forward_fake(q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                  dom_q: Optional[torch.Tensor], *_: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward_output_like(q_cat, v, dom_q is not None)
+
+
+def _backward_fake(q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, *_: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q_cat, k_cat, v))  # type: ignore[return-value]
 
 
 @torch.library.custom_op("fastattn::dif_attention", mutates_args=())
@@ -157,30 +204,12 @@ def dif_attention_op(
     """Fused decoupled attention on the concatenated streams q_cat (B,H,Lq,DQK), k_cat (B,H,Lk,DQK),
     v (B,H,Lk,DV) → out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) base-2 and acd (B,H,Lq), or (0,)
     without domains; lse/acd float32 (float64 for float64 inputs). seed: int64 0-dim CPU tensor,
-    the Philox key (None: no dropout). backend: "cpp" or "triton"."""
-    opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
-    out, lse, acd = kernels_of(backend).forward(
-        q_cat, k_cat, v, opts, int(seed) if seed is not None else 0, key_padding_mask, _domains(dom_q, dom_k))
-    if acd is None or dom_q is None:
-        acd = lse.new_empty((0,))
-    return out, lse, acd
+    the Philox key (None: no dropout). backend: "cpp"."""
+    return _forward(kernels_of(backend), q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed, scale, causal,
+                    dropout_p)
 
 
-@dif_attention_op.register_fake
-def _dif_attention_fake(
-    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-    dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-    scale: float, causal: bool, dropout_p: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return forward_output_like(q_cat, v, dom_q is not None)
-
-
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed, scale, causal, dropout_p, backend = inputs
-    out, lse, acd = output
-    ctx.save_for_backward(q_cat, k_cat, v, out, lse, acd, key_padding_mask, dom_q, dom_k, seed)
-    ctx.opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
-    ctx.backend = backend
+dif_attention_op.register_fake(_forward_fake)
 
 
 @torch.library.custom_op("fastattn::dif_attention_backward", mutates_args=())
@@ -192,43 +221,95 @@ def dif_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq_cat, dk_cat, dv of `fastattn::dif_attention` (an operator so that a traced backward
     reads the seed tensor only inside the kernel call); delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd)."""
-    opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
-    dq, dk, dv = kernels_of(backend).backward(q_cat, k_cat, v, dout, lse, delta, grad_acd, opts,
-                                              int(seed) if seed is not None else 0, key_padding_mask,
-                                              _domains(dom_q, dom_k))
-    # An operator's outputs may not alias its inputs (a kernel could return a view of one).
-    return tuple(g.clone() if g._base is not None else g for g in (dq, dk, dv))  # type: ignore[return-value]
+    return _backward_kernels(kernels_of(backend), q_cat, k_cat, v, dout, lse, delta, grad_acd, key_padding_mask,
+                             dom_q, dom_k, seed, scale, causal, dropout_p)
 
 
-@dif_attention_backward_op.register_fake
-def _dif_attention_backward_fake(q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, *_: Any
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q_cat, k_cat, v))  # type: ignore[return-value]
+dif_attention_backward_op.register_fake(_backward_fake)
 
 
+def _triton_kernels() -> AttentionKernels:
+    from .triton_backend import TritonAttentionKernels  # imports triton: only when a Triton operator runs
+    return TritonAttentionKernels
+
+
+def _triton_forward_kernels() -> tuple[Any, ...]:
+    from . import triton_fwd
+    return triton_fwd.KERNELS
+
+
+def _triton_backward_kernels() -> tuple[Any, ...]:
+    from . import triton_bwd
+    return triton_bwd.KERNELS
+
+
+@triton_operator("fastattn::dif_attention_triton", fake=_forward_fake, kernels=_triton_forward_kernels)
+def dif_attention_triton_op(
+    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+    scale: float, causal: bool, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fastattn::dif_attention` on the Triton kernels (CUDA tensors; CPU ones under the
+    interpreter): float32/float16/bfloat16 inputs, lse/acd float32. seed: int64 0-dim tensor on
+    q's device (None: no dropout), read by the kernels only. No host read of any tensor value."""
+    return _forward(_triton_kernels(), q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed, scale, causal,
+                    dropout_p)
+
+
+@triton_operator("fastattn::dif_attention_triton_backward", fake=_backward_fake, kernels=_triton_backward_kernels)
+def dif_attention_triton_backward_op(
+    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+    delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+    scale: float, causal: bool, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq_cat, dk_cat, dv of `fastattn::dif_attention_triton` (arguments as `dif_attention_backward`)."""
+    return _backward_kernels(_triton_kernels(), q_cat, k_cat, v, dout, lse, delta, grad_acd, key_padding_mask,
+                             dom_q, dom_k, seed, scale, causal, dropout_p)
+
+
+# ---------------------------------------------------------------- one autograd formula for both
 class _KernelsViaOperator:
-    """`AttentionKernels.backward` through `fastattn::dif_attention_backward`, with the seed as a tensor."""
+    """`AttentionKernels.backward` through a backward operator (the C++ one takes the backend name
+    as its last argument, the Triton one none), so a traced backward calls the operator."""
 
-    def __init__(self, backend: str, seed: Optional[torch.Tensor]) -> None:
-        self.name, self.seed = backend, seed
+    def __init__(self, backward_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 backend_args: tuple[str, ...], name: str) -> None:
+        self.backward_op, self.backend_args, self.name = backward_op, backend_args, name
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                 delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, _seed: int,
-                 key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+                 delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions,
+                 seed: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                 domains: Optional[tuple[torch.Tensor, torch.Tensor]],
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dom_q, dom_k = domains if domains is not None else (None, None)
-        return dif_attention_backward_op(q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k,
-                                         self.seed, opts.scale, opts.causal, opts.dropout_p, self.name)
+        return self.backward_op(q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k, seed,
+                                opts.scale, opts.causal, opts.dropout_p, *self.backend_args)
 
 
-def _backward(ctx: Any, dout: Optional[torch.Tensor], _dlse: Optional[torch.Tensor],
-              grad_acd: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-    q_cat, k_cat, v, out, lse, acd, key_padding_mask, dom_q, dom_k, seed = ctx.saved_tensors
-    domains = _domains(dom_q, dom_k)
-    dq, dk, dv = guarded_grads(_KernelsViaOperator(ctx.backend, seed), ctx.opts, 0,  # type: ignore[arg-type]
-                               key_padding_mask, domains, (q_cat, k_cat, v, out, lse, acd if domains else None),
-                               dout, grad_acd if domains else None)
-    return (dq, dk, dv) + (None,) * 8
+def _register_autograd(forward_op: Any, backward_op: Callable[..., Any]) -> None:
+    """Autograd of a forward operator (inputs q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed,
+    scale, causal, dropout_p[, backend]) through its backward operator, guarded by `guarded_grads`."""
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed, scale, causal, dropout_p, *backend_args = inputs
+        out, lse, acd = output
+        ctx.save_for_backward(q_cat, k_cat, v, out, lse, acd, key_padding_mask, dom_q, dom_k, seed)
+        ctx.opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
+        ctx.backend_args, ctx.n_inputs = tuple(backend_args), len(inputs)
+
+    def backward(ctx: Any, dout: Optional[torch.Tensor], _dlse: Optional[torch.Tensor],
+                 grad_acd: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        q_cat, k_cat, v, out, lse, acd, key_padding_mask, dom_q, dom_k, seed = ctx.saved_tensors
+        domains = _domains(dom_q, dom_k)
+        name = ctx.backend_args[0] if ctx.backend_args else "triton"
+        kernels = _KernelsViaOperator(backward_op, ctx.backend_args, name)
+        dq, dk, dv = guarded_grads(kernels, ctx.opts, seed,  # type: ignore[arg-type]
+                                   key_padding_mask, domains, (q_cat, k_cat, v, out, lse, acd if domains else None),
+                                   dout, grad_acd if domains else None)
+        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
-dif_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(dif_attention_op, dif_attention_backward_op)
+_register_autograd(dif_attention_triton_op, dif_attention_triton_backward_op)

@@ -4,18 +4,19 @@ Every entry takes the validated streams and returns (out (B,H,Lq,Dv), acd (B,H,L
 
 - "torch": the plain-torch reference (reference.py), differentiable by torch's autograd (to any
   order) and traced op by op by torch.compile;
-- "cpp" / "triton": the fused kernels behind the operator `fastattn::dif_attention`
-  (function.py), with the streams concatenated along the head dim ([q | qa_1 | …]) so a kernel
-  sees one QK head dim; autograd splits the gradients back.
+- "cpp" / "triton": the fused kernels behind the operators `fastattn::dif_attention` (C++) and
+  `fastattn::dif_attention_triton` (function.py), with the streams concatenated along the head
+  dim ([q | qa_1 | …]) so a kernel sees one QK head dim; autograd splits the gradients back.
+  The dropout seed is drawn on the streams' device, as a tensor (no host read).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from . import cpp as _cpp  # noqa: F401  (registers the C++ operators' fake kernels, for tracing)
-from .function import dif_attention_op, draw_seed_tensor
+from .function import dif_attention_op, dif_attention_triton_op, draw_seed_tensor
 from .options import AttentionOptions
 from .reference import dif_attention_reference
 
@@ -30,16 +31,19 @@ def _torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr_q: Sequence[t
     return dif_attention_reference(q, k, v, attr_q, attr_k, opts, key_padding_mask, None, domains)
 
 
-def _fused(backend: str) -> Attention:
+def _fused(operator: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *backend_args: Any
+           ) -> Attention:
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr_q: Sequence[torch.Tensor],
             attr_k: Sequence[torch.Tensor], opts: AttentionOptions, key_padding_mask: Optional[torch.Tensor],
             domains: Domains) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         dom_q, dom_k = domains if domains is not None else (None, None)
-        out, _, acd = dif_attention_op(
+        out, _, acd = operator(
             torch.cat([q, *attr_q], dim=-1), torch.cat([k, *attr_k], dim=-1), v, key_padding_mask, dom_q, dom_k,
-            draw_seed_tensor() if opts.has_dropout else None, opts.scale, opts.causal, opts.dropout_p, backend)
+            draw_seed_tensor(q.device) if opts.has_dropout else None, opts.scale, opts.causal, opts.dropout_p,
+            *backend_args)
         return out, (acd if domains is not None else None)
     return run
 
 
-BACKENDS: dict[str, Attention] = {"torch": _torch, "cpp": _fused("cpp"), "triton": _fused("triton")}
+BACKENDS: dict[str, Attention] = {
+    "torch": _torch, "cpp": _fused(dif_attention_op, "cpp"), "triton": _fused(dif_attention_triton_op)}

@@ -1,4 +1,5 @@
-"""The Triton kernels behind `AttentionKernels` (imported only when the Triton backend runs)."""
+"""The Triton kernels behind `AttentionKernels`: the bodies of the operators
+`fastattn::dif_attention_triton` / `dif_attention_triton_backward` (function.py)."""
 from __future__ import annotations
 
 import itertools
@@ -20,7 +21,7 @@ class TritonAttentionKernels:
 
     @staticmethod
     def forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: int,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         launch, out, lse, acd = fwd_launch(
@@ -32,7 +33,7 @@ class TritonAttentionKernels:
     @staticmethod
     def backward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: int,
+        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         launches, dq, dk, dv = bwd_launches(
@@ -62,14 +63,15 @@ def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
                 pad = torch.empty(b, lk, dtype=torch.bool, device=meta)
                 dom = torch.empty(b, lq, dtype=torch.int64, device=meta)
                 domains = (dom, dom) if has_domains else None
+                seed = torch.empty((), dtype=torch.int64, device=meta) if dropout_p > 0 else None
                 tag = (f"dqk{cfg.block_dqk}-dv{cfg.block_dv}-{str(dtype).removeprefix('torch.')}"
                        f"-dropout{int(dropout_p > 0)}-domains{int(has_domains)}")
-                fwd, out, lse, _ = fwd_launch(q, k, v, 0.125, True, dropout_p, 1, pad, domains)
+                fwd, out, lse, _ = fwd_launch(q, k, v, 0.125, True, dropout_p, seed, pad, domains)
                 yield f"fwd-{tag}", fwd
                 grad_acd = lse if has_domains else None
                 (dkdv, dq), *_ = bwd_launches(
-                    q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, 1, pad, domains)
+                    q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, seed, pad, domains)
                 yield f"bwd_dkdv-{tag}", dkdv
                 yield f"bwd_dq-{tag}", dq
-    mask_launch, _ = dropout_rows_launch(1, 0.1, lk, 0, b * h * lq, meta)
+    mask_launch, _ = dropout_rows_launch(torch.empty((), dtype=torch.int64, device=meta), 0.1, lk, 0, b * h * lq, meta)
     yield "dropout_mask", mask_launch

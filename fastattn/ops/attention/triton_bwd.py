@@ -18,14 +18,14 @@ import triton.language as tl
 from .._common import LOG2E, dot_precision
 from ..triton_launch import KernelLaunch
 from .triton_fwd import (
-    SEED_ARGS, dense_inputs, dropout_keep, key_inputs, seed_words, tile_config, visible_tile,
+    dense_inputs, dropout_keep, key_inputs, seed_argument, tile_config, visible_tile,
 )
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit
 def _dif_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, GACD, PAD, DOM_Q, DOM_K, DK, DV,
-    qk_scale, scale, seed_lo, seed_hi, dropout_p,
+    qk_scale, scale, SEED, dropout_p,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -61,6 +61,8 @@ def _dif_attn_bwd_dkdv_kernel(
     row_base = pid_bh.to(tl.int64) * Lq
     if HAS_DOMAINS:
         dom_k = tl.load(DOM_K + b * stride_domk_b + offs_n, mask=col_ok, other=-1)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -83,7 +85,7 @@ def _dif_attn_bwd_dkdv_kernel(
         p_t = tl.where(visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed_lo, seed_hi, row_base + offs_m, start_n, Lk, dropout_p, BLOCK_N))
+            keep_t = tl.trans(dropout_keep(seed, row_base + offs_m, start_n, Lk, dropout_p, BLOCK_N))
             inv_keep = 1.0 / (1.0 - dropout_p)
             pd_t = tl.where(keep_t, p_t * inv_keep, 0.0)
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
@@ -104,10 +106,10 @@ def _dif_attn_bwd_dkdv_kernel(
              mask=col_ok[:, None] & dv_ok[None, :])
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit
 def _dif_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, GACD, PAD, DOM_Q, DOM_K, DQ,
-    qk_scale, scale, seed_lo, seed_hi, dropout_p,
+    qk_scale, scale, SEED, dropout_p,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -145,6 +147,8 @@ def _dif_attn_bwd_dq_kernel(
     if HAS_DOMAINS:
         g = tl.load(GACD + row_base + offs_m, mask=row_ok, other=0.0)
         dom_q = tl.load(DOM_Q + b * stride_domq_b + offs_m, mask=row_ok, other=-1)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     hi = Lk
@@ -162,7 +166,7 @@ def _dif_attn_bwd_dq_kernel(
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed_lo, seed_hi, row_base + offs_m, start_n, Lk, dropout_p, BLOCK_N)
+            keep = dropout_keep(seed, row_base + offs_m, start_n, Lk, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         if HAS_DOMAINS:
             dom_k = tl.load(DOM_K + b * stride_domk_b + offs_n, mask=col_ok, other=-1)
@@ -186,7 +190,7 @@ def bwd_launches(
     scale: float,
     causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: Optional[torch.Tensor],
     key_padding_mask: Optional[torch.Tensor],
     domains: Optional[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,6 +198,7 @@ def bwd_launches(
 
     q, k, v, dout: (B,H,L,D); lse, delta, grad_acd: fp32 (B,H,Lq), delta = rowsum(dout·out)
     (+ grad_acd·acd); grad_acd is given iff domains is given. Any strides (see `dense_inputs`).
+    seed: the forward's int64 one-element tensor (needed iff dropout_p > 0).
     """
     q, k, v, dout, lse, delta = dense_inputs(q, k, v, dout, lse, delta)
     grad_acd = grad_acd.contiguous() if grad_acd is not None else None
@@ -203,7 +208,7 @@ def bwd_launches(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
     shared = dict(
-        qk_scale=scale * LOG2E, scale=scale, **seed_words(seed), dropout_p=dropout_p,
+        qk_scale=scale * LOG2E, scale=scale, SEED=seed_argument(seed, dropout_p, q.device), dropout_p=dropout_p,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -227,3 +232,6 @@ def bwd_launches(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return [dkdv, dq_launch], dq, dk, dv
+
+
+KERNELS = (_dif_attn_bwd_dkdv_kernel, _dif_attn_bwd_dq_kernel)  # what `bwd_launches` can launch

@@ -19,43 +19,39 @@ from .._common import LOG2E, MAX_QK_DIM, MAX_V_DIM, dot_precision
 
 
 @triton.jit
-def dropout_keep(seed_lo, seed_hi, rows, start_n, Lk, dropout_p, BLOCK_N: tl.constexpr):
+def dropout_keep(seed, rows, start_n, Lk, dropout_p, BLOCK_N: tl.constexpr):
     """Keep-mask of the tile of flat rows `rows` (int64 (b·H + h)·Lq + i) × keys [start_n, start_n + BLOCK_N).
 
     Counter-based, so any pass (and `_dropout_keep_kernel`, and csrc/attention.cpp) regenerates
-    it: Philox-4x32-10 with key (seed_lo, seed_hi) = the call's 64-bit seed, and element (R, j)
-    takes output word j % 4 of the 64-bit counter R·⌈Lk/4⌉ + j // 4 (split into counter words
-    c0, c1). Each row starts a fresh counter, so a tile (start_n a multiple of 4) is whole
-    counters and all four outputs are used whatever Lk; only the ≤ 3 words past a row's end are
-    unused. Counters never repeat within a call, and calls differ by their key.
+    it: Philox-4x32-10 with key (low, high 32-bit word) of the call's 64-bit seed (an int64 the
+    kernels load from SEED), and element (R, j) takes output word j % 4 of the 64-bit counter
+    R·⌈Lk/4⌉ + j // 4 (split into counter words c0, c1). Each row starts a fresh counter, so a
+    tile (start_n a multiple of 4) is whole counters and all four outputs are used whatever Lk;
+    only the ≤ 3 words past a row's end are unused. Counters never repeat within a call, and
+    calls differ by their key.
     """
     groups = (Lk + 3) // 4
     counter = rows[:, None] * groups + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
     c0 = counter.to(tl.uint32)
     c1 = (counter >> 32).to(tl.uint32)
     zero = c0 * 0
-    r0, r1, r2, r3 = tl.philox_impl(c0, c1, zero, zero,
-                                    seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+    # seed is in [0, 2**63): truncating casts give its low and high words.
+    r0, r1, r2, r3 = tl.philox_impl(c0, c1, zero, zero, seed.to(tl.uint32), (seed >> 32).to(tl.uint32))
     # Words in the order r0, r1, r2, r3 of each counter along the keys.
     bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
     return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
-def seed_words(seed: int) -> dict[str, int]:
-    """The 64-bit dropout seed as the kernels' two int32 arguments (low, high word; always i32,
-    so every seed runs the same compiled kernel)."""
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63) (an int64, as the C++ operators take it), got {seed}")
-
-    def signed(word: int) -> int:
-        return word - 2**32 if word >= 2**31 else word
-
-    return dict(seed_lo=signed(seed & 0xFFFFFFFF), seed_hi=signed(seed >> 32))
-
-
-# The seed words take any value: no specialisation (a value of 1 or a multiple of 16 would
-# otherwise compile another variant of the kernel mid-training).
-SEED_ARGS = ["seed_lo", "seed_hi"]
+def seed_argument(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> Optional[torch.Tensor]:
+    """The kernels' SEED pointer: the call's int64 seed, one element on the kernels' `device` (the
+    kernels load it, so the host never reads it and a CUDA graph replays fresh draws); None
+    without dropout (the kernels then never read it)."""
+    if dropout_p <= 0.0:
+        return None
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        got = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(f"dropout needs the seed as a one-element int64 tensor on {device}, got {got}")
+    return seed.reshape(1)
 
 
 @triton.jit
@@ -74,11 +70,11 @@ def visible_tile(offs_m, offs_n, Lq, Lk, PAD, pad_row, causal, has_padding):
     return visible
 
 
-@triton.jit(do_not_specialize=SEED_ARGS)
+@triton.jit
 def _dif_attn_fwd_kernel(
     Q, K, V, O, LSE, ACD, PAD, DOM_Q, DOM_K,
     qk_scale,  # scale · log2(e): scores are kept in base 2
-    seed_lo, seed_hi, dropout_p,
+    SEED, dropout_p,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -114,6 +110,8 @@ def _dif_attn_fwd_kernel(
     if HAS_DOMAINS:
         c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         dom_q = tl.load(DOM_Q + b * stride_domq_b + offs_m, mask=row_ok, other=-1)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     hi = Lk
     if causal:
@@ -138,7 +136,7 @@ def _dif_attn_fwd_kernel(
             cross = dom_q[:, None] != dom_k[None, :]
             c_i = c_i * alpha + tl.sum(tl.where(cross, p, 0.0), 1)
         if HAS_DROPOUT:
-            p = tl.where(dropout_keep(seed_lo, seed_hi, rows, start_n, Lk, dropout_p, BLOCK_N), p, 0.0)
+            p = tl.where(dropout_keep(seed, rows, start_n, Lk, dropout_p, BLOCK_N), p, 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=col_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -230,14 +228,15 @@ def fwd_launch(
     scale: float,
     causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: Optional[torch.Tensor],
     key_padding_mask: Optional[torch.Tensor],
     domains: Optional[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Describe the forward launch on concatenated streams and allocate its outputs.
 
     q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV); key_padding_mask (B,Lk) bool; domains
-    (dom_q (B,Lq), dom_k (B,Lk)) int64; any strides (see `dense_inputs`).
+    (dom_q (B,Lq), dom_k (B,Lk)) int64; any strides (see `dense_inputs`); seed: int64 one-element
+    tensor on q's device, the Philox key (needed iff dropout_p > 0).
     Returns (launch, out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) fp32 base-2 log-sum-exp of
     the scaled scores (+inf on rows without a visible key), acd (B,H,Lq) fp32 or None).
     """
@@ -254,7 +253,7 @@ def fwd_launch(
         grid=(triton.cdiv(lq, cfg.block_m) * b * h,),
         args=dict(
             Q=q, K=k, V=v, O=out, LSE=lse, ACD=acd, PAD=pad, DOM_Q=dom_q, DOM_K=dom_k,
-            qk_scale=scale * LOG2E, **seed_words(seed), dropout_p=dropout_p,
+            qk_scale=scale * LOG2E, SEED=seed_argument(seed, dropout_p, q.device), dropout_p=dropout_p,
             stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
             stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
             stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -272,21 +271,31 @@ def fwd_launch(
     return launch, out, lse, acd
 
 
-@triton.jit(do_not_specialize=SEED_ARGS + ["first_row"])
-def _dropout_keep_kernel(KEEP, seed_lo, seed_hi, dropout_p, first_row, n_rows, Lk,
+@triton.jit(do_not_specialize=["first_row"])
+def _dropout_keep_kernel(KEEP, SEED, dropout_p, first_row, n_rows, Lk,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_col_blocks = tl.cdiv(Lk, BLOCK_N)  # 1-D grid: no 65535 cap on any axis
     pid_m = tl.program_id(0) // n_col_blocks
     start_n = (tl.program_id(0) % n_col_blocks) * BLOCK_N
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed_lo, seed_hi, first_row.to(tl.int64) + offs_r, start_n, Lk, dropout_p, BLOCK_N)
+    keep = dropout_keep(tl.load(SEED), first_row.to(tl.int64) + offs_r, start_n, Lk, dropout_p, BLOCK_N)
     ptrs = KEEP + offs_r.to(tl.int64)[:, None] * Lk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_r[:, None] < n_rows) & (offs_n[None, :] < Lk))
 
 
+def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`seed` as the kernels take it: an int64 one-element tensor on `device` (an int must be in
+    [0, 2**63), the range `draw_seed_tensor` draws from and the C++ operators take)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(1)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63) (an int64, as the C++ operators take it), got {seed}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
 def dropout_rows_launch(
-    seed: int, dropout_p: float, lk: int, first_row: int, n_rows: int, device: torch.device
+    seed: int | torch.Tensor, dropout_p: float, lk: int, first_row: int, n_rows: int, device: torch.device
 ) -> tuple[KernelLaunch, torch.Tensor]:
     """Describe the launch that writes the (n_rows, Lk) int8 keep-mask of flat rows
     [first_row, first_row + n_rows), flat row (b·H + h)·Lq + i, that the kernels draw for `seed`."""
@@ -298,14 +307,15 @@ def dropout_rows_launch(
     launch = KernelLaunch(
         _dropout_keep_kernel,
         grid=(triton.cdiv(n_rows, 64) * triton.cdiv(lk, 64),),
-        args=dict(KEEP=keep, **seed_words(seed), dropout_p=dropout_p, first_row=first_row, n_rows=n_rows, Lk=lk),
+        args=dict(KEEP=keep, SEED=seed_tensor(seed, device), dropout_p=dropout_p, first_row=first_row,
+                  n_rows=n_rows, Lk=lk),
         constexprs=dict(BLOCK_M=64, BLOCK_N=64),
     )
     return launch, keep
 
 
 def dropout_keep_rows(
-    seed: int, dropout_p: float, lk: int, first_row: int, n_rows: int, device: torch.device
+    seed: int | torch.Tensor, dropout_p: float, lk: int, first_row: int, n_rows: int, device: torch.device
 ) -> torch.Tensor:
     """Bool (n_rows, Lk): rows [first_row, first_row + n_rows) of the flattened (B·H·Lq, Lk) mask
     the kernels keep for `seed` — any window of any call, however large (tests, debugging)."""
@@ -315,7 +325,10 @@ def dropout_keep_rows(
 
 
 def dropout_keep_mask(
-    seed: int, dropout_p: float, batch: int, heads: int, lq: int, lk: int, device: torch.device
+    seed: int | torch.Tensor, dropout_p: float, batch: int, heads: int, lq: int, lk: int, device: torch.device
 ) -> torch.Tensor:
     """The bool (B,H,Lq,Lk) mask of probabilities the kernels keep for `seed` (tests, debugging)."""
     return dropout_keep_rows(seed, dropout_p, lk, 0, batch * heads * lq, device).view(batch, heads, lq, lk)
+
+
+KERNELS = (_dif_attn_fwd_kernel,)  # what `fwd_launch` can launch (registered with its operator)

@@ -15,5 +15,6 @@ the logits tile by tile); the sparse part, cost ∝ its nonzeros, is gathered in
 Files: reference.py (naive, materialized: the tests' truth), targets.py (SoftTarget,
 ted_teacher), chunked.py (backend "torch": eager ops over item chunks), triton_fwd.py /
 triton_bwd.py / triton_backend.py, cpp.py (the C++ operators' binding and fakes), function.py
-(the operator `fastattn::full_item_cross_entropy` and its autograd).
+(the operators `fastattn::full_item_cross_entropy` on the C++ and chunked kernels,
+`full_item_cross_entropy_triton` / `_triton_backward` on the Triton ones, and their one autograd).
 """

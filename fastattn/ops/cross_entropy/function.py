@@ -1,5 +1,8 @@
-"""The operator `fastattn::full_item_cross_entropy` (forward and autograd), shared by the Triton,
-C++ and chunked torch kernels.
+"""The operators of full-catalog cross-entropy (forward and one autograd formula):
+`fastattn::full_item_cross_entropy` (`custom_op`; backend "cpp" or "torch", the chunked eager
+kernels) and `fastattn::full_item_cross_entropy_triton` with its kernels' backward
+`fastattn::full_item_cross_entropy_triton_backward` (`torch.library.triton_op`s, so torch.compile
+sees each kernel launch; `custom_op`s under the interpreter, see ops/triton_registration.py).
 
 Per row i, with z_ij = scale·(h_i·E_j + b_j), target t_ij = w_i·[j = y_i] + base_i + sparse_ij
 and mass_i = Σ_j t_ij (1, or 0 for an ignored row):
@@ -22,6 +25,7 @@ import torch
 
 from .._common import compute_dtype
 from ..autograd_guard import no_second_derivative
+from ..triton_registration import triton_operator
 
 _NOT_TWICE = ("full_item_cross_entropy cannot be differentiated twice: its fused backward has no derivative "
               "(for second derivatives use the materialized logits, e.g. F.cross_entropy(hidden @ item_weight.T, "
@@ -119,25 +123,29 @@ def _gradients(kernels: CrossEntropyKernels, scale: float, t: RowTargets, hidden
             db.to(bias.dtype) if bias is not None and db is not None else None)
 
 
-# ---------------------------------------------------------------- the operator torch.compile sees
+# ---------------------------------------------------------------- the operators torch.compile sees
 def kernels_of(backend: str) -> CrossEntropyKernels:
-    """The kernels behind a resolved backend name: "triton", "cpp" or "torch" (chunked eager)."""
-    if backend == "triton":
-        from .triton_backend import TritonCrossEntropyKernels
-        return TritonCrossEntropyKernels
+    """The kernels behind `fastattn::full_item_cross_entropy`'s backend argument: "cpp" or "torch"
+    (chunked eager). The Triton kernels have operators of their own (below)."""
     if backend == "cpp":
         from .cpp import CppCrossEntropyKernels
         return CppCrossEntropyKernels
     if backend == "torch":
         from .chunked import ChunkedCrossEntropyKernels
         return ChunkedCrossEntropyKernels
-    raise ValueError(f"fastattn::full_item_cross_entropy: backend must be 'triton', 'cpp' or 'torch', got {backend!r}")
+    raise ValueError(f"fastattn::full_item_cross_entropy: backend must be 'cpp' or 'torch' (the Triton kernels "
+                     f"are the operator fastattn::full_item_cross_entropy_triton), got {backend!r}")
 
 
 def _targets(index: torch.Tensor, row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor,
              indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, has_base: bool) -> RowTargets:
     return RowTargets(index=index, weight=row_weight, base=base, mass=mass, indptr=indptr, indices=indices,
                       values=values, has_base=has_base)
+
+
+def _full_item_cross_entropy_fake(hidden: torch.Tensor, *_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
+    return hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype)
 
 
 @torch.library.custom_op("fastattn::full_item_cross_entropy", mutates_args=())
@@ -148,44 +156,121 @@ def full_item_cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (N,) and LSE (N,) (float32; float64 for float64 inputs; the LSE is kept for the
     backward, callers drop it) of hidden (N,D), weight (V,D), bias (V,) | None against the
-    `RowTargets` given field by field (module docstring); row_weight is RowTargets.weight."""
+    `RowTargets` given field by field (module docstring); row_weight is RowTargets.weight.
+    backend: "cpp" or "torch"."""
     targets = _targets(index, row_weight, base, mass, indptr, indices, values, has_base)
     return row_losses(kernels_of(backend), scale, targets, hidden, weight, bias)
 
 
-@full_item_cross_entropy_op.register_fake
-def _full_item_cross_entropy_fake(
+full_item_cross_entropy_op.register_fake(_full_item_cross_entropy_fake)
+
+
+def _triton_lse_kernels() -> tuple[Any, ...]:
+    from . import triton_fwd
+    return triton_fwd.KERNELS
+
+
+def _triton_backward_kernels() -> tuple[Any, ...]:
+    from . import triton_bwd
+    return triton_bwd.KERNELS
+
+
+@triton_operator("fastattn::full_item_cross_entropy_triton", fake=_full_item_cross_entropy_fake,
+                 kernels=_triton_lse_kernels)
+def full_item_cross_entropy_triton_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
     row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-    values: torch.Tensor, scale: float, has_base: bool, backend: str,
+    values: torch.Tensor, scale: float, has_base: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
-    return hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype)
+    """`fastattn::full_item_cross_entropy` on the Triton kernels (CUDA tensors; CPU ones under the
+    interpreter; float32/float16/bfloat16): per-row loss (N,) and LSE (N,), float32."""
+    targets = _targets(index, row_weight, base, mass, indptr, indices, values, has_base)
+    return row_losses(TritonOperatorKernels, scale, targets, hidden, weight, bias)
+
+
+def _triton_backward_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *_: Any
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    f32 = torch.float32
+    return (hidden.new_empty(hidden.shape, dtype=f32), weight.new_empty(weight.shape, dtype=f32),
+            weight.new_empty((weight.shape[0] if bias is not None else 0,), dtype=f32))
+
+
+@triton_operator("fastattn::full_item_cross_entropy_triton_backward", fake=_triton_backward_fake,
+                 kernels=_triton_backward_kernels)
+def full_item_cross_entropy_triton_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+    lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor, coef_t: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernels' part of `full_item_cross_entropy_triton`'s backward (as the C++
+    `fastattn::ce_bwd`): dH (N,D), dE (V,D), db (V,) ((0,) without bias), float32, of
+    dz_ij = scale·(coef_p_i·softmax_ij − coef_base_i − coef_t_i·[j = target_i]); lse (N,), coef_* (N,)
+    float32, target (N,) int64 (−1: none)."""
+    from .triton_backend import TritonCrossEntropyKernels
+    dh, de, db = TritonCrossEntropyKernels.backward(hidden, weight, bias, scale, lse, coef_p, coef_base, target,
+                                                     coef_t)
+    return dh, de, db if db is not None else weight.new_empty((0,), dtype=torch.float32)
+
+
+class TritonOperatorKernels:
+    """`CrossEntropyKernels` of `full_item_cross_entropy_triton`: the LSE launched in the operator's
+    body, the backward through its operator (so a traced backward shows the kernel launches)."""
+
+    @staticmethod
+    def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        from .triton_backend import TritonCrossEntropyKernels  # imports triton: only when the operator runs
+        return TritonCrossEntropyKernels.lse(hidden, weight, bias, scale)
+
+    @staticmethod
+    def backward(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+        lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
+        coef_t: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        dh, de, db = full_item_cross_entropy_triton_backward_op(hidden, weight, bias, scale, lse, coef_p, coef_base,
+                                                                target, coef_t)
+        return dh, de, db if bias is not None else None
+
+
+def full_item_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 targets: RowTargets, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and LSE (N,) through the operator of a resolved backend ("triton", "cpp" or
+    "torch"): the one call the public function makes."""
+    fields = (targets.index, targets.weight, targets.base, targets.mass, targets.indptr, targets.indices,
+              targets.values, scale, targets.has_base)
+    if backend == "triton":
+        return full_item_cross_entropy_triton_op(hidden, weight, bias, *fields)
+    return full_item_cross_entropy_op(hidden, weight, bias, *fields, backend)
+
+
+# ---------------------------------------------------------------- one autograd formula for both
+_N_TARGET_FIELDS = 7  # index, row_weight, base, mass, indptr, indices, values
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    hidden, weight, bias, *target_parts, scale, has_base, backend = inputs
+    hidden, weight, bias, *target_parts = inputs[:3 + _N_TARGET_FIELDS]
+    scale, has_base, *backend = inputs[3 + _N_TARGET_FIELDS:]
     ctx.save_for_backward(hidden, weight, bias, output[1], *target_parts)
-    ctx.scale, ctx.has_base, ctx.backend = scale, has_base, backend
+    ctx.scale, ctx.has_base, ctx.n_inputs = scale, has_base, len(inputs)
+    ctx.kernels = kernels_of(backend[0]) if backend else TritonOperatorKernels
 
 
 def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
     hidden, weight, bias, lse, *target_parts = ctx.saved_tensors
-    kernels = kernels_of(ctx.backend)
     # The engine runs backward under the caller's autocast state: keep the chunked kernels'
     # float32 products float32 (the forward ran with autocast off, on already-cast inputs).
     # (autocast knows only real devices: a meta trace has none to turn off.)
     device = grad_loss.device.type
     off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
     with torch.no_grad(), off:
-        grads = _gradients(kernels, ctx.scale, _targets(*target_parts, ctx.has_base), hidden, weight, bias,
+        grads = _gradients(ctx.kernels, ctx.scale, _targets(*target_parts, ctx.has_base), hidden, weight, bias,
                            lse, grad_loss)
     if torch.is_grad_enabled():
         grads = no_second_derivative(grads, _NOT_TWICE, (hidden, weight, bias, grad_loss))
-    return (*grads,) + (None,) * 10
+    return (*grads,) + (None,) * (ctx.n_inputs - 3)
 
 
 full_item_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+full_item_cross_entropy_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _sparse_rows(t: RowTargets) -> torch.Tensor:

@@ -148,3 +148,6 @@ def bwd_launches(
                             "rows_per_split": rows_per_split},
                       constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return [dh, de], dh_part, de_part, db_part
+
+
+KERNELS = (_ce_bwd_dh_kernel, _ce_bwd_de_kernel)  # what `bwd_launches` can launch

@@ -159,3 +159,6 @@ def combine_lse(m_part: torch.Tensor, l_part: torch.Tensor) -> torch.Tensor:
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     total = (l_part * torch.exp2(m_part - m_safe)).sum(dim=0)
     return (m_safe + torch.log2(total)) / LOG2E
+
+
+KERNELS = (_ce_lse_kernel,)  # what `lse_launch` can launch (registered with its operator)
