@@ -2,8 +2,8 @@
 into one graph (no graph break) and give the eager values and gradients.
 
 The fused backends are torch.library operators (`fastattn::dif_attention`,
-`fastattn::full_item_cross_entropy`, and the C++ kernels' own); torch.compile sees them as
-opaque nodes with fake kernels. Most cases use backend="aot_eager" (the AOTAutograd trace
+`fastattn::full_item_cross_entropy`, their `_triton` twins, and the C++ kernels' own); here
+(CPU, Triton interpreted) torch.compile sees them as opaque nodes with fake kernels. Most cases use backend="aot_eager" (the AOTAutograd trace
 without Inductor's slow code generation); one case runs Inductor. `loss.backward()` itself is
 not traced (Dynamo breaks the graph there): the compiled forward's autograd graph runs it.
 """
@@ -25,6 +25,9 @@ from test_no_host_sync import ATTRIBUTE_SIZES, BUILDERS, COMMON, NUM_ITEMS
 
 pytestmark = cpp_tests_mark()
 RTOL = 1e-5  # float32, no dropout: the same kernels run, only the surrounding ops may be fused
+# Every backend of the public functions; "triton" runs its kernels in the interpreter here (its
+# operators are custom_ops there; the triton_op registration is traced in test_triton_operators.py).
+FUSED_AND_TORCH = ["cpp", "triton", "torch"]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -64,7 +67,7 @@ ATTENTION_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", FUSED_AND_TORCH)
 @pytest.mark.parametrize("option", list(ATTENTION_OPTIONS))
 def test_dif_attention_compiles(backend: str, option: str) -> None:
     kwargs = ATTENTION_OPTIONS[option]
@@ -75,7 +78,7 @@ def test_dif_attention_compiles(backend: str, option: str) -> None:
     _check(fn, _streams())
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", FUSED_AND_TORCH)
 def test_dif_attention_dropout_compiles(backend: str) -> None:
     """Dropout traces too (the seed is a tensor draw); values differ from eager by design, so
     only the graph and the finite gradients are checked."""
@@ -105,7 +108,7 @@ CE_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", FUSED_AND_TORCH)
 @pytest.mark.parametrize("option", list(CE_OPTIONS))
 def test_full_item_cross_entropy_compiles(backend: str, option: str) -> None:
     kwargs = dict(CE_OPTIONS[option])

@@ -250,14 +250,6 @@ def test_bad_input_raises(over: dict, exc: type, match: str) -> None:
                                          **kwargs)
 
 
-@pytest.mark.parametrize("over,exc,match", BAD_CE, ids=[m for _, _, m in BAD_CE])
-def test_bad_input_raises(over: dict, exc: type, match: str) -> None:
-    kwargs = _ce_args(**over)
-    with pytest.raises(exc, match=match):
-        fastattn.full_item_cross_entropy(kwargs.pop("hidden"), kwargs.pop("item_weight"), kwargs.pop("target"),
-                                         **kwargs)
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton", backend_param("cpp")])
 def test_bad_input_checked_before_dispatch(backend: str) -> None:
     # Validation happens in Python before dispatch, so every backend raises the same errors.
