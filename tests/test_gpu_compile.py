@@ -20,6 +20,7 @@ def test_every_launch_compiles(capability: int) -> None:
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     failures = [f"{r['name']}: {r['error']}" for r in results if not r["ok"]]
     assert not failures, f"{len(failures)} configurations fail on sm_{capability}:\n" + "\n".join(failures)
-    # Attention: fwd, dK/dV and dQ for 3 tile classes × 3 dtypes × 4 constexpr flag sets, plus the
-    # dropout-mask kernel. Cross-entropy: LSE, dH and dE for 3 tile classes × 3 dtypes × bias on/off.
-    assert len(results) == 3 * 3 * 3 * 4 + 1 + 3 * 3 * 3 * 2
+    # Attention: fwd, dK/dV and dQ for 3 tile classes × 4 dtype/precision cases (float32 in tf32x3
+    # and tf32, float16, bfloat16) × 4 constexpr flag sets, plus the dropout-mask kernel.
+    # Cross-entropy: LSE, dH and dE for 3 tile classes × 4 dtype/precision cases × bias on/off.
+    assert len(results) == 3 * 3 * 4 * 4 + 1 + 3 * 3 * 4 * 2

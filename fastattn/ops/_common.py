@@ -3,13 +3,16 @@
 - The compute dtype: every backend accumulates in float32, or float64 for float64 inputs (so
   gradcheck sees exact math); low-precision inputs never accumulate in their own dtype.
 - LOG2E: the Triton kernels keep softmax statistics in base 2 (exp2 is one instruction).
-- Dot precision: float32 operands get IEEE float32 products (torch's default), never tf32.
+- Dot precision: float32 dots run on tensor cores in the mode torch.get_float32_matmul_precision()
+  asks for ("highest": tf32x3, "high"/"medium": tf32), read when a launch is described.
+- Devices: every tensor of one launch is on one device (`check_same_device`).
 - Item chunks: the eager (torch) catalog paths hold one N × chunk block of scores at a time.
 - The widest head / hidden sizes the fused Triton tiles take.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
@@ -32,10 +35,57 @@ def in_compute_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.to(compute_dtype(t.dtype))
 
 
+# tl.dot input_precision of float32 operands per torch.get_float32_matmul_precision():
+# "highest" → tf32x3 (three tf32 products, the low-order terms kept: about float32 accuracy on
+# tensor cores); "high" and "medium" → tf32 (one tf32 product, 10-bit mantissa inputs), the
+# mode torch's own float32 matmuls use there. ("ieee", plain FMA, is never chosen: it spills.)
+FLOAT32_DOT_PRECISION = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input_precision for operands of `dtype`: exact "ieee" for float32 (as torch
-    does by default, not tf32); half types multiply exactly on tensor cores whatever is said."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """`tl.dot` input_precision for operands of `dtype`, decided when a launch is described (a
+    constexpr: each mode is its own compiled kernel). float32 follows
+    torch.get_float32_matmul_precision() (FLOAT32_DOT_PRECISION; a Python call, so under
+    torch.compile it is a constant read at trace time); half types multiply exactly on tensor
+    cores whatever is said, so they keep "tf32"."""
+    if dtype != torch.float32:
+        return "tf32"
+    return FLOAT32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+
+
+@contextmanager
+def float32_matmul_precision(mode: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(mode) inside the block, the previous mode restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(mode)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def launch_precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """float32 matmul precisions under which the launchers pick distinct kernels for `dtype`
+    operands, one per distinct `dot_precision`: every_launch() describes a launch under each."""
+    return ("highest", "high") if dtype == torch.float32 else ("highest",)
+
+
+def precision_tag(dtype: torch.dtype, mode: str) -> str:
+    """Name part of a launch of `dtype` operands under float32 matmul precision `mode`:
+    "float32-tf32x3", "float32-tf32", "bfloat16"."""
+    name = str(dtype).removeprefix("torch.")
+    return f"{name}-{FLOAT32_DOT_PRECISION[mode]}" if dtype == torch.float32 else name
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """The device of the first given tensor (None: not given); a one-line ValueError naming the
+    first argument on another device: a kernel launch reads every pointer on one device."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first, device = named[0][0], named[0][1].device
+    for name, t in named[1:]:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
+    return device
 
 
 # Elements of one chunk of N × chunk scores: 16M floats = 64 MB, plus a few temporaries.

@@ -3,11 +3,13 @@ compiled ahead of time for sm_80/sm_90 by the tests (tests/test_gpu_compile.py).
 
 A launch runs through `torch.library.wrap_triton`, so inside a `torch.library.triton_op`
 (triton_registration.py) torch.compile traces it as a `triton_kernel_wrapper_functional` node;
-in that operator's eager call, and under the interpreter, wrap_triton returns the kernel itself."""
+in that operator's eager call, and under the interpreter, wrap_triton returns the kernel itself.
+A CUDA launch runs with the tensors' device current (not whichever device is current)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.library import wrap_triton
@@ -33,8 +35,34 @@ class KernelLaunch:
     def __call__(self) -> None:
         if 0 in self.grid:  # empty sequences: nothing to compute (and CUDA rejects empty grids)
             return
-        wrap_triton(self.kernel)[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                                            num_stages=self.num_stages)
+        run = wrap_triton(self.kernel)[self.grid]
+        # Triton launches on the current CUDA device: make it the tensors' one (under DDP without
+        # torch.cuda.set_device the current device is cuda:0 in every process). The launchers
+        # check that all tensors of a call share one device (_common.check_same_device).
+        device = self.cuda_device()
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            run(**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def cuda_device(self) -> Optional[torch.device]:
+        """The device of the first CUDA tensor argument; None for CPU / meta tensors, and where
+        CUDA is unavailable (fake CUDA tensors traced on a machine without a GPU launch nothing)."""
+        for value in self.args.values():
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                return value.device if torch.cuda.is_available() else None
+        return None
+
+    def ast_source(self) -> Any:
+        """The `triton.compiler.ASTSource` a real launch compiles (no alignment specialisation):
+        `triton.compile(launch.ast_source(), target=GPUTarget("cuda", 90, 32),
+        options=launch.compile_options())` builds it without a GPU. Needs triton imported
+        without TRITON_INTERPRET."""
+        from triton.compiler import ASTSource
+
+        sig, consts = self.signature()
+        return ASTSource(fn=self.kernel, signature={n: sig[n] for n in self.kernel.arg_names}, constexprs=consts)
+
+    def compile_options(self) -> dict[str, int]:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any]]:
         """Triton signature and constexpr values as a real launch specializes them (None → constexpr)."""

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .._common import float32_matmul_precision, launch_precisions, precision_tag
 from ..triton_launch import KernelLaunch
 from .options import AttentionOptions
 from .triton_bwd import bwd_launches
@@ -48,15 +49,17 @@ class TritonAttentionKernels:
 def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
     """Every (kernel, constexpr configuration) the launchers above can choose, on meta tensors.
 
-    Axes: tile class × input dtype × HAS_DROPOUT × HAS_DOMAINS for the forward and both backward
-    passes, plus the dropout-mask kernel. Causal and padding are runtime flags, so a launch
-    with both on has the same compiled code as one with both off.
+    Axes: tile class × input dtype (float32 twice: its dot precision follows
+    torch.get_float32_matmul_precision(), tf32x3 or tf32) × HAS_DROPOUT × HAS_DOMAINS for the
+    forward and both backward passes, plus the dropout-mask kernel. Causal and padding are runtime
+    flags, so a launch with both on has the same compiled code as one with both off.
     """
     meta = torch.device("meta")
     b, h, lq, lk = 2, 2, 64, 64
     for cfg in all_tile_configs():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for dropout_p, has_domains in itertools.product((0.0, 0.1), (False, True)):
+            for mode, dropout_p, has_domains in itertools.product(
+                    launch_precisions(dtype), (0.0, 0.1), (False, True)):
                 q = torch.empty(b, h, lq, cfg.block_dqk, dtype=dtype, device=meta)
                 k = torch.empty(b, h, lk, cfg.block_dqk, dtype=dtype, device=meta)
                 v = torch.empty(b, h, lk, cfg.block_dv, dtype=dtype, device=meta)
@@ -64,13 +67,14 @@ def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
                 dom = torch.empty(b, lq, dtype=torch.int64, device=meta)
                 domains = (dom, dom) if has_domains else None
                 seed = torch.empty((), dtype=torch.int64, device=meta) if dropout_p > 0 else None
-                tag = (f"dqk{cfg.block_dqk}-dv{cfg.block_dv}-{str(dtype).removeprefix('torch.')}"
+                tag = (f"dqk{cfg.block_dqk}-dv{cfg.block_dv}-{precision_tag(dtype, mode)}"
                        f"-dropout{int(dropout_p > 0)}-domains{int(has_domains)}")
-                fwd, out, lse, _ = fwd_launch(q, k, v, 0.125, True, dropout_p, seed, pad, domains)
+                with float32_matmul_precision(mode):
+                    fwd, out, lse, _ = fwd_launch(q, k, v, 0.125, True, dropout_p, seed, pad, domains)
+                    grad_acd = lse if has_domains else None
+                    (dkdv, dq), *_ = bwd_launches(
+                        q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, seed, pad, domains)
                 yield f"fwd-{tag}", fwd
-                grad_acd = lse if has_domains else None
-                (dkdv, dq), *_ = bwd_launches(
-                    q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, seed, pad, domains)
                 yield f"bwd_dkdv-{tag}", dkdv
                 yield f"bwd_dq-{tag}", dq
     mask_launch, _ = dropout_rows_launch(torch.empty((), dtype=torch.int64, device=meta), 0.1, lk, 0, b * h * lq, meta)

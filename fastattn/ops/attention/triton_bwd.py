@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import LOG2E, dot_precision
+from .._common import LOG2E, check_same_device, dot_precision
 from ..triton_launch import KernelLaunch
 from .triton_fwd import (
-    dense_inputs, dropout_keep, key_inputs, seed_argument, tile_config, visible_tile,
+    dense_inputs, domain_arguments, dropout_keep, key_inputs, seed_argument, tile_config, visible_tile,
 )
 
 
@@ -200,11 +200,14 @@ def bwd_launches(
     (+ grad_acd·acd); grad_acd is given iff domains is given. Any strides (see `dense_inputs`).
     seed: the forward's int64 one-element tensor (needed iff dropout_p > 0).
     """
+    check_same_device(q=q, k=k, v=v, dout=dout, lse=lse, delta=delta, grad_acd=grad_acd,
+                      key_padding_mask=key_padding_mask, **domain_arguments(domains))
     q, k, v, dout, lse, delta = dense_inputs(q, k, v, dout, lse, delta)
     grad_acd = grad_acd.contiguous() if grad_acd is not None else None
     b, h, lq, dqk = q.shape
     lk, dvd = k.shape[2], v.shape[3]
-    cfg = tile_config(dqk, dvd)
+    precision = dot_precision(q.dtype)
+    cfg = tile_config(dqk, dvd, precision)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
     shared = dict(
@@ -218,7 +221,7 @@ def bwd_launches(
     )
     tensors = dict(Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, GACD=grad_acd, PAD=pad, DOM_Q=dom_q, DOM_K=dom_k)
     constexprs = dict(
-        HAS_DROPOUT=dropout_p > 0.0, HAS_DOMAINS=domains is not None, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_DROPOUT=dropout_p > 0.0, HAS_DOMAINS=domains is not None, DOT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
     )
     dkdv = KernelLaunch(

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .._common import LOG2E, MAX_QK_DIM, MAX_V_DIM, dot_precision
+from .._common import LOG2E, MAX_QK_DIM, MAX_V_DIM, check_same_device, dot_precision
 
 
 @triton.jit
@@ -176,10 +176,15 @@ _TILES = {
     128: TileConfig(128, 128, 64, 64, 8, 2),
     256: TileConfig(256, 128, 32, 32, 4, 1),
 }
+# float32 in tf32x3 (precision "highest"): every dot is three tf32 products whose split operands
+# take shared memory of their own; at 64×64 the 128 class's backward needs 256 KB (sm_90 has
+# 227 KB, sm_80 163 KB), at 32×32 with 4 warps 80–96 KB.
+_TF32X3_TILES = {128: TileConfig(128, 128, 32, 32, 4, 2)}
 
 
-def tile_config(dqk: int, dv: int) -> TileConfig:
-    """Tiles for a concatenated QK head dim `dqk` and a V head dim `dv`.
+def tile_config(dqk: int, dv: int, precision: str = "tf32") -> TileConfig:
+    """Tiles for a concatenated QK head dim `dqk` and a V head dim `dv`, for dots in `precision`
+    (`dot_precision` of the inputs' dtype: tf32x3 picks smaller tiles in the 128 class).
 
     The class is the widest of the two rounded up to a power of two >= 64 (tl.arange needs
     powers of two, tl.dot >= 16 on GPUs; narrower heads gain nothing from narrower tiles in
@@ -189,11 +194,12 @@ def tile_config(dqk: int, dv: int) -> TileConfig:
         raise ValueError(f"Triton tiles take a summed QK head dim <= {MAX_QK_DIM} and a V head dim <= "
                          f"{MAX_V_DIM}, got {dqk} and {dv}")
     width = max(64, triton.next_power_of_2(max(dqk, dv)))
-    return _TILES[width]
+    return _TF32X3_TILES.get(width, _TILES[width]) if precision == "tf32x3" else _TILES[width]
 
 
 def all_tile_configs() -> list[TileConfig]:
-    """Every tile configuration `tile_config` can return (the GPU-compile test covers each)."""
+    """One tile configuration per class (the widths every_launch() describes launches at; there
+    the launchers pick each dtype's own tiles, so the GPU-compile test covers each)."""
     return list(_TILES.values())
 
 
@@ -201,6 +207,11 @@ def dense_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`tensors`, copied to contiguous memory where they are not: the kernels index the last dim
     (and the per-row statistics every dim) with unit stride, whatever layout the caller has."""
     return tuple(t.contiguous() for t in tensors)
+
+
+def domain_arguments(domains: Optional[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The domain id tensors by argument name, for `check_same_device` (none without domains)."""
+    return {} if domains is None else {"domains[0]": domains[0], "domains[1]": domains[1]}
 
 
 def key_inputs(
@@ -240,10 +251,12 @@ def fwd_launch(
     Returns (launch, out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) fp32 base-2 log-sum-exp of
     the scaled scores (+inf on rows without a visible key), acd (B,H,Lq) fp32 or None).
     """
+    check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, **domain_arguments(domains))
     q, k, v = dense_inputs(q, k, v)
     b, h, lq, dqk = q.shape
     lk, dv = k.shape[2], v.shape[3]
-    cfg = tile_config(dqk, dv)
+    precision = dot_precision(q.dtype)
+    cfg = tile_config(dqk, dv, precision)
     out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     acd = torch.empty(b, h, lq, dtype=torch.float32, device=q.device) if domains is not None else None
@@ -262,7 +275,7 @@ def fwd_launch(
             H=h, Lq=lq, Lk=lk, DQK=dqk, DV=dv, causal=causal, has_padding=key_padding_mask is not None,
         ),
         constexprs=dict(
-            HAS_DROPOUT=dropout_p > 0.0, HAS_DOMAINS=domains is not None, DOT_PRECISION=dot_precision(q.dtype),
+            HAS_DROPOUT=dropout_p > 0.0, HAS_DOMAINS=domains is not None, DOT_PRECISION=precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
         ),
         num_warps=cfg.num_warps,

@@ -6,6 +6,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .._common import float32_matmul_precision, launch_precisions, precision_tag
 from ..triton_launch import KernelLaunch
 from .triton_bwd import bwd_launches
 from .triton_fwd import all_ce_tile_configs, combine_lse, lse_launch
@@ -42,19 +43,22 @@ class TritonCrossEntropyKernels:
 
 def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
     """Every (kernel, constexpr configuration) the launchers can choose, on meta tensors:
-    tile class × input dtype × HAS_BIAS for the LSE, dH and dE passes."""
+    tile class × input dtype (float32 twice: its dot precision follows
+    torch.get_float32_matmul_precision(), tf32x3 or tf32) × HAS_BIAS for the LSE, dH and dE passes."""
     meta = torch.device("meta")
     n, v = 256, 1000
     for cfg in all_ce_tile_configs():
-        for dtype, has_bias in itertools.product((torch.float32, torch.float16, torch.bfloat16), (False, True)):
-            h = torch.empty(n, cfg.block_d, dtype=dtype, device=meta)
-            w = torch.empty(v, cfg.block_d, dtype=dtype, device=meta)
-            b = torch.empty(v, dtype=dtype, device=meta) if has_bias else None
-            tag = f"d{cfg.block_d}-{str(dtype).removeprefix('torch.')}-bias{int(has_bias)}"
-            fwd, _, _ = lse_launch(h, w, b, 1.0)
-            yield f"ce_lse-{tag}", fwd
-            f32 = torch.empty(n, dtype=torch.float32, device=meta)
-            tgt = torch.empty(n, dtype=torch.int64, device=meta)
-            (dh, de), *_ = bwd_launches(h, w, b, 1.0, f32, f32, f32, tgt, f32)
-            yield f"ce_bwd_dh-{tag}", dh
-            yield f"ce_bwd_de-{tag}", de
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for mode, has_bias in itertools.product(launch_precisions(dtype), (False, True)):
+                h = torch.empty(n, cfg.block_d, dtype=dtype, device=meta)
+                w = torch.empty(v, cfg.block_d, dtype=dtype, device=meta)
+                b = torch.empty(v, dtype=dtype, device=meta) if has_bias else None
+                tag = f"d{cfg.block_d}-{precision_tag(dtype, mode)}-bias{int(has_bias)}"
+                f32 = torch.empty(n, dtype=torch.float32, device=meta)
+                tgt = torch.empty(n, dtype=torch.int64, device=meta)
+                with float32_matmul_precision(mode):
+                    fwd, _, _ = lse_launch(h, w, b, 1.0)
+                    (dh, de), *_ = bwd_launches(h, w, b, 1.0, f32, f32, f32, tgt, f32)
+                yield f"ce_lse-{tag}", fwd
+                yield f"ce_bwd_dh-{tag}", dh
+                yield f"ce_bwd_de-{tag}", de

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .._common import LOG2E, dot_precision
+from .._common import LOG2E, check_same_device, dot_precision
 from .triton_fwd import (ce_tile_config, kernel_layout, load_items, load_rows, logit_tile,
                          split_count)
 
@@ -116,11 +116,14 @@ def bwd_launches(
     natural log); target (N,) int64 (-1: none). Returns (launches, dh_part (S1,N,D),
     de_part (S2,V,D), db_part (S2,V)), all fp32.
     """
+    check_same_device(hidden=hidden, weight=weight, bias=bias, lse=lse, coef_p=coef_p, coef_base=coef_base,
+                      target=target, coef_t=coef_t)
     hidden, weight, bias = kernel_layout(hidden, weight, bias)
     coef_p, coef_base, target, coef_t = (t.contiguous() for t in (coef_p, coef_base, target, coef_t))
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = ce_tile_config(d)
+    precision = dot_precision(hidden.dtype)
+    cfg = ce_tile_config(d, precision, backward=True)
     row_blocks, item_blocks = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_v)
     dh_splits = split_count(row_blocks, item_blocks)
     items_per_split = triton.cdiv(item_blocks, dh_splits) * cfg.block_v
@@ -138,7 +141,7 @@ def bwd_launches(
     )
     sizes = dict(scale=scale, scale_log2=scale * LOG2E, N=n, V=v, D=d,
                  stride_h=hidden.stride(0), stride_e=weight.stride(0))
-    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(hidden.dtype),
+    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=precision,
                       BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
     dh = KernelLaunch(_ce_bwd_dh_kernel, grid=(row_blocks * dh_splits,),
                       args={**shared, "DH_PART": dh_part, **sizes, "items_per_split": items_per_split},

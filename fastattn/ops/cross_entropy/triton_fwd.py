@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import LOG2E, MAX_HIDDEN_DIM, dot_precision
+from .._common import LOG2E, MAX_HIDDEN_DIM, check_same_device, dot_precision
 from ..triton_launch import KernelLaunch
 
 # Aim for this many programs per launch (a few waves on a 132-SM H100); sizes alone decide the
@@ -37,16 +37,25 @@ _TILES = {
     128: CETileConfig(128, 64, 64, 8, 2),
     256: CETileConfig(256, 32, 64, 8, 2),
 }
+# The backward passes of float32 in tf32x3 (precision "highest"): three products per dot, split
+# operands in shared memory: the d256 dE pass needs 241 KB at 64 items per tile (sm_90 has
+# 227 KB), 128 KB at 32. (The LSE pass fits at 64 and spills far less there: it keeps _TILES.)
+_TF32X3_BWD_TILES = {256: CETileConfig(256, 32, 32, 8, 2)}
 
 
-def ce_tile_config(d: int) -> CETileConfig:
-    """Tiles for hidden size d (rounded up to a power of two >= 64; at most MAX_HIDDEN_DIM)."""
+def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False) -> CETileConfig:
+    """Tiles for hidden size d (rounded up to a power of two >= 64; at most MAX_HIDDEN_DIM), dots
+    in `precision` (`dot_precision` of the inputs' dtype), of the LSE or (`backward`) dH/dE passes."""
     if d > MAX_HIDDEN_DIM:
         raise ValueError(f"Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {d}")
-    return _TILES[max(64, triton.next_power_of_2(d))]
+    width = max(64, triton.next_power_of_2(d))
+    if backward and precision == "tf32x3":
+        return _TF32X3_BWD_TILES.get(width, _TILES[width])
+    return _TILES[width]
 
 
 def all_ce_tile_configs() -> list[CETileConfig]:
+    """One tile configuration per class (the widths every_launch() describes launches at)."""
     return list(_TILES.values())
 
 
@@ -129,10 +138,12 @@ def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     Returns (launch, m_part, l_part): (S, N) fp32 partial base-2 maxima and sums per split.
     """
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
     hidden, weight, bias = kernel_layout(hidden, weight, bias)
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = ce_tile_config(d)
+    precision = dot_precision(hidden.dtype)
+    cfg = ce_tile_config(d, precision)
     row_blocks = triton.cdiv(n, cfg.block_m)
     item_blocks = triton.cdiv(v, cfg.block_v)
     splits = split_count(row_blocks, item_blocks)
@@ -146,7 +157,7 @@ def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         args=dict(H=hidden, E=weight, BIAS=bias if bias is not None else weight,
                   M_PART=m_part, L_PART=l_part, scale_log2=scale * LOG2E, N=n, V=v, D=d,
                   stride_h=hidden.stride(0), stride_e=weight.stride(0), items_per_split=items_per_split),
-        constexprs=dict(HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(hidden.dtype),
+        constexprs=dict(HAS_BIAS=bias is not None, DOT_PRECISION=precision,
                         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
