@@ -3,6 +3,10 @@
 The interpreter accepts code that real GPUs reject, so tests compile every configuration a
 launcher can choose to cubin for sm_80 and sm_90 (tests/test_gpu_compile.py). Needs triton
 imported *without* TRITON_INTERPRET.
+
+`python -m fastattn.ops.aot --report [--arch 80,86,89,90] [--json FILE] [--md FILE]
+[--headline-only]` writes the static resource report (registers, spills, shared memory, tensor
+cores, tt.dot count, occupancy) of every configuration: see resources.py and docs/gpu-resources.md.
 """
 from __future__ import annotations
 
@@ -47,3 +51,12 @@ def every_triton_launch() -> list[tuple[str, KernelLaunch]]:
     from .cross_entropy.triton_backend import every_launch as cross_entropy_launches
 
     return [*attention_launches(), *cross_entropy_launches()]
+
+
+if __name__ == "__main__":
+    # `python -m fastattn.ops.aot --report ...`: the static resource report (resources.py).
+    import sys
+
+    from fastattn.ops.resources import main
+
+    sys.exit(main())
