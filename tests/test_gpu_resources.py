@@ -1,9 +1,9 @@
 """The static resource report (issue 17 item 6): `python -m fastattn.ops.aot --report
 --headline-only` compiles the aligned headline cases for sm_80 and sm_90 on this CPU machine and
 reports registers, spills, shared memory, tensor cores and tt.dot counts; these tests check the
-report's form and the properties the kernels have today. The properties still open in issue 17
-(no spills, float32 on tensor cores everywhere, sm_86/89 shared memory for float32) are listed
-by the report and docs/gpu-resources.md, not asserted here."""
+report's form and the properties the kernels have today, tensor cores in every dot (float32
+included) among them. The properties still open in issue 17 (no spills, sm_86/89 shared memory
+for float32) are listed by the report and docs/gpu-resources.md, not asserted here."""
 from __future__ import annotations
 
 import json
@@ -79,10 +79,12 @@ def test_registers_and_shared_memory_fit_the_arch(report: list[dict[str, Any]]) 
     assert not over_shared_limit(report), over_shared_limit(report)
 
 
-def test_half_precision_dots_use_tensor_cores(report: list[dict[str, Any]]) -> None:
-    # float32 is not asserted: its tensor-core use depends on the dot precision (issue 17 item 1);
-    # docs/gpu-resources.md lists what the report shows.
-    lacking = [r for r in report if r["dtype"] != "float32" and r["dots"] and not r["tensor_cores"]]
+def test_every_dot_uses_tensor_cores(report: list[dict[str, Any]]) -> None:
+    # float32 too, in both dot modes the launchers pick ("highest": tf32x3, "high": tf32): issue 17
+    # item 1 moved float32 off the plain-FMA "ieee" path, which compiled to no mma at all.
+    assert {r["config"].rsplit("prec-", 1)[-1].split("-")[0] for r in report if r["dtype"] == "float32"} >= {
+        "tf32x3", "tf32"}
+    lacking = [r for r in report if r["dots"] and not r["tensor_cores"]]
     assert not lacking, lacking
 
 
