@@ -396,7 +396,7 @@ def test_topk_items(benchmark: BenchmarkFixture, bench_device: torch.device, ite
 
 # --------------------------------------------------------------------------- soft targets
 # MQSA-TED's distillation loss: every row's target is a base weight on all items plus a few
-# sparse entries (fastattn.SoftTarget, DESIGN §2.2), fwd+bwd. The naive provider gets the same
+# sparse entries (fastattn.SoftTarget, fastattn/ops/cross_entropy/__init__.py), fwd+bwd. The naive provider gets the same
 # distribution as a dense (N, V) probability matrix, built once outside the timed region.
 
 SOFT_NNZ = 8  # sparse entries per row (a TED teacher row keeps the observed next items)

@@ -1,4 +1,4 @@
-"""Evaluation protocols of DESIGN §8: leave-one-out, full ranking with the history masked.
+"""Evaluation protocols (README, "Training a recommender", Protocol): leave-one-out, full ranking with the history masked.
 
 Full ranking scores every item of the catalog for every evaluated user through
 `fastattn.topk_items` (chunked over items: never an N×|items| matrix) and finds the held-out

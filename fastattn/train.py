@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "difsr": {"hidden": 256, "layers": 4, "heads": 8, "inner": 256, "dropout": 0.5, "attn_dropout": 0.3,
                   "attribute_dim": 64, "aap_weight": 10.0, "fusion": "sum", "max_len": 50, "lr": 1e-4,
                   "batch_size": 2048, "epochs": 200},
-        # DESIGN §8's MQSA-TED settings (L=3, α=0.5, τ=0.1, λ_kd=0.1) on the SASRec CE backbone
+        # MQSA-TED's settings as fixed when the model was added (L=3, α=0.5, τ=0.1, λ_kd=0.1) on the SASRec CE backbone
         "mqsa_ted": {**_SMALL, "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
         # MAN's official code is not public in a form we could check; the small recipe is kept
         "man": {**_SMALL, "num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import report  # noqa: E402  (bench/report.py)
 
-# Every op the suite must measure (DESIGN §6 / issue 9): a missing one means a suite file broke.
+# Every op the suite must measure (bench/README.md / issue 9): a missing one means a suite file broke.
 EXPECTED_OPS = {
     "dif_attention", "attention", "dif_attention+acd", "full_item_cross_entropy", "soft_cross_entropy",
     "topk_items", "recbole_sasrec", "torch_mha_sasrec",

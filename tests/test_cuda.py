@@ -1,4 +1,4 @@
-"""fastattn's Triton kernels on a real CUDA GPU against the float64 CPU references (DESIGN §5).
+"""fastattn's Triton kernels on a real CUDA GPU against the float64 CPU references (docs/gpu-resources.md).
 
 `bench/gpu.sh` runs this file on a lent GPU with TRITON_INTERPRET=0, so the kernels are the
 compiled ones, at sizes that fill thread blocks (B·H = 8, L up to 1024, V up to 50 257). On a

@@ -1,5 +1,5 @@
 """Every Triton kernel, in every configuration its launcher can choose, compiles to cubin for
-sm_80 and sm_90 — on this CPU machine, no GPU needed (DESIGN §5)."""
+sm_80 and sm_90 — on this CPU machine, no GPU needed (fastattn/ops/aot.py)."""
 import json
 import os
 import subprocess

@@ -2,7 +2,7 @@
 Sequential Recommendation"; official code snap-research/AutoCDSR), on fastattn's kernels.
 
 AutoCDSR: one Transformer over the mixed-domain history; its attention also returns, from the
-fused kernel (DESIGN §3.4), the cross-domain attention mass of every query row::
+fused kernel (math: fastattn/ops/attention/__init__.py), the cross-domain attention mass of every query row::
 
     x_0 = Dropout(LayerNorm(E[items] + P[pos]))             as SASRec's "ce" recipe
     (x_l, acd_l) = Layer_l(x_{l-1}, domains)                 causal, key padding mask

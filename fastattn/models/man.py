@@ -1,5 +1,5 @@
 """MAN: Mixed Attention Network for cross-domain sequential recommendation (Lin et al., WSDM 2024),
-on fastattn's kernels (DESIGN §8).
+on fastattn's kernels (protocol: README, "Training a recommender").
 
 Notation: a left-padded mixed-domain batch items (B, L) with domain ids dom (B, L) in
 0..G-1 (G = num_domains), E the item table (num_items+1, D, tied output), padding = items == 0,

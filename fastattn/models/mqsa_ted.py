@@ -1,5 +1,5 @@
 """MQSA-TED: multi-query self-attention (short + long query towers) with transition-based
-teacher distillation (DESIGN §8), on fastattn's kernels.
+teacher distillation (protocol: README, "Training a recommender"), on fastattn's kernels.
 
 Architecture, for a left-padded batch items (B, T)::
 
