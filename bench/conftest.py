@@ -3,6 +3,9 @@
 - Collects `bench_*.py` here without touching the repo's pytest config: pyproject.toml keeps
   testpaths = ["tests"] and the default test_*.py pattern, so `pytest` / `pytest tests` never
   see the benchmarks, while `pytest bench/` does (this conftest is only loaded then).
+- Skips the cases that would start after FASTATTN_BENCH_DEADLINE (a Unix time, set by
+  `python -m fastattn.bench --time-limit`): a run with a fixed slot, a lent GPU's, still ends
+  with its JSON and reports of what it measured.
 - Puts the machine description into the header and into the JSON's machine_info, and writes
   a markdown table next to `--benchmark-json PATH` (PATH with .md).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +41,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # and 14 copies of it would bury the tables.
     config.addinivalue_line("filterwarnings",
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    deadline = os.environ.get("FASTATTN_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("the run's time limit (python -m fastattn.bench --time-limit) was reached before this case")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Optional[pytest.Module]:

@@ -1,6 +1,6 @@
 """python -m fastattn.bench: run the benchmark suite (bench/, pytest-benchmark) and write its reports.
 
-    python -m fastattn.bench [--quick] [--out DIR] [--device auto|cpu|cuda] [-k EXPR]
+    python -m fastattn.bench [--quick] [--out DIR] [--device auto|cpu|cuda] [-k EXPR] [--time-limit S]
 
 Writes into DIR (default ./bench-out): bench.json (pytest-benchmark's JSON, with the machine
 description and the command), bench.md (one table per case: time, speed-up and memory ratio
@@ -19,6 +19,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -42,15 +43,23 @@ def suite_dir() -> Path:
 
 
 def run(size: str = "full", out: Path = Path("bench-out"), device: str = "auto", keyword: Optional[str] = None,
-        extra_pytest_args: tuple[str, ...] = (), command: Optional[str] = None) -> int:
+        extra_pytest_args: tuple[str, ...] = (), command: Optional[str] = None,
+        time_limit: Optional[float] = None) -> int:
     """Run the suite in a child pytest (the sizes are chosen at collection, from the environment),
-    then write bench.md and the plots from its JSON. Returns pytest's exit code."""
+    then write bench.md and the plots from its JSON. Returns pytest's exit code.
+
+    time_limit: seconds after which no further case starts (the rest skip with that reason)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     bench = suite_dir()
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "bench.json"
     env = dict(os.environ, FASTATTN_BENCH_SIZE=size)
+    env.pop("FASTATTN_BENCH_DEADLINE", None)
+    if time_limit is not None:
+        env["FASTATTN_BENCH_DEADLINE"] = repr(time.time() + time_limit)  # read by bench/conftest.py
     if env.pop("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastattn.bench: TRITON_INTERPRET is dropped for the run (the interpreter is no performance provider)")
     args = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", f"--benchmark-json={json_path}",
@@ -83,12 +92,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="benchmark device: auto = CUDA when available")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting cases")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no case later than S seconds into the run (the rest skip); the reports "
+                         "still cover what ran")
     args, rest = ap.parse_known_args(argv)
     if args.quick and args.size not in (None, "quick"):
         ap.error("--quick and --size disagree")
+    if args.time_limit is not None and not args.time_limit > 0:
+        ap.error(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
     size = "quick" if args.quick else (args.size or "full")
     command = "python -m fastattn.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    return run(size, args.out, args.device, args.keyword, tuple(rest), command.strip())
+    return run(size, args.out, args.device, args.keyword, tuple(rest), command.strip(), args.time_limit)
 
 
 if __name__ == "__main__":
