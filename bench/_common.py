@@ -113,7 +113,8 @@ def make_step(mode: str, forward: Forward, inputs: Sequence[torch.Tensor], devic
 # --------------------------------------------------------------------------- training steps
 # A training step (loss, backward, optimizer) is timed as a whole, not through make_step's modes.
 
-HEAVY_SECONDS = 1.0  # a step slower than this gets 3 fixed rounds instead of pytest-benchmark's calibration
+HEAVY_SECONDS = 1.0  # a call or step slower than this gets HEAVY_ROUNDS fixed rounds instead of pytest-benchmark's calibration
+HEAVY_ROUNDS = 3
 
 
 def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
@@ -149,7 +150,7 @@ def time_training_step(benchmark: BenchmarkFixture, step: Step, device: torch.de
     # The faster of the two untimed calls estimates a step: the warm-up may include compilation
     # (CUDA), the peak-memory call runs under the profiler (CPU).
     if min(warmup, time.perf_counter() - start) > HEAVY_SECONDS:
-        benchmark.pedantic(step, rounds=3, iterations=1)
+        benchmark.pedantic(step, rounds=HEAVY_ROUNDS, iterations=1)
     else:
         benchmark(step)
 
@@ -261,10 +262,11 @@ def run_benchmark(
         calibration (which spends an extra call), for cases whose call takes seconds.
     """
     skip_reason = None
+    per_call = 0.0
     try:
         step = make_step(mode, forward, inputs, device)
         for _ in range(warmup):
-            step()
+            per_call = _timed_call(step)  # the last one: compiled, allocator grown
     except torch.OutOfMemoryError as exc:
         skip_reason = f"out of memory on {device}: {_first_line(exc)}"
     except Exception as exc:
@@ -276,6 +278,10 @@ def run_benchmark(
     # traceback keeps the failed call's tensors (GBs of GPU memory) alive for the session.
     if skip_reason is not None:
         pytest.skip(skip_reason)
+    if rounds is None and per_call > HEAVY_SECONDS:
+        rounds = HEAVY_ROUNDS  # calibration would add calls of seconds each
+    if (reason := _past_deadline(per_call, rounds)) is not None:
+        pytest.skip(reason)
     if check is not None:
         check()
     benchmark.group = group
@@ -287,6 +293,22 @@ def run_benchmark(
         benchmark(step)
     else:
         benchmark.pedantic(step, rounds=rounds, iterations=1)
+
+
+def _past_deadline(per_call: float, rounds: Optional[int]) -> Optional[str]:
+    """Why this case would end past FASTATTN_BENCH_DEADLINE (`python -m fastattn.bench
+    --time-limit`, bench/conftest.py), or None. Estimated from one warm call: the check, the
+    peak-memory call and the timed rounds (pytest-benchmark's minimum of 5 when calibrating). A
+    case of seconds per call (a library at V=1M) is skipped here instead of overrunning a slot."""
+    deadline = os.environ.get("FASTATTN_BENCH_DEADLINE")
+    if not deadline or per_call <= 0:
+        return None
+    calls = 2 + (rounds if rounds is not None else 5)
+    left = float(deadline) - time.time()
+    if per_call * calls <= left:
+        return None
+    return (f"the run's time limit (--time-limit) would pass during this case: ~{calls} more calls of "
+            f"{per_call:.2f} s, {max(left, 0):.0f} s left")
 
 
 def _first_line(exc: BaseException) -> str:

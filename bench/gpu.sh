@@ -20,9 +20,13 @@
 #   3. tests:    tests/test_cuda.py, the Triton kernels on CUDA against the float64 reference and
 #                the training steps under sync-debug "error", CUDA graphs and Inductor
 #                                                                     → OUT/tests.log, tests.xml
+#   3b. profile: bench/gpu_profile.py, torch.profiler tables of the headline calls (host vs
+#                kernel time, launches per call)                              → OUT/profile.txt
 #   4. suite:    the benchmark suite at --size quick, torch.compile providers and compiled steps
 #                left out (each compiles for tens of seconds)                      → OUT/suite/
 #   5. compiled: compiled vs eager training steps                                → OUT/compile/
+# GPU_SH_STAGES (default "warm headline tests profile suite compiled") runs a subset, in that
+# order; GPU_SH_TESTS_K passes a pytest -k expression to the tests stage (e.g. a rerun of fixes).
 # Stages 2, 4, 5 stop starting cases at their limit (python -m fastattn.bench --time-limit) and
 # still write their JSON and reports; `timeout` is the backstop for a hung case.
 set -uo pipefail
@@ -30,6 +34,9 @@ cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/suite-gpu}"
 BUDGET="${GPU_SH_BUDGET:-570}"
 PY="${PYTHON:-python3}"
+STAGES=" ${GPU_SH_STAGES:-warm headline tests profile suite compiled} "
+TESTS_K=()
+[[ -n "${GPU_SH_TESTS_K:-}" ]] && TESTS_K=(-k "$GPU_SH_TESTS_K")
 mkdir -p "$OUT"
 unset TRITON_INTERPRET                 # real kernels, not the interpreter
 export FASTATTN_DISABLE_CPP=1          # no stage uses the C++ CPU kernels; a just-in-time build would eat the slot
@@ -44,11 +51,22 @@ if "$PY" -c "import xdist" 2>/dev/null; then
 fi
 
 left() { echo $(( BUDGET - SECONDS )); }
-# limit CAP RESERVE: CAP seconds, or less so that RESERVE seconds stay for the later stages
-limit() { local l=$(( $(left) - $2 )); (( l > $1 )) && l=$1; echo "$l"; }
+# Each stage's cap (seconds). A stage gets its cap, or less so that half the caps of the selected
+# stages after it stay in the budget.
+ORDER=(warm headline tests profile suite compiled)
+declare -A CAP=([warm]=90 [headline]=150 [tests]=210 [profile]=60 [suite]=240 [compiled]=120)
+limit() {  # limit NAME
+    local reserve=0 later=0 name
+    for name in "${ORDER[@]}"; do
+        (( later )) && [[ "$STAGES" == *" $name "* ]] && reserve=$(( reserve + CAP[$name] / 2 ))
+        [[ $name == "$1" ]] && later=1
+    done
+    local l=$(( $(left) - reserve )); (( l > CAP[$1] )) && l=${CAP[$1]}; echo "$l"
+}
 declare -A RC
-stage() {  # stage NAME SECONDS COMMAND...: run unless under 20 s are left for it
+stage() {  # stage NAME SECONDS COMMAND...: run unless not selected or under 20 s are left for it
     local name=$1 secs=$2; shift 2
+    if [[ "$STAGES" != *" $name "* ]]; then RC[$name]="not selected"; return; fi
     if (( secs < 20 )); then echo "gpu.sh: ${name} skipped, ${secs} s left for it"; RC[$name]=skipped; return; fi
     echo "gpu.sh: ${name} (limit ${secs} s, $(left) s of the budget left)"
     "$@"
@@ -80,19 +98,24 @@ warm() {  # warm SECONDS: each headline case once, benchmarks off, in parallel p
 }
 tests() {  # tests SECONDS. FASTATTN_TEST_DEVICE=cuda: fail, not skip, if torch sees no GPU
     TRITON_INTERPRET=0 FASTATTN_TEST_DEVICE=cuda timeout "$1" "$PY" -m pytest tests/test_cuda.py -q -rs \
-        -p no:cacheprovider --junitxml="$OUT/tests.xml" "${XDIST[@]}" 2>&1 | tee "$OUT/tests.log"
+        -p no:cacheprovider --junitxml="$OUT/tests.xml" "${XDIST[@]}" "${TESTS_K[@]}" 2>&1 | tee "$OUT/tests.log"
+}
+profile() {  # profile SECONDS
+    timeout "$1" "$PY" bench/gpu_profile.py --out "$OUT/profile.txt" 2>&1 | grep -v "^USDT"
 }
 
-if (( ${#XDIST[@]} )); then secs=$(limit 90 420); stage warm "$secs" warm "$secs"; fi
-secs=$(limit 150 330); stage headline "$secs" bench "$secs" "$OUT/headline" -k headline
-secs=$(limit 210 130); stage tests "$secs" tests "$secs"
-secs=$(limit 240 70);  stage suite "$secs" bench "$secs" "$OUT/suite" --size quick \
+(( ${#XDIST[@]} )) || STAGES=${STAGES/ warm / }   # without xdist the headline stage compiles
+secs=$(limit warm);     stage warm "$secs" warm "$secs"
+secs=$(limit headline); stage headline "$secs" bench "$secs" "$OUT/headline" -k headline
+secs=$(limit tests);    stage tests "$secs" tests "$secs"
+secs=$(limit profile);  stage profile "$secs" profile "$secs"
+secs=$(limit suite);    stage suite "$secs" bench "$secs" "$OUT/suite" --size quick \
     -k "not compiled and not headline and not torch_compile"
-secs=$(limit 120 5);   stage compiled "$secs" bench "$secs" "$OUT/compile" --size quick -k compiled
+secs=$(limit compiled); stage compiled "$secs" bench "$secs" "$OUT/compile" --size quick -k compiled
 
 summary="gpu.sh: after ${SECONDS} s of ${BUDGET}:"
-for name in warm headline tests suite compiled; do summary+=" ${name} ${RC[$name]:-not run}"; done
-echo "$summary; files in ${OUT}" | tee "$OUT/summary.txt"
-for name in headline tests suite compiled; do
-    [[ "${RC[$name]:-0}" == 0 || "${RC[$name]:-}" == skipped ]] || exit 1
+for name in warm headline tests profile suite compiled; do summary+=" ${name}: ${RC[$name]:-not run};"; done
+echo "$summary files in ${OUT}" | tee "$OUT/summary.txt"
+for name in headline tests profile suite compiled; do
+    [[ "${RC[$name]:-0}" =~ ^(0|skipped|not\ selected)$ ]] || exit 1
 done

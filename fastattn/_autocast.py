@@ -24,9 +24,12 @@ def autocast_device(first: object) -> Optional[str]:
     if not isinstance(first, torch.Tensor):
         return None
     device_type = first.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    # is_autocast_available guards is_autocast_enabled, which raises for device types without
+    # autocast (meta). Dynamo before torch 2.13 cannot trace it (a C builtin): a compiled graph
+    # holds cuda/cpu tensors, which have autocast, so it is asked in eager mode only.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
         return None
-    return device_type
+    return device_type if torch.is_autocast_enabled(device_type) else None
 
 
 def autocast_inputs(tensors: Sequence[T], device_type: str) -> list[T]:

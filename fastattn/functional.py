@@ -404,5 +404,7 @@ def topk_items(
         exclude = exclude.reshape(h2.shape[0], -1)
     if backend == "triton":
         raise BackendUnavailable("backend='triton' cannot run: top-k has no Triton kernel (use 'auto' or 'torch')")
-    scores, index = TOPK_BACKENDS[resolve_backend(backend, [h2])](h2, item_weight, k, bias, exclude)
+    # The reason makes "auto" on CUDA tensors pick the chunked torch version, never "triton".
+    chosen = resolve_backend(backend, [h2], extra_reason="top-k has no Triton kernel")
+    scores, index = TOPK_BACKENDS[chosen](h2, item_weight, k, bias, exclude)
     return scores.reshape(*lead_shape, k), index.reshape(*lead_shape, k)

@@ -472,16 +472,18 @@ def test_cross_entropy_soft_targets(v: int, d: int, dtype: torch.dtype) -> None:
         assert_ce_low_precision(got, truth, dense_soft_loss(case, dense.to(dtype), dtype=dtype, **kw), dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("with_exclude", [False, True], ids=["all-items", "exclude"])
 @pytest.mark.parametrize("v,k", [(1, 1), (1000, 20), cuda_only(50_257, 10, id="50257")])
-def test_topk_items_matches_torch_topk(v: int, k: int, with_exclude: bool) -> None:
+def test_topk_items_matches_torch_topk(v: int, k: int, with_exclude: bool, backend: str) -> None:
     torch.manual_seed(0)
 
     def on_device(h: torch.Tensor, w: torch.Tensor, kk: int, b: Optional[torch.Tensor],
                   ex: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # top-k has no Triton kernel: "torch" is the chunked GEMM + topk that CUDA tensors use.
+        # top-k has no Triton kernel: "torch" is the chunked GEMM + topk, which "auto" must pick
+        # for CUDA tensors (the first GPU run found it resolving to "triton": a KeyError).
         return to_cpu(fastattn.topk_items(to_device(h), to_device(w), kk, bias=to_device(b), exclude=to_device(ex),
-                                          backend="torch"))
+                                          backend=backend))
 
     check_topk(make_case(257, v, 64), k, with_exclude, on_device)
 

@@ -124,3 +124,24 @@ BAD_OPS = _bad_op_calls()
 def test_bad_input_to_the_op(call: Callable[[], object], match: str) -> None:
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+def test_topk_items_auto_on_cuda_tensors_picks_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """top-k has no Triton kernel, so "auto" on CUDA tensors must run the chunked torch version.
+    (The first GPU run found "auto" resolving to "triton" there: a KeyError at every GPU
+    evaluation.) Fake CUDA tensors: the dispatch is checked without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastattn.functional as functional
+
+    seen: list[str] = []
+
+    def torch_topk(h: torch.Tensor, w: torch.Tensor, k: int, bias: object, exclude: object):
+        seen.append(h.device.type)
+        return h.new_zeros(h.shape[0], k), h.new_zeros(h.shape[0], k, dtype=torch.int64)
+
+    monkeypatch.setitem(functional.TOPK_BACKENDS, "torch", torch_topk)
+    with FakeTensorMode():
+        scores, index = fastattn.topk_items(torch.randn(2, 3, 8, device="cuda"), torch.randn(50, 8, device="cuda"), 5)
+    assert seen == ["cuda"]
+    assert scores.shape == index.shape == (2, 3, 5)
