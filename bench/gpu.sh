@@ -41,7 +41,7 @@ mkdir -p "$OUT"
 unset TRITON_INTERPRET                 # real kernels, not the interpreter
 export FASTATTN_DISABLE_CPP=1          # no stage uses the C++ CPU kernels; a just-in-time build would eat the slot
 export PYTHONUNBUFFERED=1
-if ! "$PY" -c "import fastattn" 2>/dev/null; then
+if ! (cd / && "$PY" -c "import fastattn" 2>/dev/null); then   # from /: the checkout is no import path there
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 XDIST=()

@@ -220,9 +220,13 @@ def key_inputs(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], dict[str, int]]:
     """(pad as uint8, dom_q, dom_k, their batch strides as kernel arguments), all contiguous: the
     kernels read PTR + b·stride_b + position, so a transposed (`(tokens == 0).T`), step-sliced or
-    expanded mask is copied here (it is tiny). Without padding `pad` is `placeholder` viewed as
-    uint8, so every call has one signature."""
-    pad = (key_padding_mask if key_padding_mask is not None else placeholder).contiguous().view(torch.uint8)
+    expanded mask is copied here (it is tiny). Without padding `pad` is an unread (1, 1) uint8
+    tensor on placeholder's device, so every call has one signature. A cast, not a bool→uint8
+    view: Inductor (torch 2.11) cannot lower a view of a bool tensor as another dtype."""
+    if key_padding_mask is not None:
+        pad = key_padding_mask.contiguous().to(torch.uint8)
+    else:
+        pad = placeholder.new_empty((1, 1), dtype=torch.uint8)
     dom_q, dom_k = dense_inputs(*domains) if domains is not None else (None, None)
     strides = dict(
         stride_pad_b=pad.stride(0) if key_padding_mask is not None else 0,
