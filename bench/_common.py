@@ -260,12 +260,15 @@ def run_benchmark(
         peak-memory call then is the only call before the timed rounds.
     rounds: a fixed number of timed rounds (one call each) instead of pytest-benchmark's
         calibration (which spends an extra call), for cases whose call takes seconds.
+    FASTATTN_BENCH_WARM_ONLY=1 (bench/gpu.sh's warm stage): one call, then return: the kernels
+    are compiled and cached, nothing is checked or timed.
     """
     skip_reason = None
     per_call = 0.0
+    warm_only = os.environ.get("FASTATTN_BENCH_WARM_ONLY", "0") not in ("", "0")
     try:
         step = make_step(mode, forward, inputs, device)
-        for _ in range(warmup):
+        for _ in range(1 if warm_only else warmup):
             per_call = _timed_call(step)  # the last one: compiled, allocator grown
     except torch.OutOfMemoryError as exc:
         skip_reason = f"out of memory on {device}: {_first_line(exc)}"
@@ -278,6 +281,8 @@ def run_benchmark(
     # traceback keeps the failed call's tensors (GBs of GPU memory) alive for the session.
     if skip_reason is not None:
         pytest.skip(skip_reason)
+    if warm_only:  # bench/gpu.sh's warm stage: one call compiles every kernel of the case; no timing
+        return
     if rounds is None and per_call > HEAVY_SECONDS:
         rounds = HEAVY_ROUNDS  # calibration would add calls of seconds each
     if (reason := _past_deadline(per_call, rounds)) is not None:

@@ -131,3 +131,34 @@ def test_bench_module_errors() -> None:
         bench.run(size="huge")
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--size", "tiny"])
+
+
+def test_time_limit_skips_the_cases_past_it_and_keeps_the_rest() -> None:
+    """`--time-limit`: bench/conftest.py skips every case that would start after the deadline,
+    naming the reason, and the cases before it run (here: a deadline already passed, so none)."""
+    env = dict(os.environ, FASTATTN_BENCH_SIZE="tiny", FASTATTN_BENCH_DEADLINE="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "bench" / "bench_cross_entropy.py"), "-q",
+                           "-rs", "-p", "no:cacheprovider", "--bench-device=cpu", "-k", "topk and naive"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "time limit (python -m fastattn.bench --time-limit) was reached" in proc.stdout
+    assert " passed" not in proc.stdout
+
+
+def test_time_limit_estimate_skips_a_case_that_would_overrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import _common  # bench/_common.py
+
+    monkeypatch.setenv("FASTATTN_BENCH_DEADLINE", repr(time.time() + 10))
+    assert _common._past_deadline(0.01, None) is None  # 7 calls of 10 ms fit in 10 s
+    reason = _common._past_deadline(3.0, 3)  # 5 calls of 3 s do not
+    assert reason is not None and "would pass during this case" in reason
+    monkeypatch.delenv("FASTATTN_BENCH_DEADLINE")
+    assert _common._past_deadline(100.0, 3) is None  # no limit set
+
+
+def test_bench_cli_rejects_a_non_positive_time_limit() -> None:
+    proc = subprocess.run([sys.executable, "-m", "fastattn.bench", "--time-limit", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--time-limit must be a positive number of seconds" in proc.stderr
