@@ -6,6 +6,9 @@
 - Dot precision: float32 dots run on tensor cores in the mode torch.get_float32_matmul_precision()
   asks for ("highest": tf32x3, "high"/"medium": tf32), read when a launch is described.
 - Devices: every tensor of one launch is on one device (`check_same_device`).
+- Shared memory: float32 launches on GPUs with under 160 KB per block (sm_86/89: A10, L4, L40S,
+  RTX 30/40) take compact tiles (`compact_float32_tiles`); the report describes each arch's
+  launches under `target_arch`.
 - Item chunks: the eager (torch) catalog paths hold one N × chunk block of scores at a time.
 - The widest head / hidden sizes the fused Triton tiles take.
 """
@@ -23,6 +26,55 @@ MAX_QK_DIM = 256
 MAX_V_DIM = 128
 # Widest hidden size the cross-entropy tiles take.
 MAX_HIDDEN_DIM = 256
+
+
+# Opt-in shared memory per block (bytes) by compute capability: what a launch may use.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Below this per block, float32 launches take compact tiles: the float32 128/256 head-dim and
+# hidden-size classes need 104–165 KB at their regular tiles (tf32x3's split operands double
+# some buffers), over sm_86/89's 99 KB; 16-bit launches fit everywhere.
+COMPACT_TILES_BELOW = 160 * 1024
+_target_arch: Optional[int] = None
+_device_limits: dict[int, int] = {}
+
+
+@contextmanager
+def target_arch(arch: int) -> Iterator[None]:
+    """Describe launches inside the block as for sm_`arch` (the ahead-of-time compile and the
+    resource report: meta tensors carry no GPU to ask)."""
+    global _target_arch
+    if arch not in SHARED_MEMORY_LIMIT:
+        raise ValueError(f"arch must be one of {sorted(SHARED_MEMORY_LIMIT)}, got {arch!r}")
+    previous, _target_arch = _target_arch, arch
+    try:
+        yield
+    finally:
+        _target_arch = previous
+
+
+def _shared_memory_per_block(index: int) -> int:
+    """The opt-in shared memory per block of CUDA device `index`, asked once per device."""
+    limit = _device_limits.get(index)
+    if limit is None:
+        props = torch.cuda.get_device_properties(index)
+        limit = int(getattr(props, "shared_memory_per_block_optin", 0) or
+                    SHARED_MEMORY_LIMIT.get(props.major * 10 + props.minor, 0))  # unknown: compact
+        _device_limits[index] = limit
+    return limit
+
+
+def compact_float32_tiles(t: torch.Tensor) -> bool:
+    """Whether a launch on `t` (its dtype and device) takes the compact float32 tiles: float32 on
+    a GPU with under COMPACT_TILES_BELOW of shared memory per block, or under `target_arch` of
+    such a GPU. CPU tensors (the interpreter) and meta ones take the regular tiles."""
+    if t.dtype != torch.float32:
+        return False
+    if _target_arch is not None:
+        return SHARED_MEMORY_LIMIT[_target_arch] < COMPACT_TILES_BELOW
+    if t.device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _shared_memory_per_block(index) < COMPACT_TILES_BELOW
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

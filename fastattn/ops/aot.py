@@ -10,13 +10,14 @@ cores, tt.dot count, occupancy) of every configuration: see resources.py and doc
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+from ._common import SHARED_MEMORY_LIMIT
 from .triton_launch import KernelLaunch
 
-# Max dynamic shared memory per block (bytes) by compute capability.
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+__all__ = ["SHARED_MEMORY_LIMIT", "CompileResult", "compile_launch", "every_triton_launch"]
 
 
 @dataclass
@@ -45,12 +46,15 @@ def compile_launch(launch: KernelLaunch, target: Any, name: str = "") -> Compile
     return CompileResult(name, target.arch, shared, len(compiled.asm["cubin"]))
 
 
-def every_triton_launch() -> list[tuple[str, KernelLaunch]]:
-    """Every kernel configuration any launcher of the package can choose (meta tensors)."""
+def every_triton_launch(arch: Optional[int] = None) -> list[tuple[str, KernelLaunch]]:
+    """Every kernel configuration any launcher of the package can choose (meta tensors); with
+    `arch`, those it chooses on sm_`arch` (sm_86/89: the compact float32 tiles)."""
+    from ._common import target_arch
     from .attention.triton_backend import every_launch as attention_launches
     from .cross_entropy.triton_backend import every_launch as cross_entropy_launches
 
-    return [*attention_launches(), *cross_entropy_launches()]
+    with target_arch(arch) if arch is not None else contextlib.nullcontext():
+        return [*attention_launches(), *cross_entropy_launches()]
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .aot import SHARED_MEMORY_LIMIT, every_triton_launch
+from ._common import SHARED_MEMORY_LIMIT, target_arch
+from .aot import every_triton_launch
 from .triton_launch import KernelLaunch
 
 ARCHS = (80, 86, 89, 90)
@@ -117,9 +118,12 @@ def _launch_dtype(launch: KernelLaunch) -> str:
 
 
 def _launch_tag(launch: KernelLaunch) -> str:
-    """What the config string adds to the launch name: dot precision, warps and stages."""
+    """What the config string adds to the launch name: dot precision, tile (rows × keys or items)
+    — the compact float32 tiles of sm_86/89 differ there —, warps and stages."""
     prec = launch.constexprs.get("DOT_PRECISION")
-    return (f"{'prec-' + prec + '-' if prec else ''}w{launch.num_warps}s{launch.num_stages}")
+    tile = "x".join(str(launch.constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_V") if k in launch.constexprs)
+    return (f"{'prec-' + prec + '-' if prec else ''}{'t' + tile + '-' if tile else ''}"
+            f"w{launch.num_warps}s{launch.num_stages}")
 
 
 def _with_precision(mode: str, describe: Any) -> Any:
@@ -173,14 +177,16 @@ def headline_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
                     yield kernel, f"{ce.name}-{_launch_tag(launch)}", _dtype_name(dtype), launch
 
 
-def report_launches(headline_only: bool, only: Optional[str] = None
+def report_launches(headline_only: bool, only: Optional[str] = None, arch: int = 80
                     ) -> list[tuple[str, str, str, bool, bool, KernelLaunch]]:
-    """(kernel, config, dtype, headline, aligned, launch): the headline cases (aligned), then,
-    unless `headline_only`, every configuration of `every_triton_launch()` (generic signature);
-    with `only`, those whose "kernel config" matches that regular expression."""
-    rows = [(kernel, config, dtype, True, True, launch) for kernel, config, dtype, launch in headline_launches()]
+    """(kernel, config, dtype, headline, aligned, launch) as the launchers choose them on sm_`arch`:
+    the headline cases (aligned), then, unless `headline_only`, every configuration of
+    `every_triton_launch(arch)` (generic signature); with `only`, those whose "kernel config"
+    matches that regular expression."""
+    with target_arch(arch):
+        rows = [(kernel, config, dtype, True, True, launch) for kernel, config, dtype, launch in headline_launches()]
     if not headline_only:
-        for name, launch in every_triton_launch():
+        for name, launch in every_triton_launch(arch):
             kernel, _, rest = name.partition("-")
             config = f"generic-{rest + '-' if rest else ''}{_launch_tag(launch)}"
             rows.append((kernel, config, _launch_dtype(launch), False, False, launch))
@@ -297,12 +303,12 @@ def config_warps(config: str) -> int:
     return int(match.group(1))
 
 
-def derive_arch(rows: list[dict[str, Any]], arch: int, source_arch: int = 80) -> list[dict[str, Any]]:
-    """The rows of sm_`arch` (86 or 89) derived from the sm_`source_arch` compiles, for the
-    shared-memory check without compiling again: Triton lowers sm_80, sm_86 and sm_89 through the
-    same Ampere path (mma.sync, cp.async), so shared memory per block is the same (the committed
-    full report compiles all four and shows it). Registers and spills are those of sm_80's
-    ptxas run, not re-measured; occupancy is recomputed with sm_`arch`'s limits."""
+def derive_arch(rows: list[dict[str, Any]], arch: int = 89, source_arch: int = 86) -> list[dict[str, Any]]:
+    """The rows of sm_`arch` derived from the sm_`source_arch` compiles without compiling again —
+    sm_89 from sm_86: Triton lowers both through the same Ampere path (mma.sync, cp.async) and the
+    launchers pick the same tiles for both (99 KB per block), so shared memory per block is the
+    same (the committed full report compiles both and shows it). Registers and spills are those
+    of sm_`source_arch`'s ptxas run, not re-measured; occupancy is recomputed with sm_`arch`'s limits."""
     out = []
     for row in rows:
         if row["arch"] != source_arch:
@@ -318,19 +324,23 @@ def over_shared_limit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]]]
 
 
-_LAUNCHES: Optional[list[tuple[str, str, str, bool, bool, KernelLaunch]]] = None
+# Per arch: the launches its jobs index (built once per process).
+_LAUNCHES: dict[int, list[tuple[str, str, str, bool, bool, KernelLaunch]]] = {}
+
+
+def _launches(arch: int, headline_only: bool, only: Optional[str]) -> list[tuple[str, str, str, bool, bool, KernelLaunch]]:
+    if arch not in _LAUNCHES:  # a spawned worker; forked ones inherit the parent's lists
+        _LAUNCHES[arch] = report_launches(headline_only, only, arch)
+    return _LAUNCHES[arch]
 
 
 def _compile(job_and_mode: tuple[Job, tuple[bool, Optional[str]]]) -> dict[str, Any]:
     """Compile one job (in a worker process) and read its resources; {"error": ...} on failure."""
     job, (headline_only, only) = job_and_mode
-    global _LAUNCHES
-    if _LAUNCHES is None:  # a spawned worker; forked ones inherit the parent's list
-        _LAUNCHES = report_launches(headline_only, only)
     import triton
     from triton.backends.compiler import GPUTarget
 
-    launch = _LAUNCHES[job.launch_index][5]
+    launch = _launches(job.arch, headline_only, only)[job.launch_index][5]
     try:
         compiled = triton.compile(launch_source(launch, job.arch, job.aligned),
                                   target=GPUTarget("cuda", job.arch, 32),
@@ -358,17 +368,17 @@ def build_report(archs: tuple[int, ...] = ARCHS, headline_only: bool = False,
     """(rows, errors): one row per (kernel configuration, arch), compiled in parallel. Jobs that
     give the same compile (e.g. headline batch sizes, which no argument specialisation sees)
     are compiled once and their result copied."""
-    global _LAUNCHES
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("run the resource report without TRITON_INTERPRET")
-    _LAUNCHES = report_launches(headline_only, only)
+    _LAUNCHES.clear()
     jobs = [Job(kernel, config, dtype, arch, headline, aligned, index)
             for arch in archs
-            for index, (kernel, config, dtype, headline, aligned, _) in enumerate(_LAUNCHES)]
+            for index, (kernel, config, dtype, headline, aligned, _) in enumerate(
+                _launches(arch, headline_only, only))]
     unique: dict[tuple[Any, ...], Job] = {}
     key_of: list[tuple[Any, ...]] = []
     for job in jobs:
-        launch = _LAUNCHES[job.launch_index][5]
+        launch = _LAUNCHES[job.arch][job.launch_index][5]
         key = (launch_source(launch, job.arch, job.aligned).hash(), launch.num_warps, launch.num_stages,
                job.arch, job.kernel)
         unique.setdefault(key, job)
@@ -550,8 +560,8 @@ def format_markdown(rows: list[dict[str, Any]], elapsed_s: float, command: str) 
     if generic:
         spilling = sorted({(r["kernel"], r["dtype"], r["config"], r["arch"], r["spill_store_bytes"])
                            for r in generic if r["spill_store_bytes"]}, key=lambda x: -x[4])
-        # sm_86/89 as compiled when the report has them, else derived from the sm_80 compiles.
-        small = [r for r in rows if r["arch"] in (86, 89)] or derive_arch(rows, 86)
+        # sm_86/89 as compiled (their launches differ from sm_80's: compact float32 tiles).
+        small = [r for r in rows if r["arch"] in (86, 89)]
         over = over_shared_limit(small)
         out += [
             "", "## Every configuration the launchers can pick (generic signature)", "",

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import LOG2E, check_same_device, dot_precision
+from .._common import LOG2E, check_same_device, compact_float32_tiles, dot_precision
 from ..triton_launch import KernelLaunch
 from .triton_fwd import (
     dense_inputs, domain_arguments, dropout_keep, key_inputs, seed_argument, tile_config, visible_tile,
@@ -207,7 +207,7 @@ def bwd_launches(
     b, h, lq, dqk = q.shape
     lk, dvd = k.shape[2], v.shape[3]
     precision = dot_precision(q.dtype)
-    cfg = tile_config(dqk, dvd, precision)
+    cfg = tile_config(dqk, dvd, precision, compact_float32_tiles(q))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
     shared = dict(

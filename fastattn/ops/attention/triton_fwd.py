@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .._common import LOG2E, MAX_QK_DIM, MAX_V_DIM, check_same_device, dot_precision
+from .._common import LOG2E, MAX_QK_DIM, MAX_V_DIM, check_same_device, compact_float32_tiles, dot_precision
 
 
 @triton.jit
@@ -180,11 +180,18 @@ _TILES = {
 # take shared memory of their own; at 64×64 the 128 class's backward needs 256 KB (sm_90 has
 # 227 KB, sm_80 163 KB), at 32×32 with 4 warps 80–96 KB.
 _TF32X3_TILES = {128: TileConfig(128, 128, 32, 32, 4, 2)}
+# float32 on GPUs with 99 KB of shared memory per block (sm_86/89; `compact_float32_tiles`):
+# at the tiles above the 128 class needs 115 KB (fwd) and 164 KB (bwd), the 256 class 115–131 KB.
+_COMPACT_FLOAT32_TILES = {
+    128: TileConfig(128, 128, 32, 32, 4, 2),
+    256: TileConfig(256, 128, 16, 16, 4, 1),
+}
 
 
-def tile_config(dqk: int, dv: int, precision: str = "tf32") -> TileConfig:
+def tile_config(dqk: int, dv: int, precision: str = "tf32", compact: bool = False) -> TileConfig:
     """Tiles for a concatenated QK head dim `dqk` and a V head dim `dv`, for dots in `precision`
-    (`dot_precision` of the inputs' dtype: tf32x3 picks smaller tiles in the 128 class).
+    (`dot_precision` of the inputs' dtype: tf32x3 picks smaller tiles in the 128 class);
+    `compact`: float32 on a GPU with little shared memory per block (`compact_float32_tiles`).
 
     The class is the widest of the two rounded up to a power of two >= 64 (tl.arange needs
     powers of two, tl.dot >= 16 on GPUs; narrower heads gain nothing from narrower tiles in
@@ -194,7 +201,8 @@ def tile_config(dqk: int, dv: int, precision: str = "tf32") -> TileConfig:
         raise ValueError(f"Triton tiles take a summed QK head dim <= {MAX_QK_DIM} and a V head dim <= "
                          f"{MAX_V_DIM}, got {dqk} and {dv}")
     width = max(64, triton.next_power_of_2(max(dqk, dv)))
-    return _TF32X3_TILES.get(width, _TILES[width]) if precision == "tf32x3" else _TILES[width]
+    regular = _TF32X3_TILES.get(width, _TILES[width]) if precision == "tf32x3" else _TILES[width]
+    return _COMPACT_FLOAT32_TILES.get(width, regular) if compact else regular
 
 
 def all_tile_configs() -> list[TileConfig]:
@@ -260,7 +268,7 @@ def fwd_launch(
     b, h, lq, dqk = q.shape
     lk, dv = k.shape[2], v.shape[3]
     precision = dot_precision(q.dtype)
-    cfg = tile_config(dqk, dv, precision)
+    cfg = tile_config(dqk, dv, precision, compact_float32_tiles(q))
     out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     acd = torch.empty(b, h, lq, dtype=torch.float32, device=q.device) if domains is not None else None

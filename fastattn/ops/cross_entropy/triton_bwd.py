@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import KernelLaunch
-from .._common import LOG2E, check_same_device, dot_precision
+from .._common import LOG2E, check_same_device, compact_float32_tiles, dot_precision
 from .triton_fwd import (ce_tile_config, kernel_layout, load_items, load_rows, logit_tile,
                          split_count)
 
@@ -123,7 +123,7 @@ def bwd_launches(
     n, d = hidden.shape
     v = weight.shape[0]
     precision = dot_precision(hidden.dtype)
-    cfg = ce_tile_config(d, precision, backward=True)
+    cfg = ce_tile_config(d, precision, backward=True, compact=compact_float32_tiles(hidden))
     row_blocks, item_blocks = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_v)
     dh_splits = split_count(row_blocks, item_blocks)
     items_per_split = triton.cdiv(item_blocks, dh_splits) * cfg.block_v

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import LOG2E, MAX_HIDDEN_DIM, check_same_device, dot_precision
+from .._common import LOG2E, MAX_HIDDEN_DIM, check_same_device, compact_float32_tiles, dot_precision
 from ..triton_launch import KernelLaunch
 
 # Aim for this many programs per launch (a few waves on a 132-SM H100); sizes alone decide the
@@ -41,14 +41,26 @@ _TILES = {
 # operands in shared memory: the d256 dE pass needs 241 KB at 64 items per tile (sm_90 has
 # 227 KB), 128 KB at 32. (The LSE pass fits at 64 and spills far less there: it keeps _TILES.)
 _TF32X3_BWD_TILES = {256: CETileConfig(256, 32, 32, 8, 2)}
+# float32 on GPUs with 99 KB of shared memory per block (sm_86/89; `compact_float32_tiles`): the
+# tiles above need up to 133 KB (d128 tf32x3 dE) and 164 KB (d256 dH) there.
+_COMPACT_FLOAT32_TILES = {
+    128: CETileConfig(128, 64, 32, 8, 2),
+    256: CETileConfig(256, 32, 32, 4, 1),
+}
+_COMPACT_TF32X3_BWD_TILES = {256: CETileConfig(256, 16, 32, 4, 1)}  # d256 dE at 32 × 32: 128 KB
 
 
-def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False) -> CETileConfig:
+def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False, compact: bool = False) -> CETileConfig:
     """Tiles for hidden size d (rounded up to a power of two >= 64; at most MAX_HIDDEN_DIM), dots
-    in `precision` (`dot_precision` of the inputs' dtype), of the LSE or (`backward`) dH/dE passes."""
+    in `precision` (`dot_precision` of the inputs' dtype), of the LSE or (`backward`) dH/dE passes;
+    `compact`: float32 on a GPU with little shared memory per block (`compact_float32_tiles`)."""
     if d > MAX_HIDDEN_DIM:
         raise ValueError(f"Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {d}")
     width = max(64, triton.next_power_of_2(d))
+    if compact and backward and precision == "tf32x3" and width in _COMPACT_TF32X3_BWD_TILES:
+        return _COMPACT_TF32X3_BWD_TILES[width]
+    if compact and width in _COMPACT_FLOAT32_TILES:
+        return _COMPACT_FLOAT32_TILES[width]
     if backward and precision == "tf32x3":
         return _TF32X3_BWD_TILES.get(width, _TILES[width])
     return _TILES[width]
@@ -143,7 +155,7 @@ def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     n, d = hidden.shape
     v = weight.shape[0]
     precision = dot_precision(hidden.dtype)
-    cfg = ce_tile_config(d, precision)
+    cfg = ce_tile_config(d, precision, compact=compact_float32_tiles(hidden))
     row_blocks = triton.cdiv(n, cfg.block_m)
     item_blocks = triton.cdiv(v, cfg.block_v)
     splits = split_count(row_blocks, item_blocks)
