@@ -5,6 +5,8 @@
 - `fastattn::dif_attention_triton` / `dif_attention_triton_backward`: the Triton kernels, as
   `torch.library.triton_op`s so torch.compile sees each kernel launch (a `custom_op` under the
   interpreter: see ops/triton_registration.py).
+- `DIFAttentionEager` / `DIFAttentionTritonEager`: the same bodies and autograd formula as
+  autograd.Functions, which plain eager calls take instead of the operator dispatch (ops/eager.py).
 
 The score streams are concatenated along the head dim ([q | qa_1 | …], [k | ka_1 | …]) so a
 backend sees one QK head dim; their gradients are split back afterwards. A backend is any
@@ -18,6 +20,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from ..autograd_guard import no_second_derivative
+from ..eager import eager_function
 from ..triton_registration import triton_operator
 from .options import AttentionOptions, forward_output_like
 
@@ -195,8 +198,7 @@ def _backward_fake(q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, *_
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q_cat, k_cat, v))  # type: ignore[return-value]
 
 
-@torch.library.custom_op("fastattn::dif_attention", mutates_args=())
-def dif_attention_op(
+def _dif_attention(
     q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
     scale: float, causal: bool, dropout_p: float, backend: str,
@@ -209,11 +211,11 @@ def dif_attention_op(
                     dropout_p)
 
 
+dif_attention_op = torch.library.custom_op("fastattn::dif_attention", _dif_attention, mutates_args=())
 dif_attention_op.register_fake(_forward_fake)
 
 
-@torch.library.custom_op("fastattn::dif_attention_backward", mutates_args=())
-def dif_attention_backward_op(
+def _dif_attention_backward(
     q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
     delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
@@ -225,6 +227,8 @@ def dif_attention_backward_op(
                              dom_q, dom_k, seed, scale, causal, dropout_p)
 
 
+dif_attention_backward_op = torch.library.custom_op("fastattn::dif_attention_backward", _dif_attention_backward,
+                                                    mutates_args=())
 dif_attention_backward_op.register_fake(_backward_fake)
 
 
@@ -243,8 +247,7 @@ def _triton_backward_kernels() -> tuple[Any, ...]:
     return triton_bwd.KERNELS
 
 
-@triton_operator("fastattn::dif_attention_triton", fake=_forward_fake, kernels=_triton_forward_kernels)
-def dif_attention_triton_op(
+def _dif_attention_triton(
     q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
     scale: float, causal: bool, dropout_p: float,
@@ -256,8 +259,11 @@ def dif_attention_triton_op(
                     dropout_p)
 
 
-@triton_operator("fastattn::dif_attention_triton_backward", fake=_backward_fake, kernels=_triton_backward_kernels)
-def dif_attention_triton_backward_op(
+dif_attention_triton_op = triton_operator("fastattn::dif_attention_triton", fake=_forward_fake,
+                                          kernels=_triton_forward_kernels)(_dif_attention_triton)
+
+
+def _dif_attention_triton_backward(
     q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
     delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
@@ -266,6 +272,10 @@ def dif_attention_triton_backward_op(
     """dq_cat, dk_cat, dv of `fastattn::dif_attention_triton` (arguments as `dif_attention_backward`)."""
     return _backward_kernels(_triton_kernels(), q_cat, k_cat, v, dout, lse, delta, grad_acd, key_padding_mask,
                              dom_q, dom_k, seed, scale, causal, dropout_p)
+
+
+dif_attention_triton_backward_op = triton_operator("fastattn::dif_attention_triton_backward", fake=_backward_fake,
+                                                   kernels=_triton_backward_kernels)(_dif_attention_triton_backward)
 
 
 # ---------------------------------------------------------------- one autograd formula for both
@@ -287,9 +297,10 @@ class _KernelsViaOperator:
                                 opts.scale, opts.causal, opts.dropout_p, *self.backend_args)
 
 
-def _register_autograd(forward_op: Any, backward_op: Callable[..., Any]) -> None:
-    """Autograd of a forward operator (inputs q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed,
-    scale, causal, dropout_p[, backend]) through its backward operator, guarded by `guarded_grads`."""
+def _autograd_formula(backward_op: Callable[..., Any]) -> tuple[Callable[..., None], Callable[..., Any]]:
+    """(setup_context, backward) of a forward operator (inputs q_cat, k_cat, v, key_padding_mask,
+    dom_q, dom_k, seed, scale, causal, dropout_p[, backend]) through `backward_op` (its backward
+    operator, or that operator's body for the eager path), guarded by `guarded_grads`."""
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         q_cat, k_cat, v, key_padding_mask, dom_q, dom_k, seed, scale, causal, dropout_p, *backend_args = inputs
         out, lse, acd = output
@@ -308,8 +319,20 @@ def _register_autograd(forward_op: Any, backward_op: Callable[..., Any]) -> None
                                    dout, grad_acd if domains else None)
         return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
+    return setup_context, backward
+
+
+def _register(forward_op: Any, backward_op: Callable[..., Any], forward_body: Callable[..., Any],
+              backward_body: Callable[..., Any], name: str) -> type[torch.autograd.Function]:
+    """Register the operator's autograd; return its eager twin (fastattn/ops/eager.py): the same
+    bodies and formula without the operator dispatch."""
+    setup_context, backward = _autograd_formula(backward_op)
     forward_op.register_autograd(backward, setup_context=setup_context)
+    return eager_function(name, forward_body, *_autograd_formula(backward_body))
 
 
-_register_autograd(dif_attention_op, dif_attention_backward_op)
-_register_autograd(dif_attention_triton_op, dif_attention_triton_backward_op)
+DIFAttentionEager = _register(dif_attention_op, dif_attention_backward_op, _dif_attention,
+                              _dif_attention_backward, "DIFAttentionEager")
+DIFAttentionTritonEager = _register(dif_attention_triton_op, dif_attention_triton_backward_op,
+                                    _dif_attention_triton, _dif_attention_triton_backward,
+                                    "DIFAttentionTritonEager")

@@ -3,6 +3,8 @@
 kernels) and `fastattn::full_item_cross_entropy_triton` with its kernels' backward
 `fastattn::full_item_cross_entropy_triton_backward` (`torch.library.triton_op`s, so torch.compile
 sees each kernel launch; `custom_op`s under the interpreter, see ops/triton_registration.py).
+`CrossEntropyEager` / `CrossEntropyTritonEager`: the same bodies and autograd formula as
+autograd.Functions, which plain eager calls take instead of the operator dispatch (ops/eager.py).
 
 Per row i, with z_ij = scale·(h_i·E_j + b_j), target t_ij = w_i·[j = y_i] + base_i + sparse_ij
 and mass_i = Σ_j t_ij (1, or 0 for an ignored row):
@@ -25,6 +27,7 @@ import torch
 
 from .._common import compute_dtype
 from ..autograd_guard import no_second_derivative
+from ..eager import eager_call_ok, eager_function
 from ..triton_registration import triton_operator
 
 _NOT_TWICE = ("full_item_cross_entropy cannot be differentiated twice: its fused backward has no derivative "
@@ -148,8 +151,7 @@ def _full_item_cross_entropy_fake(hidden: torch.Tensor, *_: Any) -> tuple[torch.
     return hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype)
 
 
-@torch.library.custom_op("fastattn::full_item_cross_entropy", mutates_args=())
-def full_item_cross_entropy_op(
+def _full_item_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
     row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
     values: torch.Tensor, scale: float, has_base: bool, backend: str,
@@ -162,6 +164,8 @@ def full_item_cross_entropy_op(
     return row_losses(kernels_of(backend), scale, targets, hidden, weight, bias)
 
 
+full_item_cross_entropy_op = torch.library.custom_op("fastattn::full_item_cross_entropy", _full_item_cross_entropy,
+                                                     mutates_args=())
 full_item_cross_entropy_op.register_fake(_full_item_cross_entropy_fake)
 
 
@@ -175,9 +179,7 @@ def _triton_backward_kernels() -> tuple[Any, ...]:
     return triton_bwd.KERNELS
 
 
-@triton_operator("fastattn::full_item_cross_entropy_triton", fake=_full_item_cross_entropy_fake,
-                 kernels=_triton_lse_kernels)
-def full_item_cross_entropy_triton_op(
+def _full_item_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
     row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
     values: torch.Tensor, scale: float, has_base: bool,
@@ -186,6 +188,11 @@ def full_item_cross_entropy_triton_op(
     interpreter; float32/float16/bfloat16): per-row loss (N,) and LSE (N,), float32."""
     targets = _targets(index, row_weight, base, mass, indptr, indices, values, has_base)
     return row_losses(TritonOperatorKernels, scale, targets, hidden, weight, bias)
+
+
+full_item_cross_entropy_triton_op = triton_operator(
+    "fastattn::full_item_cross_entropy_triton", fake=_full_item_cross_entropy_fake,
+    kernels=_triton_lse_kernels)(_full_item_cross_entropy_triton)
 
 
 def _triton_backward_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *_: Any
@@ -237,9 +244,13 @@ def full_item_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, bia
     "torch"): the one call the public function makes."""
     fields = (targets.index, targets.weight, targets.base, targets.mass, targets.indptr, targets.indices,
               targets.values, scale, targets.has_base)
+    # Plain eager calls take the operators' autograd.Function twins (no dispatch; ops/eager.py).
+    eager = eager_call_ok((hidden, weight, bias, *fields[:7]))
     if backend == "triton":
-        return full_item_cross_entropy_triton_op(hidden, weight, bias, *fields)
-    return full_item_cross_entropy_op(hidden, weight, bias, *fields, backend)
+        call = CrossEntropyTritonEager.apply if eager else full_item_cross_entropy_triton_op
+        return call(hidden, weight, bias, *fields)
+    call = CrossEntropyEager.apply if eager else full_item_cross_entropy_op
+    return call(hidden, weight, bias, *fields, backend)
 
 
 # ---------------------------------------------------------------- one autograd formula for both
@@ -271,6 +282,20 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Optional[torch.Tenso
 
 full_item_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 full_item_cross_entropy_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`_setup_context` of the eager twins: the Triton backward runs its kernels directly, not
+    through the backward operator."""
+    _setup_context(ctx, inputs, output)
+    if ctx.kernels is TritonOperatorKernels:
+        from .triton_backend import TritonCrossEntropyKernels
+        ctx.kernels = TritonCrossEntropyKernels
+
+
+CrossEntropyEager = eager_function("CrossEntropyEager", _full_item_cross_entropy, _eager_setup_context, _backward)
+CrossEntropyTritonEager = eager_function("CrossEntropyTritonEager", _full_item_cross_entropy_triton,
+                                         _eager_setup_context, _backward)
 
 
 def _sparse_rows(t: RowTargets) -> torch.Tensor:
