@@ -31,6 +31,7 @@ import torch
 # The float32 launch of each kernel the modes apply to (tile class 64, no optional inputs).
 KERNELS = {
     "fwd": "fwd-dqk64-dv64-float32-{precision}-dropout0-domains0",
+    "bwd": "bwd-dqk64-dv64-float32-{precision}-dropout0-domains0",
     "bwd_dkdv": "bwd_dkdv-dqk64-dv64-float32-{precision}-dropout0-domains0",
     "bwd_dq": "bwd_dq-dqk64-dv64-float32-{precision}-dropout0-domains0",
     "ce_lse": "ce_lse-d64-float32-{precision}-bias0",
@@ -60,7 +61,9 @@ def test_launchers_follow_float32_matmul_precision(restore_precision, mode: str,
     for dtype, want in ((torch.float32, expected), (torch.bfloat16, "tf32"), (torch.float16, "tf32")):
         q = torch.empty(2, 1, 8, 16, dtype=dtype, device="meta")
         fwd, out, lse, _ = fwd_launch(q, q, q, 0.25, True, 0.0, None, None, None)
-        bwd, *_ = bwd_launches(q, q, q, out, lse, lse, None, 0.25, True, 0.0, None, None, None)
+        bwd = [launch for fused in (True, False) for launch in bwd_launches(
+            q, q, q, out, out, lse, None, None, 0.25, True, 0.0, None, None, None, fused=fused)[0]
+            if "DOT_PRECISION" in launch.constexprs]
         h = torch.empty(8, 16, dtype=dtype, device="meta")
         row = torch.empty(8, device="meta")
         ce_fwd, _, _ = lse_launch(h, h, None, 1.0)

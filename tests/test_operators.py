@@ -49,8 +49,8 @@ def _attention_backward(forward: Callable[..., Any], *backend: str) -> list[Args
         out, lse, acd = forward(q, k, v, pad, dom_q, dom_k, seed, scale, causal, p, *backend)
         dout = torch.randn_like(out)
         grad_acd = torch.randn_like(lse) if dom_q is not None else None
-        delta = (dout * out).sum(-1) + (grad_acd * acd if grad_acd is not None else 0)
-        cases.append((q, k, v, dout, lse, delta, grad_acd, pad, dom_q, dom_k, seed, scale, causal, p, *backend))
+        acd = acd if dom_q is not None else None
+        cases.append((q, k, v, dout, out, lse, acd, grad_acd, pad, dom_q, dom_k, seed, scale, causal, p, *backend))
     return cases
 
 
@@ -105,8 +105,13 @@ def _cpp_attention_kernels() -> list[Args]:
 
 
 def _cpp_attention_backward_kernels() -> list[Args]:
-    return [a[:10] + a[11:14] + (int(a[10]) if a[10] is not None else 0,)
-            for a in _attention_backward(torch.ops.fastattn.dif_attention, "cpp")]
+    cases = []
+    for q, k, v, dout, out, lse, acd, grad_acd, pad, dom_q, dom_k, seed, scale, causal, p, _ in _attention_backward(
+            torch.ops.fastattn.dif_attention, "cpp"):
+        delta = (dout * out).sum(-1) + (grad_acd * acd if grad_acd is not None else 0)
+        cases.append((q, k, v, dout, lse, delta, grad_acd, pad, dom_q, dom_k, scale, causal, p,
+                      int(seed) if seed is not None else 0))
+    return cases
 
 
 # operator name → its argument tuples (built lazily: some need the extension or other ops).

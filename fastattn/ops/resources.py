@@ -84,7 +84,7 @@ class CrossEntropyCase:
 HEADLINE_ATTENTION = tuple(AttentionCase(b, 2, l, dqk, dv) for b in (128, 256) for l in (50, 200)
                            for dqk, dv in ((32 + 8, 32), (64, 64)))
 HEADLINE_CROSS_ENTROPY = tuple(CrossEntropyCase(51_200, 1_000_000, d) for d in (64, 128))
-ATTENTION_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+ATTENTION_KERNELS = ("fwd", "bwd")  # headline L <= FUSED_MAX_LEN: the fused backward
 CROSS_ENTROPY_KERNELS = ("ce_lse", "ce_bwd_dh", "ce_bwd_de")
 
 
@@ -156,9 +156,9 @@ def headline_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
 
                 def describe_attention() -> list[KernelLaunch]:
                     fwd, out, lse, _ = fwd_launch(q, k, v, case.dqk ** -0.5, True, 0.0, None, pad, None)
-                    (dkdv, dq), *_ = attention_bwd(q, k, v, out, lse, lse, None, case.dqk ** -0.5, True,
-                                                   0.0, None, pad, None)
-                    return [fwd, dkdv, dq]
+                    (bwd,), *_ = attention_bwd(q, k, v, out, out, lse, None, None, case.dqk ** -0.5, True,
+                                               0.0, None, pad, None)
+                    return [fwd, bwd]
 
                 for kernel, launch in zip(ATTENTION_KERNELS, _with_precision(mode, describe_attention)):
                     yield kernel, f"{case.name}-{_launch_tag(launch)}", _dtype_name(dtype), launch
@@ -446,8 +446,12 @@ def attention_roofline(case: AttentionCase, dtype: str, backward: str = "fa2",
     """Forward and backward of a causal attention case. Causal: (L+1)/2L of the L² pairs are
     visible. Forward: QKᵀ and PV, one exp per visible pair. Backward `fa2`: the 5 GEMMs and one
     exp recompute of FlashAttention-2 (S, dP, dV, dK, dQ); `current`: this package's kernels
-    today, 7 GEMMs (dK/dV kernel S, dP, dV, dK; dQ kernel S, dP, dQ) and 2 exp recomputes.
+    at the case's length: the fused backward (L <= FUSED_MAX_LEN) has the same count, the split
+    one 7 GEMMs (dK/dV pass S, dP, dV, dK; dQ pass S, dP, dQ) and 2 exp recomputes. The fused
+    backward's float32 dQ partial sums (re-read per key block, L2-resident) are not counted.
     Bytes: Q, K, V, O (+ dO, dQ, dK, dV) once in `dtype`, LSE/Δ fp32, the uint8 padding mask."""
+    from .attention.triton_bwd import FUSED_MAX_LEN
+
     es = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     pairs = case.b * case.h * case.l * case.l * (case.l + 1) / (2 * case.l)
     rows = case.b * case.h * case.l
@@ -456,8 +460,10 @@ def attention_roofline(case: AttentionCase, dtype: str, backward: str = "fa2",
                     rows * (es * (2 * qk + 2 * v) + 4) + case.b * case.l, tensor_cores)
     if backward == "fa2":
         gemm_dims, exp_passes = 3 * qk + 2 * v, 1
-    elif backward == "current":
+    elif backward == "current" and case.l > FUSED_MAX_LEN:
         gemm_dims, exp_passes = 4 * qk + 3 * v, 2
+    elif backward == "current":
+        gemm_dims, exp_passes = 3 * qk + 2 * v, 1
     else:
         raise ValueError(f"backward is 'fa2' or 'current', got {backward!r}")
     bwd = _roofline(case.name, dtype, f"bwd-{backward}", 2 * pairs * gemm_dims, exp_passes * pairs,
@@ -579,7 +585,8 @@ def format_markdown(rows: list[dict[str, Any]], elapsed_s: float, command: str) 
         "From `fastattn.ops.resources.headline_rooflines()`: matmul at 989 TFLOP/s (bf16/fp16) or "
         "495 TFLOP/s (fp32 as tf32), ex2 at 16/clk/SM × 132 SMs × 1.83 GHz ≈ 3.87 T/s, HBM at "
         "3.35 TB/s. Times in µs; floor = the largest. `bwd-fa2`/`bwd-cce`: the ideal work count "
-        "(5 GEMMs + 1 exp; 3 GEMMs + 1 exp), `bwd-current`: the kernels' work today (7 + 2; 4 + 2).",
+        "(5 GEMMs + 1 exp; 3 GEMMs + 1 exp), `bwd-current`: the kernels' work today (attention: the fused "
+        "backward, 5 + 1, at every headline length; cross-entropy 4 + 2).",
         "",
         "| case | dtype | pass | GFLOP | G exp | MB | matmul µs | exp µs | memory µs | floor µs | bound |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -69,7 +69,8 @@ def _attention_launch_args() -> dict:
     q = torch.randn(2, 1, 8, 16)
     rows = torch.zeros(2, 1, 8)
     dom = torch.zeros(2, 8, dtype=torch.int64)
-    return dict(q=q, k=q.clone(), v=q.clone(), dout=q.clone(), lse=rows, delta=rows.clone(), grad_acd=rows.clone(),
+    return dict(q=q, k=q.clone(), v=q.clone(), dout=q.clone(), out=q.clone(), lse=rows, acd=rows.clone(),
+                grad_acd=rows.clone(),
                 key_padding_mask=torch.zeros(2, 8, dtype=torch.bool), dom_q=dom, dom_k=dom.clone())
 
 
@@ -82,13 +83,13 @@ def _fwd(a: dict) -> Any:
 def _bwd(a: dict) -> Any:
     from fastattn.ops.attention.triton_bwd import bwd_launches
 
-    return bwd_launches(a["q"], a["k"], a["v"], a["dout"], a["lse"], a["delta"], a["grad_acd"], 0.25, True, 0.0,
-                        None, a["key_padding_mask"], (a["dom_q"], a["dom_k"]))
+    return bwd_launches(a["q"], a["k"], a["v"], a["dout"], a["out"], a["lse"], a["acd"], a["grad_acd"], 0.25, True,
+                        0.0, None, a["key_padding_mask"], (a["dom_q"], a["dom_k"]))
 
 
 @pytest.mark.parametrize("launcher, names", [
     (_fwd, ["k", "v", "key_padding_mask", "domains[0]", "domains[1]"]),
-    (_bwd, ["k", "v", "dout", "lse", "delta", "grad_acd", "key_padding_mask", "domains[0]", "domains[1]"]),
+    (_bwd, ["k", "v", "dout", "out", "lse", "acd", "grad_acd", "key_padding_mask", "domains[0]", "domains[1]"]),
 ], ids=["fwd_launch", "bwd_launches"])
 def test_attention_launchers_reject_a_tensor_on_another_device(launcher: Callable, names: list[str]) -> None:
     for name in names:

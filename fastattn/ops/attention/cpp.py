@@ -54,14 +54,18 @@ class CppAttentionKernels:
 
     @staticmethod
     def backward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: Optional[torch.Tensor],
-        key_padding_mask: Optional[torch.Tensor], domains: Domains,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, acd: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor], opts: AttentionOptions,
+        seed: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], domains: Domains,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """dq, dk, dv (shapes and dtypes of q, k, v); delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd)."""
+        """dq, dk, dv (shapes and dtypes of q, k, v). The C++ kernels take D_i from here:
+        delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd), in lse's dtype (float32, or float64)."""
         dom_q, dom_k = _domain_args(domains)
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(dim=-1)
+        if grad_acd is not None and acd is not None:
+            delta = delta + grad_acd * acd
         return _ops().attn_bwd(
-            q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k,
+            q, k, v, dout, lse, delta.contiguous(), grad_acd, key_padding_mask, dom_q, dom_k,
             opts.scale, opts.causal, opts.dropout_p, _seed_int(seed))
 
 

@@ -41,11 +41,13 @@ class AttentionKernels(Protocol):
 
     @staticmethod
     def backward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: Optional[torch.Tensor],
-        key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, acd: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor], opts: AttentionOptions,
+        seed: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+        domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ dq, dk, dv for the concatenated q, k and v (the forward's seed)."""
+        """→ dq, dk, dv for the concatenated q, k and v (the forward's out, lse, acd and seed);
+        acd and grad_acd (float32, float64 for float64 inputs) are given iff domains are."""
         ...
 
 
@@ -135,17 +137,11 @@ def _first_order_grads(kernels: AttentionKernels, opts: AttentionOptions, seed: 
     if dout is None:
         dout = torch.zeros_like(out)
     dout = dout.contiguous()
-    # D_i = Σ_j P_ij dP_ij = dO_i·O_i; the acd term folds g_i·acd_i into it (see triton_bwd).
-    # At least float32 (float64 stays float64: the C++ kernels take float64 for gradcheck).
-    acc = torch.promote_types(out.dtype, torch.float32)
-    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)
-    if grad_acd is None or acd is None:
-        grad_acd, domains = None, None
+    if grad_acd is None or acd is None:  # acd unused downstream: its gradient term is zero
+        acd, grad_acd, domains = None, None, None
     else:
-        grad_acd = grad_acd.to(acc).contiguous()
-        delta = delta + grad_acd * acd
-    return kernels.backward(q_cat, k_cat, v, dout, lse, delta.contiguous(), grad_acd, opts, seed,
-                            key_padding_mask, domains)
+        grad_acd = grad_acd.to(acd.dtype).contiguous()
+    return kernels.backward(q_cat, k_cat, v, dout, out, lse, acd, grad_acd, opts, seed, key_padding_mask, domains)
 
 
 # ---------------------------------------------------------------- the operators torch.compile sees
@@ -176,13 +172,13 @@ def _forward(kernels: AttentionKernels, q_cat: torch.Tensor, k_cat: torch.Tensor
 
 
 def _backward_kernels(kernels: AttentionKernels, q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor,
-                      dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, grad_acd: Optional[torch.Tensor],
-                      key_padding_mask: Optional[torch.Tensor], dom_q: Optional[torch.Tensor],
+                      dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, acd: Optional[torch.Tensor],
+                      grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], dom_q: Optional[torch.Tensor],
                       dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], scale: float, causal: bool,
                       dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both backward operators' body: dq_cat, dk_cat, dv."""
     opts = AttentionOptions(scale=scale, causal=causal, dropout_p=dropout_p)
-    dq, dk, dv = kernels.backward(q_cat, k_cat, v, dout, lse, delta, grad_acd, opts, seed, key_padding_mask,
+    dq, dk, dv = kernels.backward(q_cat, k_cat, v, dout, out, lse, acd, grad_acd, opts, seed, key_padding_mask,
                                   _domains(dom_q, dom_k))
     # An operator's outputs may not alias its inputs (a kernel could return a view of one).
     return tuple(g.clone() if g._base is not None else g for g in (dq, dk, dv))  # type: ignore[return-value]
@@ -216,14 +212,16 @@ dif_attention_op.register_fake(_forward_fake)
 
 
 def _dif_attention_backward(
-    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-    delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, acd: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
     scale: float, causal: bool, dropout_p: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq_cat, dk_cat, dv of `fastattn::dif_attention` (an operator so that a traced backward
-    reads the seed tensor only inside the kernel call); delta (B,H,Lq) = rowsum(dout·out) (+ grad_acd·acd)."""
-    return _backward_kernels(kernels_of(backend), q_cat, k_cat, v, dout, lse, delta, grad_acd, key_padding_mask,
+    reads the seed tensor only inside the kernel call); out, lse, acd: the forward's outputs (acd
+    and grad_acd given iff dom_q, dom_k are)."""
+    return _backward_kernels(kernels_of(backend), q_cat, k_cat, v, dout, out, lse, acd, grad_acd, key_padding_mask,
                              dom_q, dom_k, seed, scale, causal, dropout_p)
 
 
@@ -264,13 +262,14 @@ dif_attention_triton_op = triton_operator("fastattn::dif_attention_triton", fake
 
 
 def _dif_attention_triton_backward(
-    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-    delta: torch.Tensor, grad_acd: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    q_cat: torch.Tensor, k_cat: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, acd: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
     dom_q: Optional[torch.Tensor], dom_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
     scale: float, causal: bool, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq_cat, dk_cat, dv of `fastattn::dif_attention_triton` (arguments as `dif_attention_backward`)."""
-    return _backward_kernels(_triton_kernels(), q_cat, k_cat, v, dout, lse, delta, grad_acd, key_padding_mask,
+    return _backward_kernels(_triton_kernels(), q_cat, k_cat, v, dout, out, lse, acd, grad_acd, key_padding_mask,
                              dom_q, dom_k, seed, scale, causal, dropout_p)
 
 
@@ -287,13 +286,13 @@ class _KernelsViaOperator:
                  backend_args: tuple[str, ...], name: str) -> None:
         self.backward_op, self.backend_args, self.name = backward_op, backend_args, name
 
-    def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-                 delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions,
+    def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, acd: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor], opts: AttentionOptions,
                  seed: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                  domains: Optional[tuple[torch.Tensor, torch.Tensor]],
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dom_q, dom_k = domains if domains is not None else (None, None)
-        return self.backward_op(q, k, v, dout, lse, delta, grad_acd, key_padding_mask, dom_q, dom_k, seed,
+        return self.backward_op(q, k, v, dout, out, lse, acd, grad_acd, key_padding_mask, dom_q, dom_k, seed,
                                 opts.scale, opts.causal, opts.dropout_p, *self.backend_args)
 
 

@@ -33,12 +33,13 @@ class TritonAttentionKernels:
 
     @staticmethod
     def backward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
-        delta: torch.Tensor, grad_acd: Optional[torch.Tensor], opts: AttentionOptions, seed: Optional[torch.Tensor],
-        key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, acd: Optional[torch.Tensor], grad_acd: Optional[torch.Tensor], opts: AttentionOptions,
+        seed: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+        domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         launches, dq, dk, dv = bwd_launches(
-            q, k, v, dout, lse, delta, grad_acd, opts.scale, opts.causal, opts.dropout_p, seed,
+            q, k, v, dout, out, lse, acd, grad_acd, opts.scale, opts.causal, opts.dropout_p, seed,
             key_padding_mask, domains,
         )
         for launch in launches:
@@ -51,7 +52,8 @@ def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
 
     Axes: tile class × input dtype (float32 twice: its dot precision follows
     torch.get_float32_matmul_precision(), tf32x3 or tf32) × HAS_DROPOUT × HAS_DOMAINS for the
-    forward and both backward passes, plus the dropout-mask kernel. Causal and padding are runtime
+    forward, the fused backward (64-wide class) and the split backward's dK/dV and dQ passes;
+    the split D_i pass once per (class, dtype, domains); the dropout-mask kernel. Causal and padding are runtime
     flags, so a launch with both on has the same compiled code as one with both off.
     """
     meta = torch.device("meta")
@@ -71,11 +73,17 @@ def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
                        f"-dropout{int(dropout_p > 0)}-domains{int(has_domains)}")
                 with float32_matmul_precision(mode):
                     fwd, out, lse, _ = fwd_launch(q, k, v, 0.125, True, dropout_p, seed, pad, domains)
-                    grad_acd = lse if has_domains else None
-                    (dkdv, dq), *_ = bwd_launches(
-                        q, k, v, out, lse, lse, grad_acd, 0.125, True, dropout_p, seed, pad, domains)
+                    acd = lse if has_domains else None
+                    fused = bwd_launches(q, k, v, out, out, lse, acd, acd, 0.125, True, dropout_p, seed, pad,
+                                         domains, fused=True)[0][0] if cfg.block_dqk == 64 else None
+                    (delta, dkdv, dq), *_ = bwd_launches(
+                        q, k, v, out, out, lse, acd, acd, 0.125, True, dropout_p, seed, pad, domains, fused=False)
                 yield f"fwd-{tag}", fwd
+                if fused is not None:  # the 64-wide class only (triton_bwd.takes_fused_schedule)
+                    yield f"bwd-{tag}", fused
                 yield f"bwd_dkdv-{tag}", dkdv
                 yield f"bwd_dq-{tag}", dq
+                if cfg.block_dv == cfg.block_dqk and mode == launch_precisions(dtype)[0] and dropout_p == 0.0:
+                    yield f"bwd_delta-{tag}", delta  # no dots: one per (width, dtype, domains)
     mask_launch, _ = dropout_rows_launch(torch.empty((), dtype=torch.int64, device=meta), 0.1, lk, 0, b * h * lq, meta)
     yield "dropout_mask", mask_launch

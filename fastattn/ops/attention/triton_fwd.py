@@ -177,9 +177,10 @@ _TILES = {
     256: TileConfig(256, 128, 32, 32, 4, 1),
 }
 # float32 in tf32x3 (precision "highest"): every dot is three tf32 products whose split operands
-# take shared memory of their own; at 64×64 the 128 class's backward needs 256 KB (sm_90 has
-# 227 KB, sm_80 163 KB), at 32×32 with 4 warps 80–96 KB.
-_TF32X3_TILES = {128: TileConfig(128, 128, 32, 32, 4, 2)}
+# take shared memory and registers of their own. At 64×64 the 128 class's backward needs 256 KB
+# (sm_90 has 227 KB, sm_80 163 KB), at 32×32 with 4 warps 80–96 KB; the 64 class's forward at
+# 64×64 spills 9.4–9.8 KB per thread on sm_80 (ptxas falls to 32 registers), at 32×32 nothing.
+_TF32X3_TILES = {64: TileConfig(64, 64, 32, 32, 4, 2), 128: TileConfig(128, 128, 32, 32, 4, 2)}
 # float32 on GPUs with 99 KB of shared memory per block (sm_86/89; `compact_float32_tiles`):
 # at the tiles above the 128 class needs 115 KB (fwd) and 164 KB (bwd), the 256 class 115–131 KB.
 _COMPACT_FLOAT32_TILES = {

@@ -37,12 +37,25 @@ _TILES = {
     128: CETileConfig(128, 64, 64, 8, 2),
     256: CETileConfig(256, 32, 64, 8, 2),
 }
-# The backward passes of float32 in tf32x3 (precision "highest"): three products per dot, split
-# operands in shared memory: the d256 dE pass needs 241 KB at 64 items per tile (sm_90 has
-# 227 KB), 128 KB at 32. (The LSE pass fits at 64 and spills far less there: it keeps _TILES.)
-_TF32X3_BWD_TILES = {256: CETileConfig(256, 32, 32, 8, 2)}
+# float32 in tf32x3 (precision "highest"): three products per dot, with split operands in
+# registers and shared memory. At the tiles above ptxas spills 0.1–10 KB per thread on sm_80/90
+# (D 128 LSE on sm_80: 10 KB at 32 registers); these compiled spill-free on sm_80/86/90 at the
+# headline shapes (bench/tile_search.py). The d256 dE pass needs 241 KB at 64 items per tile
+# (sm_90 has 227 KB), 128 KB at 32.
+_TF32X3_TILES = {
+    64: CETileConfig(64, 32, 32, 4, 2),
+    128: CETileConfig(128, 32, 64, 8, 1),
+}
+_TF32X3_BWD_TILES = {
+    64: CETileConfig(64, 32, 32, 4, 2),
+    128: CETileConfig(128, 32, 32, 8, 1),
+    256: CETileConfig(256, 32, 32, 8, 2),
+}
+# float32 in tf32: the D 128 dE pass spills 52 B on sm_90 at 64 × 64, nothing at 64 × 32.
+_TF32_BWD_TILES = {128: CETileConfig(128, 64, 32, 8, 2)}
 # float32 on GPUs with 99 KB of shared memory per block (sm_86/89; `compact_float32_tiles`): the
-# tiles above need up to 133 KB (d128 tf32x3 dE) and 164 KB (d256 dH) there.
+# regular tiles need up to 133 KB (d128 tf32x3 dE) and 164 KB (d256 dH) there. (The tf32x3
+# tables above fit 99 KB at D 64 and 128 and take precedence there.)
 _COMPACT_FLOAT32_TILES = {
     128: CETileConfig(128, 64, 32, 8, 2),
     256: CETileConfig(256, 32, 32, 4, 1),
@@ -53,17 +66,22 @@ _COMPACT_TF32X3_BWD_TILES = {256: CETileConfig(256, 16, 32, 4, 1)}  # d256 dE at
 def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False, compact: bool = False) -> CETileConfig:
     """Tiles for hidden size d (rounded up to a power of two >= 64; at most MAX_HIDDEN_DIM), dots
     in `precision` (`dot_precision` of the inputs' dtype), of the LSE or (`backward`) dH/dE passes;
-    `compact`: float32 on a GPU with little shared memory per block (`compact_float32_tiles`)."""
+    `compact`: float32 on a GPU with little shared memory per block (`compact_float32_tiles`).
+    The first table holding the width wins, most specific first."""
     if d > MAX_HIDDEN_DIM:
         raise ValueError(f"Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {d}")
     width = max(64, triton.next_power_of_2(d))
-    if compact and backward and precision == "tf32x3" and width in _COMPACT_TF32X3_BWD_TILES:
-        return _COMPACT_TF32X3_BWD_TILES[width]
-    if compact and width in _COMPACT_FLOAT32_TILES:
-        return _COMPACT_FLOAT32_TILES[width]
-    if backward and precision == "tf32x3":
-        return _TF32X3_BWD_TILES.get(width, _TILES[width])
-    return _TILES[width]
+    tables: list[dict[int, CETileConfig]] = []
+    if precision == "tf32x3":
+        if compact and backward:
+            tables.append(_COMPACT_TF32X3_BWD_TILES)
+        tables.append(_TF32X3_BWD_TILES if backward else _TF32X3_TILES)
+    if compact:
+        tables.append(_COMPACT_FLOAT32_TILES)
+    if precision == "tf32" and backward:
+        tables.append(_TF32_BWD_TILES)
+    tables.append(_TILES)
+    return next(table[width] for table in tables if width in table)
 
 
 def all_ce_tile_configs() -> list[CETileConfig]:
