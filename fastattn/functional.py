@@ -292,6 +292,7 @@ def full_item_cross_entropy(
     temperature: float = 1.0,
     reduction: str = "mean",
     backend: str = "auto",
+    grad_filter: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy over the whole item catalog without materializing the N×V logits.
 
@@ -324,6 +325,15 @@ def full_item_cross_entropy(
     backward; D <= 256), "cpp" (C++ CPU kernels, BLAS per chunk of items) or "torch" (eager,
     chunked over items). An explicit backend that cannot run raises
     `fastattn.BackendUnavailable`.
+
+    grad_filter in [0, 1): gradient filtering on the Triton backend (off at 0, the default; the
+    other backends are always exact). The backward then skips each tile of rows × items in which
+    every softmax probability is below grad_filter, no row's target lies and no row has label
+    smoothing or a dense soft-target base, so a dropped logit gradient entry is
+    |∂loss/∂z_ij| = |g_i|·m_i·p_ij < grad_filter·|g_i|·m_i (g_i: the gradient reaching row i's loss,
+    m_i: its target mass) and row i's hidden gradient moves by at most
+    |g_i|·m_i·(Σ_dropped p_ij)·max_j‖E_j‖/temperature. 2**-12 is below bfloat16's rounding
+    of the largest entry (Cut Cross-Entropy's choice); the loss itself is never filtered.
     """
     amp = autocast_device(hidden)
     if amp is not None:  # torch.autocast: cast inputs, rerun with autocast off (fastattn/_autocast.py)
@@ -331,7 +341,7 @@ def full_item_cross_entropy(
             hidden, item_weight, bias = autocast_inputs((hidden, item_weight, bias), amp)
             return full_item_cross_entropy(hidden, item_weight, target, bias=bias, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, temperature=temperature,
-                                           reduction=reduction, backend=backend)
+                                           reduction=reduction, backend=backend, grad_filter=grad_filter)
     _check_catalog(hidden, item_weight, bias)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -339,6 +349,8 @@ def full_item_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if not isinstance(temperature, (int, float)) or not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    if isinstance(grad_filter, bool) or not isinstance(grad_filter, (int, float)) or not 0.0 <= grad_filter < 1.0:
+        raise ValueError(f"grad_filter must be a float in [0, 1) (0: exact gradients), got {grad_filter!r}")
     lead_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     targets = _row_targets(target, h2.shape[0], item_weight.shape[0], hidden.device, ignore_index,
@@ -350,7 +362,8 @@ def full_item_cross_entropy(
     too_wide = None if hidden.shape[-1] <= MAX_HIDDEN_DIM else (
         f"the Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {hidden.shape[-1]}")
     chosen = resolve_backend(backend, [h2, item_weight], too_wide)
-    loss, _ = full_item_cross_entropy_rows(h2, item_weight, bias, targets, 1.0 / float(temperature), chosen)
+    loss, _ = full_item_cross_entropy_rows(h2, item_weight, bias, targets, 1.0 / float(temperature), chosen,
+                                           float(grad_filter))
     if reduction == "none":
         return loss.reshape(lead_shape)
     if reduction == "sum":

@@ -25,12 +25,14 @@ def test_every_launch_compiles(capability: int) -> None:
     # and tf32, float16, bfloat16) × 4 constexpr flag sets; the fused backward for the 64 class ×
     # 4 × 4; the split backward's D_i pass for the classes with equal QK/V widths (64, 128) × 3
     # dtypes × domains on/off; the dropout-mask kernel.
-    # Cross-entropy: LSE, dH and dE for 3 tile classes × 4 dtype/precision cases × bias on/off.
+    # Cross-entropy: LSE, dH and dE, and dH and dE with gradient filtering, for 3 tile classes × 4
+    # dtype/precision cases × bias on/off.
     if capability == 86:
         # Only what differs from sm_80's launches: attention float32 in the 128 class in tf32 (its
         # tf32x3 tiles are compact already) and in the 256 class in both modes — fwd, dK/dV, dQ ×
         # 4 flag sets each —; cross-entropy float32 D 128 LSE in tf32 (its tf32 backward tiles and
-        # tf32x3 tiles fit 99 KB already) and D 256 in both modes, 3 kernels — each × bias on/off.
-        assert len(results) == 3 * 3 * 4 + (1 + 2 * 3) * 2
+        # tf32x3 tiles fit 99 KB already) and D 256 in both modes, 3 kernels and the 2 filtered
+        # ones — each × bias on/off.
+        assert len(results) == 3 * 3 * 4 + (1 + 2 * 3 + 2 * 2) * 2
         return
-    assert len(results) == 3 * 3 * 4 * 4 + 4 * 4 + 2 * 3 * 2 + 1 + 3 * 3 * 4 * 2
+    assert len(results) == 3 * 3 * 4 * 4 + 4 * 4 + 2 * 3 * 2 + 1 + 5 * 3 * 4 * 2

@@ -156,4 +156,6 @@ def test_roofline_counts() -> None:
     ce = cross_entropy_roofline(CrossEntropyCase(4, 10, 8), "float32", "cce")
     assert ce[0].flops == 2 * 4 * 10 * 8 and ce[1].flops == 3 * ce[0].flops
     assert ce[0].exp_s == 40 / H100_EXP_PER_S
+    filtered = cross_entropy_roofline(CrossEntropyCase(4, 10, 8), "float32", "filtered")[1]
+    assert filtered.flops == 2 * ce[0].flops and filtered.exps == 2 * 40  # the recomputes stay
     assert all(r.floor_s == max(r.matmul_s, r.exp_s, r.memory_s) for r in att + ce)

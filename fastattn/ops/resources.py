@@ -171,10 +171,13 @@ def headline_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
                 def describe_ce() -> list[KernelLaunch]:
                     lse, _, _ = lse_launch(h, w, None, 1.0)
                     (dh, de), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32)
-                    return [lse, dh, de]
+                    (dh_filter, de_filter), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32, 2.0**-12)
+                    return [lse, dh, de, dh_filter, de_filter]
 
-                for kernel, launch in zip(CROSS_ENTROPY_KERNELS, _with_precision(mode, describe_ce)):
-                    yield kernel, f"{ce.name}-{_launch_tag(launch)}", _dtype_name(dtype), launch
+                kernels = (*CROSS_ENTROPY_KERNELS, "ce_bwd_dh", "ce_bwd_de")
+                for i, (kernel, launch) in enumerate(zip(kernels, _with_precision(mode, describe_ce))):
+                    filtered = "-filter" if i >= len(CROSS_ENTROPY_KERNELS) else ""
+                    yield kernel, f"{ce.name}{filtered}-{_launch_tag(launch)}", _dtype_name(dtype), launch
 
 
 def report_launches(headline_only: bool, only: Optional[str] = None, arch: int = 80
@@ -476,7 +479,8 @@ def cross_entropy_roofline(case: CrossEntropyCase, dtype: str, backward: str = "
     """Forward (LSE) and backward of full-catalog cross-entropy. Forward: the N×V×D logit GEMM
     and one exp per logit. Backward `cce`: one logit recompute feeding dH and dE (3 GEMMs, one
     exp pass; Cut Cross-Entropy without gradient filtering); `current`: the dH and dE passes
-    each recompute the logits (4 GEMMs, 2 exp passes). Bytes: H and E read, dH and dE written
+    each recompute the logits (4 GEMMs, 2 exp passes); `filtered`: the floor of `current` with
+    gradient filtering, every tile skipped (2 GEMMs: the recomputes; the exps stay). Bytes: H and E read, dH and dE written
     once in `dtype`, LSE and the per-row coefficients fp32, targets int64."""
     es = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     logits = case.n * case.v
@@ -486,21 +490,25 @@ def cross_entropy_roofline(case: CrossEntropyCase, dtype: str, backward: str = "
         gemms, exp_passes = 3, 1
     elif backward == "current":
         gemms, exp_passes = 4, 2
+    elif backward == "filtered":
+        gemms, exp_passes = 2, 2
     else:
-        raise ValueError(f"backward is 'cce' or 'current', got {backward!r}")
+        raise ValueError(f"backward is 'cce', 'current' or 'filtered', got {backward!r}")
     bwd = _roofline(case.name, dtype, f"bwd-{backward}", 2 * gemms * logits * case.d, exp_passes * logits,
                     2 * es * (case.n + case.v) * case.d + 4 * 4 * case.n + 8 * case.n, tensor_cores)
     return [fwd, bwd]
 
 
 def headline_rooflines() -> list[Roofline]:
-    """Every headline case × dtype, forward and both backward variants (ideal, current)."""
+    """Every headline case × dtype, forward and the backward variants (ideal, current; for
+    cross-entropy also the floor with gradient filtering)."""
     out: list[Roofline] = []
     for dtype in map(_dtype_name, DTYPES):
         for case in HEADLINE_ATTENTION:
             out += attention_roofline(case, dtype, "fa2") + attention_roofline(case, dtype, "current")[1:]
         for ce in HEADLINE_CROSS_ENTROPY:
             out += cross_entropy_roofline(ce, dtype, "cce") + cross_entropy_roofline(ce, dtype, "current")[1:]
+            out += cross_entropy_roofline(ce, dtype, "filtered")[1:]
     return out
 
 

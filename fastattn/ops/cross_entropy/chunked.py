@@ -31,9 +31,10 @@ class ChunkedCrossEntropyKernels:
     def backward(
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
         lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
-        coef_t: torch.Tensor,
+        coef_t: torch.Tensor, grad_filter: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """dH (N,D), dE (V,D), db (V,) in fp32 for dz = scale·(coef_p·softmax − coef_base − coef_t·onehot)."""
+        """dH (N,D), dE (V,D), db (V,) in fp32 for dz = scale·(coef_p·softmax − coef_base − coef_t·onehot).
+        Exact: grad_filter (a Triton tile skip) drops nothing here."""
         h32 = in_compute_dtype(hidden)
         n = hidden.shape[0]
         dh = torch.zeros_like(h32)

@@ -44,7 +44,7 @@ class CrossEntropyKernels(Protocol):
     def backward(
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
         lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
-        coef_t: torch.Tensor,
+        coef_t: torch.Tensor, grad_filter: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         ...
 
@@ -99,14 +99,14 @@ def row_losses(kernels: CrossEntropyKernels, scale: float, targets: RowTargets, 
 
 
 def _gradients(kernels: CrossEntropyKernels, scale: float, t: RowTargets, hidden: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor], lse: torch.Tensor, grad_loss: torch.Tensor
+               bias: Optional[torch.Tensor], lse: torch.Tensor, grad_loss: torch.Tensor, grad_filter: float
                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """dhidden, dweight, dbias (None without bias) in the inputs' dtypes."""
     acc = compute_dtype(hidden.dtype)
     g = grad_loss.to(acc).contiguous()
     dh, de, db = kernels.backward(
         hidden, weight, bias, scale, lse, (g * t.mass).contiguous(), (g * t.base).contiguous(),
-        t.index, (g * t.weight).contiguous(),
+        t.index, (g * t.weight).contiguous(), grad_filter,
     )
     if t.has_sparse:
         rows = _sparse_rows(t)
@@ -182,10 +182,11 @@ def _triton_backward_kernels() -> tuple[Any, ...]:
 def _full_item_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
     row_weight: torch.Tensor, base: torch.Tensor, mass: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor,
-    values: torch.Tensor, scale: float, has_base: bool,
+    values: torch.Tensor, scale: float, has_base: bool, grad_filter: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fastattn::full_item_cross_entropy` on the Triton kernels (CUDA tensors; CPU ones under the
-    interpreter; float32/float16/bfloat16): per-row loss (N,) and LSE (N,), float32."""
+    interpreter; float32/float16/bfloat16): per-row loss (N,) and LSE (N,), float32. grad_filter:
+    the backward's tile skip threshold (triton_bwd.py; 0: exact)."""
     targets = _targets(index, row_weight, base, mass, indptr, indices, values, has_base)
     return row_losses(TritonOperatorKernels, scale, targets, hidden, weight, bias)
 
@@ -207,14 +208,15 @@ def _triton_backward_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
 def full_item_cross_entropy_triton_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
     lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor, coef_t: torch.Tensor,
+    grad_filter: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton kernels' part of `full_item_cross_entropy_triton`'s backward (as the C++
     `fastattn::ce_bwd`): dH (N,D), dE (V,D), db (V,) ((0,) without bias), float32, of
     dz_ij = scale·(coef_p_i·softmax_ij − coef_base_i − coef_t_i·[j = target_i]); lse (N,), coef_* (N,)
-    float32, target (N,) int64 (−1: none)."""
+    float32, target (N,) int64 (−1: none); grad_filter: tile skip threshold (triton_bwd.py; 0: exact)."""
     from .triton_backend import TritonCrossEntropyKernels
     dh, de, db = TritonCrossEntropyKernels.backward(hidden, weight, bias, scale, lse, coef_p, coef_base, target,
-                                                     coef_t)
+                                                     coef_t, grad_filter)
     return dh, de, db if db is not None else weight.new_empty((0,), dtype=torch.float32)
 
 
@@ -231,24 +233,26 @@ class TritonOperatorKernels:
     def backward(
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
         lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
-        coef_t: torch.Tensor,
+        coef_t: torch.Tensor, grad_filter: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         dh, de, db = full_item_cross_entropy_triton_backward_op(hidden, weight, bias, scale, lse, coef_p, coef_base,
-                                                                target, coef_t)
+                                                                target, coef_t, grad_filter)
         return dh, de, db if bias is not None else None
 
 
 def full_item_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                 targets: RowTargets, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                                 targets: RowTargets, scale: float, backend: str, grad_filter: float = 0.0
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and LSE (N,) through the operator of a resolved backend ("triton", "cpp" or
-    "torch"): the one call the public function makes."""
+    "torch"): the one call the public function makes. grad_filter: the Triton backward's tile
+    skip threshold (the others are exact)."""
     fields = (targets.index, targets.weight, targets.base, targets.mass, targets.indptr, targets.indices,
               targets.values, scale, targets.has_base)
     # Plain eager calls take the operators' autograd.Function twins (no dispatch; ops/eager.py).
     eager = eager_call_ok((hidden, weight, bias, *fields[:7]))
     if backend == "triton":
         call = CrossEntropyTritonEager.apply if eager else full_item_cross_entropy_triton_op
-        return call(hidden, weight, bias, *fields)
+        return call(hidden, weight, bias, *fields, float(grad_filter))
     call = CrossEntropyEager.apply if eager else full_item_cross_entropy_op
     return call(hidden, weight, bias, *fields, backend)
 
@@ -259,10 +263,13 @@ _N_TARGET_FIELDS = 7  # index, row_weight, base, mass, indptr, indices, values
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     hidden, weight, bias, *target_parts = inputs[:3 + _N_TARGET_FIELDS]
-    scale, has_base, *backend = inputs[3 + _N_TARGET_FIELDS:]
+    # The last input: the backend name (fastattn::full_item_cross_entropy) or grad_filter (_triton).
+    scale, has_base, last = inputs[3 + _N_TARGET_FIELDS:]
     ctx.save_for_backward(hidden, weight, bias, output[1], *target_parts)
     ctx.scale, ctx.has_base, ctx.n_inputs = scale, has_base, len(inputs)
-    ctx.kernels = kernels_of(backend[0]) if backend else TritonOperatorKernels
+    triton = not isinstance(last, str)
+    ctx.kernels = TritonOperatorKernels if triton else kernels_of(last)
+    ctx.grad_filter = float(last) if triton else 0.0
 
 
 def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
@@ -274,7 +281,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Optional[torch.Tenso
     off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
     with torch.no_grad(), off:
         grads = _gradients(ctx.kernels, ctx.scale, _targets(*target_parts, ctx.has_base), hidden, weight, bias,
-                           lse, grad_loss)
+                           lse, grad_loss, ctx.grad_filter)
     if torch.is_grad_enabled():
         grads = no_second_derivative(grads, _NOT_TWICE, (hidden, weight, bias, grad_loss))
     return (*grads,) + (None,) * (ctx.n_inputs - 3)

@@ -27,14 +27,14 @@ class TritonCrossEntropyKernels:
     def backward(
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
         lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
-        coef_t: torch.Tensor,
+        coef_t: torch.Tensor, grad_filter: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         if hidden.shape[0] == 0:
             zeros = dict(dtype=torch.float32, device=hidden.device)
             return (torch.zeros(hidden.shape, **zeros), torch.zeros(weight.shape, **zeros),
                     torch.zeros(weight.shape[0], **zeros) if bias is not None else None)
         launches, dh_part, de_part, db_part = bwd_launches(
-            hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t)
+            hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t, grad_filter)
         for launch in launches:
             launch()
         return _sum_splits(dh_part), _sum_splits(de_part), _sum_splits(db_part) if bias is not None else None
@@ -50,7 +50,8 @@ def _sum_splits(part: torch.Tensor) -> torch.Tensor:
 def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
     """Every (kernel, constexpr configuration) the launchers can choose, on meta tensors:
     tile class × input dtype (float32 twice: its dot precision follows
-    torch.get_float32_matmul_precision(), tf32x3 or tf32) × HAS_BIAS for the LSE, dH and dE passes."""
+    torch.get_float32_matmul_precision(), tf32x3 or tf32) × HAS_BIAS for the LSE, dH and dE passes,
+    the dH and dE passes also with gradient filtering (FILTER; grad_filter > 0)."""
     meta = torch.device("meta")
     n, v = 256, 1000
     for cfg in all_ce_tile_configs():
@@ -65,6 +66,9 @@ def every_launch() -> Iterator[tuple[str, KernelLaunch]]:
                 with float32_matmul_precision(mode):
                     fwd, _, _ = lse_launch(h, w, b, 1.0)
                     (dh, de), *_ = bwd_launches(h, w, b, 1.0, f32, f32, f32, tgt, f32)
+                    (dh_filter, de_filter), *_ = bwd_launches(h, w, b, 1.0, f32, f32, f32, tgt, f32, 2.0**-12)
                 yield f"ce_lse-{tag}", fwd
                 yield f"ce_bwd_dh-{tag}", dh
                 yield f"ce_bwd_de-{tag}", de
+                yield f"ce_bwd_dh-{tag}-filter", dh_filter
+                yield f"ce_bwd_de-{tag}-filter", de_filter

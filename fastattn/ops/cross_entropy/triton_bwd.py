@@ -8,6 +8,12 @@ Function (g = incoming gradient of row i's loss):
 
 One pass is parallel over row blocks (dH), the other over item blocks (dE, db); each may split
 its loop into ranges whose fp32 partials the caller sums in a fixed order.
+
+Gradient filtering (`grad_filter` > 0, Cut Cross-Entropy's idea): a tile's two backward dots are
+skipped when every softmax probability in it is below grad_filter, no row's hard target is in it
+and no row has a dense base (label smoothing). A constexpr (FILTER): the test and its branch cost
+the unfiltered kernels up to 700 B of spills per thread (float32, D 128, sm_80/90), so only
+grad_filter > 0 compiles them in.
 """
 from __future__ import annotations
 
@@ -24,12 +30,21 @@ from .triton_fwd import (ce_tile_config, kernel_layout, load_items, load_rows, l
 
 
 @triton.jit
-def dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v):
-    """dz / scale of a (BLOCK_M, BLOCK_V) tile of base-2 logits s."""
+def dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v, grad_filter, FILTER: tl.constexpr):
+    """dz / scale of a (BLOCK_M, BLOCK_V) tile of base-2 logits s, and whether the tile's
+    gradient must be accumulated (always without FILTER; else False when every entry is
+    negligible under grad_filter)."""
     p = tl.math.exp2(s - lse2[:, None])
+    hit = target[:, None] == offs_v[None, :]
     dz = coef_p[:, None] * p - coef_base[:, None]
-    dz -= tl.where(target[:, None] == offs_v[None, :], coef_t[:, None], 0.0)
-    return tl.where(s == float("-inf"), 0.0, dz)
+    dz -= tl.where(hit, coef_t[:, None], 0.0)
+    dz = tl.where(s == float("-inf"), 0.0, dz)
+    needed = True
+    if FILTER:
+        # `not p < filter`: a NaN probability is never negligible (NaN must reach the gradients).
+        big = ((coef_p[:, None] != 0.0) & ~(p < grad_filter)) | (hit & (coef_t[:, None] != 0.0))
+        needed = tl.max((big | (coef_base[:, None] != 0.0)).to(tl.int32)) > 0
+    return dz, needed
 
 
 @triton.jit
@@ -45,8 +60,8 @@ def load_row_coefs(LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok):
 @triton.jit
 def _ce_bwd_dh_kernel(
     H, E, BIAS, LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, DH_PART,
-    scale, scale_log2, N, V, D, stride_h, stride_e, items_per_split,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    scale, scale_log2, grad_filter, N, V, D, stride_h, stride_e, items_per_split,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n_row_blocks = tl.cdiv(N, BLOCK_M)
@@ -65,8 +80,9 @@ def _ce_bwd_dh_kernel(
         offs_v = start_v + tl.arange(0, BLOCK_V)
         e, b, col_ok = load_items(E, BIAS, offs_v, offs_d, stop, D, stride_e, HAS_BIAS)
         s = logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION)
-        dz = dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v)
-        dh += tl.dot(dz.to(e.dtype), e, input_precision=DOT_PRECISION)
+        dz, needed = dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v, grad_filter, FILTER)
+        if needed:
+            dh += tl.dot(dz.to(e.dtype), e, input_precision=DOT_PRECISION)
     out = DH_PART + split.to(tl.int64) * N * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(out, dh * scale, mask=h_mask)
 
@@ -74,8 +90,8 @@ def _ce_bwd_dh_kernel(
 @triton.jit
 def _ce_bwd_de_kernel(
     H, E, BIAS, LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, DE_PART, DB_PART,
-    scale, scale_log2, N, V, D, stride_h, stride_e, rows_per_split,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    scale, scale_log2, grad_filter, N, V, D, stride_h, stride_e, rows_per_split,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n_item_blocks = tl.cdiv(V, BLOCK_V)
@@ -95,10 +111,11 @@ def _ce_bwd_de_kernel(
         lse2, coef_p, coef_base, target, coef_t = load_row_coefs(
             LSE2, COEF_P, COEF_BASE, TARGET, COEF_T, offs_m, row_ok)
         s = logit_tile(h, e, b, col_ok, scale_log2, DOT_PRECISION)
-        dz = dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v)
-        dz = tl.where(row_ok[:, None], dz, 0.0)
-        de += tl.dot(tl.trans(dz).to(h.dtype), h, input_precision=DOT_PRECISION)
-        db += tl.sum(dz, 0)
+        dz, needed = dlogit_tile(s, lse2, coef_p, coef_base, target, coef_t, offs_v, grad_filter, FILTER)
+        if needed:
+            dz = tl.where(row_ok[:, None], dz, 0.0)
+            de += tl.dot(tl.trans(dz).to(h.dtype), h, input_precision=DOT_PRECISION)
+            db += tl.sum(dz, 0)
     base = split.to(tl.int64) * V
     tl.store(DE_PART + (base + offs_v[:, None].to(tl.int64)) * D + offs_d[None, :], de * scale,
              mask=col_ok[:, None] & (offs_d < D)[None, :])
@@ -108,13 +125,13 @@ def _ce_bwd_de_kernel(
 def bwd_launches(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
     lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
-    coef_t: torch.Tensor,
+    coef_t: torch.Tensor, grad_filter: float = 0.0,
 ) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Describe the dH and dE/db launches.
 
     hidden (N,D), weight (V,D), bias (V,) | None, any strides; lse, coef_*: (N,) fp32 (lse in
-    natural log); target (N,) int64 (-1: none). Returns (launches, dh_part (S1,N,D),
-    de_part (S2,V,D), db_part (S2,V)), all fp32.
+    natural log); target (N,) int64 (-1: none); grad_filter in [0, 1) (module docstring).
+    Returns (launches, dh_part (S1,N,D), de_part (S2,V,D), db_part (S2,V)), all fp32.
     """
     check_same_device(hidden=hidden, weight=weight, bias=bias, lse=lse, coef_p=coef_p, coef_base=coef_base,
                       target=target, coef_t=coef_t)
@@ -123,7 +140,7 @@ def bwd_launches(
     n, d = hidden.shape
     v = weight.shape[0]
     precision = dot_precision(hidden.dtype)
-    cfg = ce_tile_config(d, precision, backward=True, compact=compact_float32_tiles(hidden))
+    cfg = ce_tile_config(d, precision, backward=True, compact=compact_float32_tiles(hidden), filtered=grad_filter > 0)
     row_blocks, item_blocks = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_v)
     dh_splits = split_count(row_blocks, item_blocks)
     items_per_split = triton.cdiv(item_blocks, dh_splits) * cfg.block_v
@@ -139,9 +156,9 @@ def bwd_launches(
         H=hidden, E=weight, BIAS=bias if bias is not None else weight, LSE2=lse * LOG2E,
         COEF_P=coef_p, COEF_BASE=coef_base, TARGET=target, COEF_T=coef_t,
     )
-    sizes = dict(scale=scale, scale_log2=scale * LOG2E, N=n, V=v, D=d,
+    sizes = dict(scale=scale, scale_log2=scale * LOG2E, grad_filter=float(grad_filter), N=n, V=v, D=d,
                  stride_h=hidden.stride(0), stride_e=weight.stride(0))
-    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=precision,
+    constexprs = dict(HAS_BIAS=bias is not None, DOT_PRECISION=precision, FILTER=grad_filter > 0,
                       BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
     dh = KernelLaunch(_ce_bwd_dh_kernel, grid=(row_blocks * dh_splits,),
                       args={**shared, "DH_PART": dh_part, **sizes, "items_per_split": items_per_split},

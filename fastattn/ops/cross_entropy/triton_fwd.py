@@ -51,6 +51,15 @@ _TF32X3_BWD_TILES = {
     128: CETileConfig(128, 32, 32, 8, 1),
     256: CETileConfig(256, 32, 32, 8, 2),
 }
+# The backward with gradient filtering, by dot precision ("tf32" also stands for 16-bit inputs):
+# the skip test holds the tile's probabilities a while longer. At the tiles of the unfiltered
+# backward it spills 12 B (tf32x3, D 64, sm_90), 20 B (tf32, D 64, sm_86) and 250–700 B (tf32x3,
+# D 128) per thread; at these nothing on sm_80/86/90 (tf32x3 D 64 needs 8 warps: at 4 every tile
+# tried spilled 4–16 B on sm_90).
+_FILTER_BWD_TILES = {
+    "tf32x3": {64: CETileConfig(64, 32, 32, 8, 2), 128: CETileConfig(128, 16, 32, 8, 1)},
+    "tf32": {64: CETileConfig(64, 64, 32, 4, 3)},
+}
 # float32 in tf32: the D 128 dE pass spills 52 B on sm_90 at 64 × 64, nothing at 64 × 32.
 _TF32_BWD_TILES = {128: CETileConfig(128, 64, 32, 8, 2)}
 # float32 on GPUs with 99 KB of shared memory per block (sm_86/89; `compact_float32_tiles`): the
@@ -63,15 +72,19 @@ _COMPACT_FLOAT32_TILES = {
 _COMPACT_TF32X3_BWD_TILES = {256: CETileConfig(256, 16, 32, 4, 1)}  # d256 dE at 32 × 32: 128 KB
 
 
-def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False, compact: bool = False) -> CETileConfig:
+def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False, compact: bool = False,
+                   filtered: bool = False) -> CETileConfig:
     """Tiles for hidden size d (rounded up to a power of two >= 64; at most MAX_HIDDEN_DIM), dots
     in `precision` (`dot_precision` of the inputs' dtype), of the LSE or (`backward`) dH/dE passes;
-    `compact`: float32 on a GPU with little shared memory per block (`compact_float32_tiles`).
+    `compact`: float32 on a GPU with little shared memory per block (`compact_float32_tiles`);
+    `filtered`: the backward with gradient filtering (triton_bwd.py).
     The first table holding the width wins, most specific first."""
     if d > MAX_HIDDEN_DIM:
         raise ValueError(f"Triton tiles take a hidden size <= {MAX_HIDDEN_DIM}, got {d}")
     width = max(64, triton.next_power_of_2(d))
     tables: list[dict[int, CETileConfig]] = []
+    if backward and filtered:
+        tables.append(_FILTER_BWD_TILES.get(precision, {}))
     if precision == "tf32x3":
         if compact and backward:
             tables.append(_COMPACT_TF32X3_BWD_TILES)
