@@ -20,6 +20,8 @@ from typing import Any, Optional
 import pytest
 import torch
 
+from fastattn.ops import autotune
+
 # bench/ is not a package; pytest's default import mode puts it on sys.path, but
 # --import-mode=importlib does not, and the suites import their helpers as `_common`.
 if str(Path(__file__).parent) not in sys.path:
@@ -67,6 +69,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    # What the timings ran with: fixed tiles, or the choices FASTATTN_AUTOTUNE=1 made (per key).
+    output_json["fastattn_autotune"] = {
+        "enabled": autotune.enabled(),
+        "choices": [{"key": repr(key), "choice": repr(choice)} for key, choice in autotune.choices().items()],
+    }
     json_file = config.getoption("benchmark_json", None)
     if json_file is not None:
         # pytest-benchmark 5 hands over a Path (older versions an opened file): Path.name is only the

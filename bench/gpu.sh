@@ -20,12 +20,15 @@
 #   3. tests:    tests/test_cuda.py, the Triton kernels on CUDA against the float64 reference and
 #                the training steps under sync-debug "error", CUDA graphs and Inductor
 #                                                                     → OUT/tests.log, tests.xml
+#   3a. tuned:   stage 2's timings again with FASTATTN_AUTOTUNE=1 (the listed tile candidates
+#                timed once per shape, the fastest kept; the choices land in the JSON under
+#                "fastattn_autotune")                                      → OUT/headline-tuned/
 #   3b. profile: bench/gpu_profile.py, torch.profiler tables of the headline calls (host vs
 #                kernel time, launches per call)                              → OUT/profile.txt
 #   4. suite:    the benchmark suite at --size quick, torch.compile providers and compiled steps
 #                left out (each compiles for tens of seconds)                      → OUT/suite/
 #   5. compiled: compiled vs eager training steps                                → OUT/compile/
-# GPU_SH_STAGES (default "warm headline tests profile suite compiled") runs a subset, in that
+# GPU_SH_STAGES (default "warm headline tests tuned profile suite compiled") runs a subset, in that
 # order; GPU_SH_TESTS_K passes a pytest -k expression to the tests stage (e.g. a rerun of fixes).
 # Stages 2, 4, 5 stop starting cases at their limit (python -m fastattn.bench --time-limit) and
 # still write their JSON and reports; `timeout` is the backstop for a hung case.
@@ -34,7 +37,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/suite-gpu}"
 BUDGET="${GPU_SH_BUDGET:-570}"
 PY="${PYTHON:-python3}"
-STAGES=" ${GPU_SH_STAGES:-warm headline tests profile suite compiled} "
+STAGES=" ${GPU_SH_STAGES:-warm headline tests tuned profile suite compiled} "
 TESTS_K=()
 [[ -n "${GPU_SH_TESTS_K:-}" ]] && TESTS_K=(-k "$GPU_SH_TESTS_K")
 mkdir -p "$OUT"
@@ -53,8 +56,8 @@ fi
 left() { echo $(( BUDGET - SECONDS )); }
 # Each stage's cap (seconds). A stage gets its cap, or less so that half the caps of the selected
 # stages after it stay in the budget.
-ORDER=(warm headline tests profile suite compiled)
-declare -A CAP=([warm]=90 [headline]=150 [tests]=210 [profile]=60 [suite]=240 [compiled]=120)
+ORDER=(warm headline tests tuned profile suite compiled)
+declare -A CAP=([warm]=90 [headline]=150 [tests]=210 [tuned]=120 [profile]=60 [suite]=240 [compiled]=120)
 limit() {  # limit NAME
     local reserve=0 later=0 name
     for name in "${ORDER[@]}"; do
@@ -88,7 +91,7 @@ bench() {  # bench SECONDS OUTDIR ARGS...: python -m fastattn.bench with a time 
     timeout $(( secs + 30 )) "$PY" -m fastattn.bench --device cuda --out "$dir" --time-limit "$secs" \
         --benchmark-max-time=0.2 "$@" 2>&1 | tee "$dir.log"
 }
-mkdir -p "$OUT/headline" "$OUT/suite" "$OUT/compile"
+mkdir -p "$OUT/headline" "$OUT/headline-tuned" "$OUT/suite" "$OUT/compile"
 
 warm() {  # warm SECONDS: each headline case once, benchmarks off, in parallel processes
     # Our kernels and the libraries' (Triton too); torch, naive and SDPA compile nothing.
@@ -100,6 +103,9 @@ tests() {  # tests SECONDS. FASTATTN_TEST_DEVICE=cuda: fail, not skip, if torch 
     TRITON_INTERPRET=0 FASTATTN_TEST_DEVICE=cuda timeout "$1" "$PY" -m pytest tests/test_cuda.py -q -rs \
         -p no:cacheprovider --junitxml="$OUT/tests.xml" "${XDIST[@]}" "${TESTS_K[@]}" 2>&1 | tee "$OUT/tests.log"
 }
+tuned() {  # tuned SECONDS: our headline cases with autotuning on (the baselines are stage 2's)
+    FASTATTN_AUTOTUNE=1 bench "$1" "$OUT/headline-tuned" -k "headline and triton"
+}
 profile() {  # profile SECONDS
     timeout "$1" "$PY" bench/gpu_profile.py --out "$OUT/profile.txt" 2>&1 | grep -v "^USDT"
 }
@@ -108,14 +114,15 @@ profile() {  # profile SECONDS
 secs=$(limit warm);     stage warm "$secs" warm "$secs"
 secs=$(limit headline); stage headline "$secs" bench "$secs" "$OUT/headline" -k headline
 secs=$(limit tests);    stage tests "$secs" tests "$secs"
+secs=$(limit tuned);    stage tuned "$secs" tuned "$secs"
 secs=$(limit profile);  stage profile "$secs" profile "$secs"
 secs=$(limit suite);    stage suite "$secs" bench "$secs" "$OUT/suite" --size quick \
     -k "not compiled and not headline and not torch_compile"
 secs=$(limit compiled); stage compiled "$secs" bench "$secs" "$OUT/compile" --size quick -k compiled
 
 summary="gpu.sh: after ${SECONDS} s of ${BUDGET}:"
-for name in warm headline tests profile suite compiled; do summary+=" ${name}: ${RC[$name]:-not run};"; done
+for name in warm headline tests tuned profile suite compiled; do summary+=" ${name}: ${RC[$name]:-not run};"; done
 echo "$summary files in ${OUT}" | tee "$OUT/summary.txt"
-for name in headline tests profile suite compiled; do
+for name in headline tests tuned profile suite compiled; do
     [[ "${RC[$name]:-0}" =~ ^(0|skipped|not\ selected)$ ]] || exit 1
 done

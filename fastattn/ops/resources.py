@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ._common import SHARED_MEMORY_LIMIT, target_arch
+from ._common import SHARED_MEMORY_LIMIT, compact_float32_tiles, dot_precision, target_arch
 from .aot import every_triton_launch
 from .triton_launch import KernelLaunch
 
@@ -180,14 +180,69 @@ def headline_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
                     yield kernel, f"{ce.name}{filtered}-{_launch_tag(launch)}", _dtype_name(dtype), launch
 
 
+def autotune_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
+    """(kernel, config, dtype, launch) of every autotune candidate (ops/autotune.py) other than
+    the fixed choice, at the headline shapes: what FASTATTN_AUTOTUNE=1 may launch there."""
+    from .attention.triton_bwd import backward_plans, bwd_launches as attention_bwd
+    from .attention.triton_fwd import fwd_launch, tile_candidates
+    from .cross_entropy.triton_bwd import bwd_launches as ce_bwd
+    from .cross_entropy.triton_fwd import ce_tile_candidates, lse_launch
+
+    meta = torch.device("meta")
+    for dtype in DTYPES:
+        for mode in FLOAT32_MODES if dtype == torch.float32 else FLOAT32_MODES[:1]:
+            for case in HEADLINE_ATTENTION:
+                q = torch.empty(case.b, case.h, case.l, case.dqk, dtype=dtype, device=meta)
+                v = torch.empty(case.b, case.h, case.l, case.dv, dtype=dtype, device=meta)
+                pad = torch.empty(case.b, case.l, dtype=torch.bool, device=meta)
+
+                def describe_attention() -> list[tuple[str, KernelLaunch]]:
+                    scale = case.dqk ** -0.5
+                    launches = []
+                    others = tile_candidates(case.dqk, case.dv, dot_precision(dtype), compact_float32_tiles(q))[1:]
+                    for tiles in others:
+                        launches.append(("fwd", fwd_launch(q, q, v, scale, True, 0.0, None, pad, None, tiles)[0]))
+                    _, out, lse, _ = fwd_launch(q, q, v, scale, True, 0.0, None, pad, None)
+                    for plan in backward_plans(q, q, v)[1:]:
+                        bwd, *_ = attention_bwd(q, q, v, out, out, lse, None, None, scale, True, 0.0, None, pad,
+                                                None, fused=plan.fused, tiles=plan.tiles)
+                        names = ("bwd",) if plan.fused else ("bwd_delta", "bwd_dkdv", "bwd_dq")
+                        launches += zip(names, bwd)
+                    return launches
+
+                for kernel, launch in _with_precision(mode, describe_attention):
+                    yield kernel, f"{case.name}-autotune-{_launch_tag(launch)}", _dtype_name(dtype), launch
+            for ce in HEADLINE_CROSS_ENTROPY:
+                h = torch.empty(ce.n, ce.d, dtype=dtype, device=meta)
+                w = torch.empty(ce.v, ce.d, dtype=dtype, device=meta)
+                f32 = torch.empty(ce.n, dtype=torch.float32, device=meta)
+                tgt = torch.empty(ce.n, dtype=torch.int64, device=meta)
+
+                def describe_ce() -> list[tuple[str, KernelLaunch]]:
+                    precision, compact = dot_precision(dtype), compact_float32_tiles(h)
+                    launches = [("ce_lse", lse_launch(h, w, None, 1.0, tiles)[0])
+                                for tiles in ce_tile_candidates(ce.d, precision, compact=compact)[1:]]
+                    for tiles in ce_tile_candidates(ce.d, precision, backward=True, compact=compact)[1:]:
+                        (dh, de), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32, 0.0, tiles)
+                        launches += [("ce_bwd_dh", dh), ("ce_bwd_de", de)]
+                    return launches
+
+                for kernel, launch in _with_precision(mode, describe_ce):
+                    yield kernel, f"{ce.name}-autotune-{_launch_tag(launch)}", _dtype_name(dtype), launch
+
+
 def report_launches(headline_only: bool, only: Optional[str] = None, arch: int = 80
                     ) -> list[tuple[str, str, str, bool, bool, KernelLaunch]]:
     """(kernel, config, dtype, headline, aligned, launch) as the launchers choose them on sm_`arch`:
-    the headline cases (aligned), then, unless `headline_only`, every configuration of
+    the headline cases (aligned), then, unless `headline_only`, the autotune candidates at the
+    headline shapes (aligned, config "…-autotune-…") and every configuration of
     `every_triton_launch(arch)` (generic signature); with `only`, those whose "kernel config"
     matches that regular expression."""
     with target_arch(arch):
         rows = [(kernel, config, dtype, True, True, launch) for kernel, config, dtype, launch in headline_launches()]
+        if not headline_only:
+            rows += [(kernel, config, dtype, False, True, launch)
+                     for kernel, config, dtype, launch in autotune_launches()]
     if not headline_only:
         for name, launch in every_triton_launch(arch):
             kernel, _, rest = name.partition("-")
@@ -516,6 +571,11 @@ def headline_rooflines() -> list[Roofline]:
 # Output.
 # --------------------------------------------------------------------------------------------
 
+def is_autotune_row(row: dict[str, Any]) -> bool:
+    """Whether a report row is an autotune candidate (`autotune_launches`), not a fixed choice."""
+    return "-autotune-" in row["config"]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of the rows (one line each)."""
     head = ("kernel", "dtype", "arch", "regs", "spill st/ld", "shared", "TC", "dots", "occ", "config")
@@ -570,12 +630,24 @@ def format_markdown(rows: list[dict[str, Any]], elapsed_s: float, command: str) 
     ]
     for (kernel, dtype, shape), by_arch in cells.items():
         out.append(f"| {kernel} | {dtype} | {shape} | " + " | ".join(by_arch.get(a, "–") for a in archs) + " |")
-    generic = [r for r in rows if not r["headline"]]
+    tuning = [r for r in rows if is_autotune_row(r)]
+    if tuning:
+        out += [
+            "", "## Autotune candidates at the headline shapes (aligned; FASTATTN_AUTOTUNE=1 only)", "",
+            "The listed alternatives to the fixed tiles (ops/autotune.py). A spill here is for the tuner's "
+            "clock to weigh; a row over its arch's shared memory is skipped there (OutOfResources).", "",
+            "| kernel | dtype | config | arch | registers | spill store+load | shared | over the arch limit |",
+            "|---|---|---|---|---|---|---|---|",
+            *(f"| {r['kernel']} | {r['dtype']} | {r['config']} | sm_{r['arch']} | {r['registers']} | "
+              f"{r['spill_store_bytes']}+{r['spill_load_bytes']} | {r['shared_bytes']} | "
+              f"{'**yes**' if r['shared_bytes'] > SHARED_MEMORY_LIMIT[r['arch']] else 'no'} |" for r in tuning),
+        ]
+    generic = [r for r in rows if not r["headline"] and not is_autotune_row(r)]
     if generic:
         spilling = sorted({(r["kernel"], r["dtype"], r["config"], r["arch"], r["spill_store_bytes"])
                            for r in generic if r["spill_store_bytes"]}, key=lambda x: -x[4])
         # sm_86/89 as compiled (their launches differ from sm_80's: compact float32 tiles).
-        small = [r for r in rows if r["arch"] in (86, 89)]
+        small = [r for r in rows if r["arch"] in (86, 89) and not is_autotune_row(r)]
         over = over_shared_limit(small)
         out += [
             "", "## Every configuration the launchers can pick (generic signature)", "",
@@ -594,7 +666,8 @@ def format_markdown(rows: list[dict[str, Any]], elapsed_s: float, command: str) 
         "495 TFLOP/s (fp32 as tf32), ex2 at 16/clk/SM × 132 SMs × 1.83 GHz ≈ 3.87 T/s, HBM at "
         "3.35 TB/s. Times in µs; floor = the largest. `bwd-fa2`/`bwd-cce`: the ideal work count "
         "(5 GEMMs + 1 exp; 3 GEMMs + 1 exp), `bwd-current`: the kernels' work today (attention: the fused "
-        "backward, 5 + 1, at every headline length; cross-entropy 4 + 2).",
+        "backward, 5 + 1, at every headline length; cross-entropy 4 + 2), `bwd-filtered`: cross-entropy "
+        "with gradient filtering skipping every tile (2 + 2).",
         "",
         "| case | dtype | pass | GFLOP | G exp | MB | matmul µs | exp µs | memory µs | floor µs | bound |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -7,11 +7,12 @@ from typing import Iterator, Optional
 
 import torch
 
-from .._common import float32_matmul_precision, launch_precisions, precision_tag
+from .. import autotune
+from .._common import compact_float32_tiles, dot_precision, float32_matmul_precision, launch_precisions, precision_tag
 from ..triton_launch import KernelLaunch
 from .options import AttentionOptions
-from .triton_bwd import bwd_launches
-from .triton_fwd import all_tile_configs, dropout_rows_launch, fwd_launch
+from .triton_bwd import BackwardPlan, backward_plans, bwd_launches
+from .triton_fwd import TileConfig, all_tile_configs, dropout_rows_launch, fwd_launch, tile_candidates
 
 
 class TritonAttentionKernels:
@@ -25,9 +26,14 @@ class TritonAttentionKernels:
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions, seed: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        launch, out, lse, acd = fwd_launch(
-            q, k, v, opts.scale, opts.causal, opts.dropout_p, seed, key_padding_mask, domains
-        )
+        def describe(tiles: TileConfig) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+            return fwd_launch(q, k, v, opts.scale, opts.causal, opts.dropout_p, seed, key_padding_mask, domains,
+                              tiles)
+
+        candidates = tile_candidates(q.shape[3], v.shape[3], dot_precision(q.dtype), compact_float32_tiles(q))
+        tiles = autotune.choose(_tuning_key("attention_fwd", q, k, v, opts, key_padding_mask, domains), candidates,
+                                lambda c: describe(c)[0](), probe=q)
+        launch, out, lse, acd = describe(tiles)
         launch()
         return out, lse, acd
 
@@ -38,13 +44,29 @@ class TritonAttentionKernels:
         seed: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
         domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        launches, dq, dk, dv = bwd_launches(
-            q, k, v, dout, out, lse, acd, grad_acd, opts.scale, opts.causal, opts.dropout_p, seed,
-            key_padding_mask, domains,
-        )
-        for launch in launches:
-            launch()
-        return dq, dk, dv
+        def run(plan: BackwardPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            launches, dq, dk, dv = bwd_launches(
+                q, k, v, dout, out, lse, acd, grad_acd, opts.scale, opts.causal, opts.dropout_p, seed,
+                key_padding_mask, domains, fused=plan.fused, tiles=plan.tiles,
+            )
+            for launch in launches:
+                launch()
+            return dq, dk, dv
+
+        plan = autotune.choose(_tuning_key("attention_bwd", q, k, v, opts, key_padding_mask, domains),
+                               backward_plans(q, k, v), run, probe=q)
+        return run(plan)
+
+
+def _tuning_key(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: AttentionOptions,
+                key_padding_mask: Optional[torch.Tensor], domains: Optional[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[object, ...]:
+    """What an autotuned choice is kept for: dtype and dot precision, head dims, flags, and the
+    batch·heads and lengths bucketed to powers of two, on one kind of GPU."""
+    b, h, lq, dqk = q.shape
+    return (op, q.dtype, dot_precision(q.dtype), dqk, v.shape[3], opts.causal, opts.dropout_p > 0,
+            key_padding_mask is not None, domains is not None, autotune.size_bucket(b * h),
+            autotune.size_bucket(lq), autotune.size_bucket(k.shape[2]), autotune.device_capability(q))
 
 
 def every_launch() -> Iterator[tuple[str, KernelLaunch]]:

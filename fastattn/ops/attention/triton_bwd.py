@@ -19,6 +19,7 @@ where P = exp2(S·log2e − LSE) is recomputed from the forward's base-2 LSE. Tw
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,7 +29,8 @@ import triton.language as tl
 from .._common import LOG2E, check_same_device, compact_float32_tiles, dot_precision
 from ..triton_launch import KernelLaunch
 from .triton_fwd import (
-    TileConfig, dense_inputs, domain_arguments, dropout_keep, key_inputs, seed_argument, tile_config, visible_tile,
+    TileConfig, check_tiles_fit, dense_inputs, domain_arguments, dropout_keep, key_inputs, seed_argument, tile_config,
+    visible_tile,
 )
 
 # Longest sequence (queries or keys) the fused schedule takes: each of its B·H programs walks
@@ -46,6 +48,38 @@ _FUSED_TILES = {
     "tf32": TileConfig(64, 64, 16, 32, 4, 2),
     "tf32x3": TileConfig(64, 64, 16, 16, 4, 2),
 }
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """A backward schedule (`fused` or split) with its tiles: what autotuning chooses among."""
+
+    fused: bool
+    tiles: TileConfig
+
+
+# Autotune alternatives of the fused schedule's tiles (ops/autotune.py), by the keys of
+# _FUSED_TILES; every plan list also offers the split schedule at the forward's tiles.
+_FUSED_CANDIDATES = {
+    "16-bit": (TileConfig(64, 64, 16, 32, 4, 2), TileConfig(64, 64, 32, 64, 4, 2)),
+    "tf32": (TileConfig(64, 64, 32, 32, 4, 2),),
+    "tf32x3": (TileConfig(64, 64, 16, 32, 4, 2),),
+}
+
+
+def backward_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[BackwardPlan]:
+    """The backward's autotune candidates for q (B,H,Lq,DQK), k (B,H,Lk,DQK), v (B,H,Lk,DV):
+    the fixed choice first (`takes_fused_schedule`, then its tiles), then, where the fused schedule
+    can run, its listed alternative tiles and the split schedule."""
+    precision = dot_precision(q.dtype)
+    lq, dqk = q.shape[2], q.shape[3]
+    lk, dv = k.shape[2], v.shape[3]
+    split = BackwardPlan(False, tile_config(dqk, dv, precision, compact_float32_tiles(q)))
+    if not (max(dqk, dv) <= 64 and lk > 0):
+        return [split]
+    key = "16-bit" if q.dtype != torch.float32 else precision
+    fused = [BackwardPlan(True, t) for t in (_FUSED_TILES[key], *_FUSED_CANDIDATES[key])]
+    return fused + [split] if takes_fused_schedule(lq, lk, dqk, dv) else [split] + fused
 
 
 def fused_tile_config(dtype: torch.dtype, precision: str) -> TileConfig:
@@ -370,6 +404,7 @@ def bwd_launches(
     key_padding_mask: Optional[torch.Tensor],
     domains: Optional[tuple[torch.Tensor, torch.Tensor]],
     fused: Optional[bool] = None,
+    tiles: Optional[TileConfig] = None,
 ) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Describe the backward launches and allocate dq, dk, dv (contiguous, dtypes of q, k, v).
 
@@ -377,7 +412,8 @@ def bwd_launches(
     forward's fp32 (B,H,Lq); acd, grad_acd: fp32 (B,H,Lq), given iff domains is given (D_i then
     adds grad_acd·acd). seed: the forward's int64 one-element tensor (needed iff dropout_p > 0).
     fused: the schedule (module docstring); None: `takes_fused_schedule`. True on wider heads or
-    without keys raises ValueError.
+    without keys raises ValueError. tiles: the schedule's tiles (a `backward_plans` entry,
+    autotuning); None: its fixed ones.
     Returns ([fused] or [delta, dkdv, dq] launches, dq, dk, dv).
     """
     check_same_device(q=q, k=k, v=v, dout=dout, out=out, lse=lse, acd=acd, grad_acd=grad_acd,
@@ -395,6 +431,9 @@ def bwd_launches(
                          f"dv {dvd}, Lk {lk}")
     precision = dot_precision(q.dtype)
     cfg = tile_config(dqk, dvd, precision, compact_float32_tiles(q))
+    if tiles is not None:
+        check_tiles_fit(tiles, dqk, dvd)
+        cfg = tiles
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     pad, dom_q, dom_k, key_strides = key_inputs(key_padding_mask, domains, lse)
@@ -413,7 +452,7 @@ def bwd_launches(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
     )
     if fused:
-        cfg = fused_tile_config(q.dtype, precision)
+        cfg = tiles or fused_tile_config(q.dtype, precision)
         constexprs.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         dq_is_acc = q.dtype == torch.float32
         dq_acc = dq if dq_is_acc else torch.empty(q.shape, dtype=torch.float32, device=q.device)

@@ -206,6 +206,32 @@ def tile_config(dqk: int, dv: int, precision: str = "tf32", compact: bool = Fals
     return _COMPACT_FLOAT32_TILES.get(width, regular) if compact else regular
 
 
+# Autotune candidates of the forward (ops/autotune.py; FASTATTN_AUTOTUNE=1) in the 64-wide class
+# by dot precision, after the fixed tiles above; the other classes and compact float32 tune
+# nothing. Larger tiles reuse K/V more, smaller ones give more programs (B·H·Lq/BLOCK_M) when
+# B·H is small; some of these spill (bench/results/gpu-resources.md lists them), which only a
+# timing can weigh.
+_FWD_CANDIDATES = {
+    "tf32": (TileConfig(64, 64, 128, 64, 8, 2), TileConfig(64, 64, 64, 32, 4, 3), TileConfig(64, 64, 32, 64, 4, 2)),
+    "tf32x3": (TileConfig(64, 64, 64, 32, 4, 2), TileConfig(64, 64, 16, 32, 4, 2)),
+}
+
+
+def tile_candidates(dqk: int, dv: int, precision: str = "tf32", compact: bool = False) -> list[TileConfig]:
+    """The forward's autotune candidates: `tile_config`'s fixed choice first, then the listed
+    alternatives of its class (none outside the 64-wide class or with `compact`)."""
+    fixed = tile_config(dqk, dv, precision, compact)
+    if fixed.block_dqk != 64 or compact:
+        return [fixed]
+    return [fixed, *(c for c in _FWD_CANDIDATES[precision] if c != fixed)]
+
+
+def check_tiles_fit(cfg: TileConfig, dqk: int, dv: int) -> None:
+    """ValueError unless `cfg`'s head-dim blocks hold dqk and dv."""
+    if cfg.block_dqk < dqk or cfg.block_dv < dv:
+        raise ValueError(f"tiles {cfg} do not hold head dims dqk {dqk}, dv {dv}")
+
+
 def all_tile_configs() -> list[TileConfig]:
     """One tile configuration per class (the widths every_launch() describes launches at; there
     the launchers pick each dtype's own tiles, so the GPU-compile test covers each)."""
@@ -255,6 +281,7 @@ def fwd_launch(
     seed: Optional[torch.Tensor],
     key_padding_mask: Optional[torch.Tensor],
     domains: Optional[tuple[torch.Tensor, torch.Tensor]],
+    tiles: Optional[TileConfig] = None,
 ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Describe the forward launch on concatenated streams and allocate its outputs.
 
@@ -263,13 +290,15 @@ def fwd_launch(
     tensor on q's device, the Philox key (needed iff dropout_p > 0).
     Returns (launch, out (B,H,Lq,DV) in q's dtype, lse (B,H,Lq) fp32 base-2 log-sum-exp of
     the scaled scores (+inf on rows without a visible key), acd (B,H,Lq) fp32 or None).
+    tiles: one of `tile_candidates` (autotuning); None: `tile_config`'s fixed choice.
     """
     check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, **domain_arguments(domains))
     q, k, v = dense_inputs(q, k, v)
     b, h, lq, dqk = q.shape
     lk, dv = k.shape[2], v.shape[3]
     precision = dot_precision(q.dtype)
-    cfg = tile_config(dqk, dv, precision, compact_float32_tiles(q))
+    cfg = tiles or tile_config(dqk, dv, precision, compact_float32_tiles(q))
+    check_tiles_fit(cfg, dqk, dv)
     out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     acd = torch.empty(b, h, lq, dtype=torch.float32, device=q.device) if domains is not None else None

@@ -6,10 +6,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from .._common import float32_matmul_precision, launch_precisions, precision_tag
+from .. import autotune
+from .._common import compact_float32_tiles, dot_precision, float32_matmul_precision, launch_precisions, precision_tag
 from ..triton_launch import KernelLaunch
 from .triton_bwd import bwd_launches
-from .triton_fwd import all_ce_tile_configs, combine_lse, lse_launch
+from .triton_fwd import CETileConfig, all_ce_tile_configs, ce_tile_candidates, combine_lse, lse_launch
 
 
 class TritonCrossEntropyKernels:
@@ -19,7 +20,11 @@ class TritonCrossEntropyKernels:
     def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         if hidden.shape[0] == 0:
             return torch.empty(0, dtype=torch.float32, device=hidden.device)
-        launch, m_part, l_part = lse_launch(hidden, weight, bias, scale)
+        candidates = ce_tile_candidates(hidden.shape[1], dot_precision(hidden.dtype),
+                                        compact=compact_float32_tiles(hidden))
+        tiles = autotune.choose(_tuning_key("ce_lse", hidden, weight, bias), candidates,
+                                lambda c: lse_launch(hidden, weight, bias, scale, c)[0](), probe=hidden)
+        launch, m_part, l_part = lse_launch(hidden, weight, bias, scale, tiles)
         launch()
         return combine_lse(m_part, l_part)
 
@@ -33,11 +38,27 @@ class TritonCrossEntropyKernels:
             zeros = dict(dtype=torch.float32, device=hidden.device)
             return (torch.zeros(hidden.shape, **zeros), torch.zeros(weight.shape, **zeros),
                     torch.zeros(weight.shape[0], **zeros) if bias is not None else None)
-        launches, dh_part, de_part, db_part = bwd_launches(
-            hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t, grad_filter)
-        for launch in launches:
-            launch()
+        def run(tiles: CETileConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            launches, dh_part, de_part, db_part = bwd_launches(
+                hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t, grad_filter, tiles)
+            for launch in launches:
+                launch()
+            return dh_part, de_part, db_part
+
+        candidates = ce_tile_candidates(hidden.shape[1], dot_precision(hidden.dtype), backward=True,
+                                        compact=compact_float32_tiles(hidden), filtered=grad_filter > 0)
+        tiles = autotune.choose(_tuning_key("ce_bwd", hidden, weight, bias) + (grad_filter > 0,), candidates, run,
+                                probe=hidden)
+        dh_part, de_part, db_part = run(tiles)
         return _sum_splits(dh_part), _sum_splits(de_part), _sum_splits(db_part) if bias is not None else None
+
+
+def _tuning_key(op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[object, ...]:
+    """What an autotuned choice is kept for: dtype and dot precision, hidden size, bias, and the
+    row and item counts bucketed to powers of two, on one kind of GPU."""
+    return (op, hidden.dtype, dot_precision(hidden.dtype), hidden.shape[1], bias is not None,
+            autotune.size_bucket(hidden.shape[0]), autotune.size_bucket(weight.shape[0]),
+            autotune.device_capability(hidden))
 
 
 def _sum_splits(part: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from ..triton_launch import KernelLaunch
 from .._common import LOG2E, check_same_device, compact_float32_tiles, dot_precision
-from .triton_fwd import (ce_tile_config, kernel_layout, load_items, load_rows, logit_tile,
-                         split_count)
+from .triton_fwd import (CETileConfig, ce_tile_config, check_block_d, kernel_layout, load_items, load_rows,
+                         logit_tile, split_count)
 
 
 @triton.jit
@@ -125,12 +125,13 @@ def _ce_bwd_de_kernel(
 def bwd_launches(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
     lse: torch.Tensor, coef_p: torch.Tensor, coef_base: torch.Tensor, target: torch.Tensor,
-    coef_t: torch.Tensor, grad_filter: float = 0.0,
+    coef_t: torch.Tensor, grad_filter: float = 0.0, tiles: Optional[CETileConfig] = None,
 ) -> tuple[list[KernelLaunch], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Describe the dH and dE/db launches.
 
     hidden (N,D), weight (V,D), bias (V,) | None, any strides; lse, coef_*: (N,) fp32 (lse in
-    natural log); target (N,) int64 (-1: none); grad_filter in [0, 1) (module docstring).
+    natural log); target (N,) int64 (-1: none); grad_filter in [0, 1) (module docstring); tiles: a
+    `ce_tile_candidates` entry (autotuning), None: the fixed choice.
     Returns (launches, dh_part (S1,N,D), de_part (S2,V,D), db_part (S2,V)), all fp32.
     """
     check_same_device(hidden=hidden, weight=weight, bias=bias, lse=lse, coef_p=coef_p, coef_base=coef_base,
@@ -140,7 +141,9 @@ def bwd_launches(
     n, d = hidden.shape
     v = weight.shape[0]
     precision = dot_precision(hidden.dtype)
-    cfg = ce_tile_config(d, precision, backward=True, compact=compact_float32_tiles(hidden), filtered=grad_filter > 0)
+    cfg = tiles or ce_tile_config(d, precision, backward=True, compact=compact_float32_tiles(hidden),
+                                  filtered=grad_filter > 0)
+    check_block_d(cfg, d)
     row_blocks, item_blocks = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_v)
     dh_splits = split_count(row_blocks, item_blocks)
     items_per_split = triton.cdiv(item_blocks, dh_splits) * cfg.block_v

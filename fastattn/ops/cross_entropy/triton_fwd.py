@@ -97,9 +97,41 @@ def ce_tile_config(d: int, precision: str = "tf32", backward: bool = False, comp
     return next(table[width] for table in tables if width in table)
 
 
+# Autotune candidates (ops/autotune.py; FASTATTN_AUTOTUNE=1) after the fixed tiles, by dot
+# precision ("tf32" also stands for 16-bit inputs), pass and width; other widths, compact float32
+# and the filtered backward tune nothing. The LSE pass is one large GEMM with an exp per
+# logit: larger tiles reuse H and E more; the backward passes hold dz and a float32 accumulator.
+_CANDIDATES = {
+    ("tf32", False): {64: (CETileConfig(64, 128, 64, 8, 3), CETileConfig(64, 64, 128, 8, 3)),
+                      128: (CETileConfig(128, 128, 64, 8, 2), CETileConfig(128, 64, 32, 4, 3))},
+    ("tf32", True): {64: (CETileConfig(64, 128, 64, 8, 3), CETileConfig(64, 64, 128, 8, 3)),
+                     128: (CETileConfig(128, 64, 64, 8, 2), CETileConfig(128, 32, 64, 8, 2))},
+    ("tf32x3", False): {64: (CETileConfig(64, 64, 32, 4, 2), CETileConfig(64, 32, 64, 4, 2)),
+                        128: (CETileConfig(128, 32, 32, 8, 2),)},
+    ("tf32x3", True): {64: (CETileConfig(64, 64, 32, 4, 2),), 128: (CETileConfig(128, 16, 32, 8, 1),)},
+}
+
+
+def ce_tile_candidates(d: int, precision: str = "tf32", backward: bool = False, compact: bool = False,
+                       filtered: bool = False) -> list[CETileConfig]:
+    """The autotune candidates of a pass: `ce_tile_config`'s fixed choice first, then the listed
+    alternatives of its width (none for compact float32 or the filtered backward)."""
+    fixed = ce_tile_config(d, precision, backward, compact, filtered)
+    if compact or filtered:
+        return [fixed]
+    listed = _CANDIDATES.get((precision, backward), {}).get(fixed.block_d, ())
+    return [fixed, *(c for c in listed if c != fixed)]
+
+
 def all_ce_tile_configs() -> list[CETileConfig]:
     """One tile configuration per class (the widths every_launch() describes launches at)."""
     return list(_TILES.values())
+
+
+def check_block_d(cfg: CETileConfig, d: int) -> None:
+    """ValueError unless `cfg`'s hidden block holds hidden size d."""
+    if cfg.block_d < d:
+        raise ValueError(f"tiles {cfg} do not hold hidden size {d}")
 
 
 def split_count(outer_blocks: int, inner_blocks: int) -> int:
@@ -175,9 +207,10 @@ def _ce_lse_kernel(
     tl.store(L_PART + out, l_i, mask=row_ok)
 
 
-def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float
-               ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
-    """Describe the LSE launch. hidden (N,D), weight (V,D), bias (V,) or None, any strides.
+def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+               tiles: Optional[CETileConfig] = None) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """Describe the LSE launch. hidden (N,D), weight (V,D), bias (V,) or None, any strides;
+    tiles: a `ce_tile_candidates` entry (autotuning), None: the fixed choice.
 
     Returns (launch, m_part, l_part): (S, N) fp32 partial base-2 maxima and sums per split.
     """
@@ -186,7 +219,8 @@ def lse_launch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     n, d = hidden.shape
     v = weight.shape[0]
     precision = dot_precision(hidden.dtype)
-    cfg = ce_tile_config(d, precision, compact=compact_float32_tiles(hidden))
+    cfg = tiles or ce_tile_config(d, precision, compact=compact_float32_tiles(hidden))
+    check_block_d(cfg, d)
     row_blocks = triton.cdiv(n, cfg.block_m)
     item_blocks = triton.cdiv(v, cfg.block_v)
     splits = split_count(row_blocks, item_blocks)
