@@ -11,11 +11,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 def _launches(cap):
     """Every launch the launchers choose on sm_`cap`; for sm_86/89 only those that differ from the
-    regular ones (the compact float32 tiles): the rest are compiled by the sm_80 run."""
+    arch-less ones (the compact float32 tiles): the rest are compiled by the sm_80 run."""
     from fastattn.ops.aot import every_triton_launch
 
     if cap not in (86, 89):
-        return every_triton_launch()
+        return every_triton_launch(cap)  # sm_90's own choices (the 16-bit fused backward's tiles)
 
     def described(launch):
         return (launch.kernel, sorted(launch.constexprs.items()), launch.num_warps, launch.num_stages)

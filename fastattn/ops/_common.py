@@ -63,6 +63,17 @@ def _shared_memory_per_block(index: int) -> int:
     return limit
 
 
+def device_arch(t: torch.Tensor) -> Optional[int]:
+    """The compute capability (e.g. 90) a launch on `t` compiles for: `target_arch` inside one,
+    else t's CUDA device; None for CPU tensors (the interpreter) and meta ones."""
+    if _target_arch is not None:
+        return _target_arch
+    if t.device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
 def compact_float32_tiles(t: torch.Tensor) -> bool:
     """Whether a launch on `t` (its dtype and device) takes the compact float32 tiles: float32 on
     a GPU with under COMPACT_TILES_BELOW of shared memory per block, or under `target_arch` of

@@ -137,98 +137,92 @@ def _with_precision(mode: str, describe: Any) -> Any:
         torch.set_float32_matmul_precision(previous)
 
 
-def headline_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
-    """(kernel, config, dtype, launch) of every headline case on meta tensors, as the launchers
-    describe them (so strides, sizes and tile classes are those of a real call)."""
+def _headline_inputs() -> Iterator[tuple[torch.dtype, str, Any, dict[str, torch.Tensor]]]:
+    """(dtype, float32 matmul precision, case, its meta input tensors) of every headline case:
+    attention q (K too), v, pad; cross-entropy h, w, per-row f32 and tgt."""
+    meta = torch.device("meta")
+    for dtype in DTYPES:
+        for mode in FLOAT32_MODES if dtype == torch.float32 else FLOAT32_MODES[:1]:
+            for case in HEADLINE_ATTENTION:
+                yield dtype, mode, case, dict(
+                    q=torch.empty(case.b, case.h, case.l, case.dqk, dtype=dtype, device=meta),
+                    v=torch.empty(case.b, case.h, case.l, case.dv, dtype=dtype, device=meta),
+                    pad=torch.empty(case.b, case.l, dtype=torch.bool, device=meta))
+            for ce in HEADLINE_CROSS_ENTROPY:
+                yield dtype, mode, ce, dict(
+                    h=torch.empty(ce.n, ce.d, dtype=dtype, device=meta),
+                    w=torch.empty(ce.v, ce.d, dtype=dtype, device=meta),
+                    f32=torch.empty(ce.n, dtype=torch.float32, device=meta),
+                    tgt=torch.empty(ce.n, dtype=torch.int64, device=meta))
+
+
+def _fixed_launches(case: Any, t: dict[str, torch.Tensor]) -> list[tuple[str, str, KernelLaunch]]:
+    """(kernel, config infix, launch) the launchers choose for a headline case."""
     from .attention.triton_bwd import bwd_launches as attention_bwd
     from .attention.triton_fwd import fwd_launch
     from .cross_entropy.triton_bwd import bwd_launches as ce_bwd
     from .cross_entropy.triton_fwd import lse_launch
 
-    meta = torch.device("meta")
-    for dtype in DTYPES:
-        for mode in FLOAT32_MODES if dtype == torch.float32 else FLOAT32_MODES[:1]:
-            for case in HEADLINE_ATTENTION:
-                q = torch.empty(case.b, case.h, case.l, case.dqk, dtype=dtype, device=meta)
-                k = torch.empty_like(q)
-                v = torch.empty(case.b, case.h, case.l, case.dv, dtype=dtype, device=meta)
-                pad = torch.empty(case.b, case.l, dtype=torch.bool, device=meta)
-
-                def describe_attention() -> list[KernelLaunch]:
-                    fwd, out, lse, _ = fwd_launch(q, k, v, case.dqk ** -0.5, True, 0.0, None, pad, None)
-                    (bwd,), *_ = attention_bwd(q, k, v, out, out, lse, None, None, case.dqk ** -0.5, True,
-                                               0.0, None, pad, None)
-                    return [fwd, bwd]
-
-                for kernel, launch in zip(ATTENTION_KERNELS, _with_precision(mode, describe_attention)):
-                    yield kernel, f"{case.name}-{_launch_tag(launch)}", _dtype_name(dtype), launch
-            for ce in HEADLINE_CROSS_ENTROPY:
-                h = torch.empty(ce.n, ce.d, dtype=dtype, device=meta)
-                w = torch.empty(ce.v, ce.d, dtype=dtype, device=meta)
-                f32 = torch.empty(ce.n, dtype=torch.float32, device=meta)
-                tgt = torch.empty(ce.n, dtype=torch.int64, device=meta)
-
-                def describe_ce() -> list[KernelLaunch]:
-                    lse, _, _ = lse_launch(h, w, None, 1.0)
-                    (dh, de), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32)
-                    (dh_filter, de_filter), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32, 2.0**-12)
-                    return [lse, dh, de, dh_filter, de_filter]
-
-                kernels = (*CROSS_ENTROPY_KERNELS, "ce_bwd_dh", "ce_bwd_de")
-                for i, (kernel, launch) in enumerate(zip(kernels, _with_precision(mode, describe_ce))):
-                    filtered = "-filter" if i >= len(CROSS_ENTROPY_KERNELS) else ""
-                    yield kernel, f"{ce.name}{filtered}-{_launch_tag(launch)}", _dtype_name(dtype), launch
+    if isinstance(case, AttentionCase):
+        q, v, pad, scale = t["q"], t["v"], t["pad"], case.dqk ** -0.5
+        fwd, out, lse, _ = fwd_launch(q, q, v, scale, True, 0.0, None, pad, None)
+        (bwd,), *_ = attention_bwd(q, q, v, out, out, lse, None, None, scale, True, 0.0, None, pad, None)
+        return [("fwd", "", fwd), ("bwd", "", bwd)]
+    h, w, f32, tgt = t["h"], t["w"], t["f32"], t["tgt"]
+    lse, _, _ = lse_launch(h, w, None, 1.0)
+    (dh, de), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32)
+    (dh_filter, de_filter), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32, 2.0**-12)
+    return [("ce_lse", "", lse), ("ce_bwd_dh", "", dh), ("ce_bwd_de", "", de),
+            ("ce_bwd_dh", "-filter", dh_filter), ("ce_bwd_de", "-filter", de_filter)]
 
 
-def autotune_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
-    """(kernel, config, dtype, launch) of every autotune candidate (ops/autotune.py) other than
-    the fixed choice, at the headline shapes: what FASTATTN_AUTOTUNE=1 may launch there."""
+def _autotune_launches(case: Any, t: dict[str, torch.Tensor]) -> list[tuple[str, str, KernelLaunch]]:
+    """(kernel, config infix, launch) of a headline case's autotune candidates but the fixed one."""
     from .attention.triton_bwd import backward_plans, bwd_launches as attention_bwd
     from .attention.triton_fwd import fwd_launch, tile_candidates
     from .cross_entropy.triton_bwd import bwd_launches as ce_bwd
     from .cross_entropy.triton_fwd import ce_tile_candidates, lse_launch
 
-    meta = torch.device("meta")
-    for dtype in DTYPES:
-        for mode in FLOAT32_MODES if dtype == torch.float32 else FLOAT32_MODES[:1]:
-            for case in HEADLINE_ATTENTION:
-                q = torch.empty(case.b, case.h, case.l, case.dqk, dtype=dtype, device=meta)
-                v = torch.empty(case.b, case.h, case.l, case.dv, dtype=dtype, device=meta)
-                pad = torch.empty(case.b, case.l, dtype=torch.bool, device=meta)
+    launches: list[tuple[str, str, KernelLaunch]] = []
+    if isinstance(case, AttentionCase):
+        q, v, pad, scale = t["q"], t["v"], t["pad"], case.dqk ** -0.5
+        for tiles in tile_candidates(case.dqk, case.dv, dot_precision(q.dtype), compact_float32_tiles(q))[1:]:
+            launches.append(("fwd", "-autotune", fwd_launch(q, q, v, scale, True, 0.0, None, pad, None, tiles)[0]))
+        _, out, lse, _ = fwd_launch(q, q, v, scale, True, 0.0, None, pad, None)
+        for plan in backward_plans(q, q, v)[1:]:
+            bwd, *_ = attention_bwd(q, q, v, out, out, lse, None, None, scale, True, 0.0, None, pad, None,
+                                    fused=plan.fused, tiles=plan.tiles)
+            names = ("bwd",) if plan.fused else ("bwd_delta", "bwd_dkdv", "bwd_dq")
+            launches += [(name, "-autotune", launch) for name, launch in zip(names, bwd)]
+        return launches
+    h, w, f32, tgt = t["h"], t["w"], t["f32"], t["tgt"]
+    precision, compact = dot_precision(h.dtype), compact_float32_tiles(h)
+    for tiles in ce_tile_candidates(case.d, precision, compact=compact)[1:]:
+        launches.append(("ce_lse", "-autotune", lse_launch(h, w, None, 1.0, tiles)[0]))
+    for tiles in ce_tile_candidates(case.d, precision, backward=True, compact=compact)[1:]:
+        (dh, de), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32, 0.0, tiles)
+        launches += [("ce_bwd_dh", "-autotune", dh), ("ce_bwd_de", "-autotune", de)]
+    return launches
 
-                def describe_attention() -> list[tuple[str, KernelLaunch]]:
-                    scale = case.dqk ** -0.5
-                    launches = []
-                    others = tile_candidates(case.dqk, case.dv, dot_precision(dtype), compact_float32_tiles(q))[1:]
-                    for tiles in others:
-                        launches.append(("fwd", fwd_launch(q, q, v, scale, True, 0.0, None, pad, None, tiles)[0]))
-                    _, out, lse, _ = fwd_launch(q, q, v, scale, True, 0.0, None, pad, None)
-                    for plan in backward_plans(q, q, v)[1:]:
-                        bwd, *_ = attention_bwd(q, q, v, out, out, lse, None, None, scale, True, 0.0, None, pad,
-                                                None, fused=plan.fused, tiles=plan.tiles)
-                        names = ("bwd",) if plan.fused else ("bwd_delta", "bwd_dkdv", "bwd_dq")
-                        launches += zip(names, bwd)
-                    return launches
 
-                for kernel, launch in _with_precision(mode, describe_attention):
-                    yield kernel, f"{case.name}-autotune-{_launch_tag(launch)}", _dtype_name(dtype), launch
-            for ce in HEADLINE_CROSS_ENTROPY:
-                h = torch.empty(ce.n, ce.d, dtype=dtype, device=meta)
-                w = torch.empty(ce.v, ce.d, dtype=dtype, device=meta)
-                f32 = torch.empty(ce.n, dtype=torch.float32, device=meta)
-                tgt = torch.empty(ce.n, dtype=torch.int64, device=meta)
+def _named(describe: Any) -> Iterator[tuple[str, str, str, KernelLaunch]]:
+    """(kernel, config, dtype, launch) of `describe(case, tensors)` for every headline case, each
+    described under its float32 matmul precision."""
+    for dtype, mode, case, tensors in _headline_inputs():
+        for kernel, infix, launch in _with_precision(mode, lambda: describe(case, tensors)):
+            yield kernel, f"{case.name}{infix}-{_launch_tag(launch)}", _dtype_name(dtype), launch
 
-                def describe_ce() -> list[tuple[str, KernelLaunch]]:
-                    precision, compact = dot_precision(dtype), compact_float32_tiles(h)
-                    launches = [("ce_lse", lse_launch(h, w, None, 1.0, tiles)[0])
-                                for tiles in ce_tile_candidates(ce.d, precision, compact=compact)[1:]]
-                    for tiles in ce_tile_candidates(ce.d, precision, backward=True, compact=compact)[1:]:
-                        (dh, de), *_ = ce_bwd(h, w, None, 1.0, f32, f32, f32, tgt, f32, 0.0, tiles)
-                        launches += [("ce_bwd_dh", dh), ("ce_bwd_de", de)]
-                    return launches
 
-                for kernel, launch in _with_precision(mode, describe_ce):
-                    yield kernel, f"{ce.name}-autotune-{_launch_tag(launch)}", _dtype_name(dtype), launch
+def headline_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
+    """(kernel, config, dtype, launch) of every headline case on meta tensors, as the launchers
+    describe them (so strides, sizes and tile classes are those of a real call)."""
+    return _named(_fixed_launches)
+
+
+def autotune_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
+    """(kernel, config, dtype, launch) of every autotune candidate (ops/autotune.py) other than
+    the fixed choice, at the headline shapes: what FASTATTN_AUTOTUNE=1 may launch there."""
+    return _named(_autotune_launches)
 
 
 def report_launches(headline_only: bool, only: Optional[str] = None, arch: int = 80

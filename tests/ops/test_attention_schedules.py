@@ -6,8 +6,9 @@ FUSED_MAX_LEN), both schedules must agree, and the launcher's choice is checked 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -109,18 +110,23 @@ def test_launcher_rejects_acd_without_domains() -> None:
         triton_bwd.bwd_launches(wide, wide, q, q, q, lse, None, None, 0.2, True, 0.0, None, None, None, fused=True)
 
 
-@pytest.mark.parametrize("dtype, mode, tile", [
-    (torch.bfloat16, "highest", (32, 32, 4, 2)), (torch.float16, "high", (32, 32, 4, 2)),
-    (torch.float32, "high", (16, 32, 4, 2)), (torch.float32, "highest", (16, 16, 4, 2))])
-def test_fused_tiles_follow_dtype_and_float32_mode(dtype: torch.dtype, mode: str, tile: tuple) -> None:
-    # The spill-free tiles of docs/gpu-resources.md (the resource tests compile them).
-    from fastattn.ops._common import float32_matmul_precision
+@pytest.mark.parametrize("dtype, mode, arch, tile", [
+    (torch.bfloat16, "highest", None, (32, 32, 4, 2)), (torch.float16, "high", 80, (32, 32, 4, 2)),
+    (torch.bfloat16, "highest", 86, (32, 32, 4, 2)),
+    (torch.bfloat16, "highest", 90, (32, 64, 4, 2)), (torch.float16, "high", 90, (32, 64, 4, 2)),
+    (torch.float32, "high", None, (16, 32, 4, 2)), (torch.float32, "highest", None, (16, 16, 4, 2)),
+    (torch.float32, "high", 90, (16, 32, 4, 2)), (torch.float32, "highest", 90, (16, 16, 4, 2))])
+def test_fused_tiles_follow_dtype_float32_mode_and_arch(dtype: torch.dtype, mode: str, arch: Optional[int],
+                                                        tile: tuple) -> None:
+    # The spill-free tiles of docs/gpu-resources.md (the resource tests compile them); sm_90's
+    # 16-bit ones have 64-key blocks, for wgmma.
+    from fastattn.ops._common import float32_matmul_precision, target_arch
 
     meta = torch.device("meta")
     q = torch.empty(2, 2, 50, 40, dtype=dtype, device=meta)
     v = torch.empty(2, 2, 50, 32, dtype=dtype, device=meta)
     lse = torch.empty(2, 2, 50, device=meta)
-    with float32_matmul_precision(mode):
+    with float32_matmul_precision(mode), target_arch(arch) if arch else contextlib.nullcontext():
         (launch,), *_ = triton_bwd.bwd_launches(q, q, v, v, v, lse, None, None, 0.2, True, 0.0, None, None, None)
     got = (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"], launch.num_warps, launch.num_stages)
     assert got == tile

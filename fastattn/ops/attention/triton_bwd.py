@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import LOG2E, check_same_device, compact_float32_tiles, dot_precision
+from .._common import LOG2E, check_same_device, compact_float32_tiles, device_arch, dot_precision
 from ..triton_launch import KernelLaunch
 from .triton_fwd import (
     TileConfig, check_tiles_fit, dense_inputs, domain_arguments, dropout_keep, key_inputs, seed_argument, tile_config,
@@ -48,6 +48,12 @@ _FUSED_TILES = {
     "tf32": TileConfig(64, 64, 16, 32, 4, 2),
     "tf32x3": TileConfig(64, 64, 16, 16, 4, 2),
 }
+# On sm_90 the 16-bit fused backward takes 64-key blocks: its keys × queries dots then have the
+# 64 rows Hopper's warpgroup MMA (wgmma, asynchronous) needs, where 32 keys compile to Ampere's
+# mma.sync; ptxas: 186–248 registers, 0 spills, 41–45 KB at the headline shapes (on sm_80 the
+# same tiles spill 32–124 B, so sm_80/86/89 keep 32 × 32). Float32 stays on mma.sync everywhere:
+# its spill-free tiles are too small for wgmma (docs/gpu-resources.md).
+_FUSED_TILES_SM90 = {"16-bit": TileConfig(64, 64, 32, 64, 4, 2)}
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class BackwardPlan:
 # Autotune alternatives of the fused schedule's tiles (ops/autotune.py), by the keys of
 # _FUSED_TILES; every plan list also offers the split schedule at the forward's tiles.
 _FUSED_CANDIDATES = {
-    "16-bit": (TileConfig(64, 64, 16, 32, 4, 2), TileConfig(64, 64, 32, 64, 4, 2)),
+    "16-bit": (TileConfig(64, 64, 16, 32, 4, 2), TileConfig(64, 64, 32, 32, 4, 2), TileConfig(64, 64, 32, 64, 4, 2)),
     "tf32": (TileConfig(64, 64, 32, 32, 4, 2),),
     "tf32x3": (TileConfig(64, 64, 16, 32, 4, 2),),
 }
@@ -78,13 +84,16 @@ def backward_plans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[Ba
     if not (max(dqk, dv) <= 64 and lk > 0):
         return [split]
     key = "16-bit" if q.dtype != torch.float32 else precision
-    fused = [BackwardPlan(True, t) for t in (_FUSED_TILES[key], *_FUSED_CANDIDATES[key])]
+    fixed = fused_tile_config(q.dtype, precision, device_arch(q))
+    fused = [BackwardPlan(True, t) for t in (fixed, *(c for c in _FUSED_CANDIDATES[key] if c != fixed))]
     return fused + [split] if takes_fused_schedule(lq, lk, dqk, dv) else [split] + fused
 
 
-def fused_tile_config(dtype: torch.dtype, precision: str) -> TileConfig:
-    """The fused backward's tiles for inputs of `dtype` whose dots run in `precision`."""
-    return _FUSED_TILES["16-bit" if dtype != torch.float32 else precision]
+def fused_tile_config(dtype: torch.dtype, precision: str, arch: Optional[int] = None) -> TileConfig:
+    """The fused backward's tiles for inputs of `dtype` whose dots run in `precision`, compiled for
+    sm_`arch` (`device_arch`; None: the interpreter)."""
+    key = "16-bit" if dtype != torch.float32 else precision
+    return (_FUSED_TILES_SM90 if arch == 90 else _FUSED_TILES).get(key, _FUSED_TILES[key])
 
 
 def takes_fused_schedule(lq: int, lk: int, dqk: int, dv: int) -> bool:
@@ -452,7 +461,7 @@ def bwd_launches(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
     )
     if fused:
-        cfg = tiles or fused_tile_config(q.dtype, precision)
+        cfg = tiles or fused_tile_config(q.dtype, precision, device_arch(q))
         constexprs.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         dq_is_acc = q.dtype == torch.float32
         dq_acc = dq if dq_is_acc else torch.empty(q.shape, dtype=torch.float32, device=q.device)

@@ -53,7 +53,8 @@ class TritonCrossEntropyKernels:
         return _sum_splits(dh_part), _sum_splits(de_part), _sum_splits(db_part) if bias is not None else None
 
 
-def _tuning_key(op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[object, ...]:
+def _tuning_key(op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                ) -> tuple[object, ...]:
     """What an autotuned choice is kept for: dtype and dot precision, hidden size, bias, and the
     row and item counts bucketed to powers of two, on one kind of GPU."""
     return (op, hidden.dtype, dot_precision(hidden.dtype), hidden.shape[1], bias is not None,
