@@ -17,6 +17,7 @@ so a tuned run is reproducible only with the same cache (`choices()` lists it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 from contextlib import contextmanager
@@ -131,11 +132,15 @@ def choose(key: Hashable, candidates: Sequence[Candidate], run: Callable[[Candid
     timer = _timer_override or cuda_event_timer
     times: list[tuple[float, int]] = []
     skipped = []
-    for index, candidate in enumerate(candidates):
-        try:
-            times.append((timer(lambda: run(candidate)), index))
-        except _out_of_resources() as exc:  # more shared memory than this GPU has: not a choice
-            skipped.append(f"{candidate}: {exc}")
+    # The events must be recorded on the probe's device (under DDP without set_device the
+    # current device is cuda:0 in every process; the launches run on the tensors' device).
+    on_device = torch.cuda.device(probe.device) if probe.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        for index, candidate in enumerate(candidates):
+            try:
+                times.append((timer(lambda: run(candidate)), index))
+            except _out_of_resources() as exc:  # more shared memory than this GPU has: not a choice
+                skipped.append(f"{candidate}: {exc}")
     if not times:
         raise RuntimeError(f"autotune: no candidate of {key} fits this GPU:\n" + "\n".join(skipped))
     best = candidates[min(times)[1]]
