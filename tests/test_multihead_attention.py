@@ -172,7 +172,7 @@ def test_from_torch_shares_parameters_and_is_a_torch_module() -> None:
 
 
 def _fresh_warnings() -> None:
-    fnn._warned_reasons.clear()
+    fnn.checks._warned_reasons.clear()
 
 
 def test_need_weights_falls_back_to_torch_and_warns_once() -> None:

@@ -60,7 +60,7 @@ def _batch(seed: int = 1) -> Interaction:
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings() -> None:
-    fnn._warned_reasons.clear()
+    fnn.checks._warned_reasons.clear()
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
@@ -159,7 +159,7 @@ def test_other_masks_run_recbole_attention_with_a_warning() -> None:
     soft = torch.randn(2, 1, 5, 5)  # a bias, not a mask
     for mask in (band, soft):
         assert mask_structure(mask) is None
-        fnn._warned_reasons.clear()
+        fnn.checks._warned_reasons.clear()
         with pytest.warns(UserWarning, match="runs RecBole's own attention"):
             got = fused(x, mask)
         torch.testing.assert_close(got, layer(x, mask))

@@ -51,7 +51,7 @@ except ImportError as error:  # pragma: no cover - exercised only without RecBol
 
 from .._dispatch import BACKENDS
 from ..functional import dif_attention, full_item_cross_entropy, topk_items
-from ..nn import visible_keys, warn_once
+from ..nn.checks import visible_keys, warn_once
 
 __all__ = ["FusedMultiHeadAttention", "patch_model", "CE_MODELS"]
 

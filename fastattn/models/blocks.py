@@ -16,11 +16,7 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..functional import full_item_cross_entropy
 from ..nn import DIFAttention
-from ..nn import _check_choice as check_choice
-from ..nn import _check_int as check_int
-from ..nn import _check_positive as check_positive
-from ..nn import _check_probability as check_probability
-from ..ops.checks import check_values
+from ..nn.checks import check_choice, check_int, check_positive, check_probability, check_values
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
