@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine: the headline measurements, the GPU correctness tests, then as
-# much of the benchmark suite as the time budget allows.
+# much of the benchmark suite as the time budget allows. It sits in bench/, above suite/ and
+# studies/, because it runs from both (and tests/test_cuda.py): bench/README.md, "Layout".
 #
 #   bash bench/gpu.sh [OUT]          (default OUT: bench/results/suite-gpu)
 #
@@ -14,19 +15,19 @@
 # it keep their share:
 #   1. warm:     every headline case once, in parallel (pytest-xdist), so Triton's cache holds the
 #                kernels before anything is timed (skipped without xdist: stage 2 then compiles);
-#   2. headline: bench/bench_headline.py timed (DIF attention B128 H2 L200 Dk 32+8 in bf16 and
-#                fp32, vs the torch reference and SDPA; cross-entropy N 8192/51,200 × V 10k–1M vs
-#                naive, Liger-Kernel and Cut Cross-Entropy when installed)       → OUT/headline/
+#   2. headline: bench/suite/bench_headline.py timed (DIF attention B128 H2 L200 Dk 32+8 in bf16
+#                and fp32, vs the torch reference and SDPA; cross-entropy N 8192/51,200 × V 10k–1M
+#                vs naive, Liger-Kernel and Cut Cross-Entropy when installed)    → OUT/headline/
 #   3. tests:    tests/test_cuda.py, the Triton kernels on CUDA against the float64 reference and
 #                the training steps under sync-debug "error", CUDA graphs and Inductor
 #                                                                     → OUT/tests.log, tests.xml
 #   3a. tuned:   stage 2's timings again with FASTATTN_AUTOTUNE=1 (the listed tile candidates
 #                timed once per shape, the fastest kept; the choices land in the JSON under
 #                "fastattn_autotune")                                      → OUT/headline-tuned/
-#   3b. profile: bench/gpu_profile.py, torch.profiler tables of the headline calls (host vs
-#                kernel time, launches per call)                              → OUT/profile.txt
-#   4. suite:    the benchmark suite at --size quick, torch.compile providers and compiled steps
-#                left out (each compiles for tens of seconds)                      → OUT/suite/
+#   3b. profile: bench/studies/gpu_profile.py, torch.profiler tables of the headline calls (host
+#                vs kernel time, launches per call)                           → OUT/profile.txt
+#   4. suite:    the benchmark suite (bench/suite/) at --size quick, torch.compile providers and
+#                compiled steps left out (each compiles for tens of seconds)       → OUT/suite/
 #   5. compiled: compiled vs eager training steps                                → OUT/compile/
 # GPU_SH_STAGES (default "warm headline tests tuned profile suite compiled") runs a subset, in that
 # order; GPU_SH_TESTS_K passes a pytest -k expression to the tests stage (e.g. a rerun of fixes).
@@ -95,7 +96,7 @@ mkdir -p "$OUT/headline" "$OUT/headline-tuned" "$OUT/suite" "$OUT/compile"
 
 warm() {  # warm SECONDS: each headline case once, benchmarks off, in parallel processes
     # Our kernels and the libraries' (Triton too); torch, naive and SDPA compile nothing.
-    FASTATTN_BENCH_WARM_ONLY=1 timeout "$1" "$PY" -m pytest bench/bench_headline.py --bench-device=cuda --benchmark-disable -q \
+    FASTATTN_BENCH_WARM_ONLY=1 timeout "$1" "$PY" -m pytest bench/suite/bench_headline.py --bench-device=cuda --benchmark-disable -q \
         -k "triton or liger or cce" -p no:cacheprovider "${XDIST[@]}" > "$OUT/warm.log" 2>&1
     local rc=$?; tail -3 "$OUT/warm.log"; return $rc
 }
@@ -107,7 +108,7 @@ tuned() {  # tuned SECONDS: our headline cases with autotuning on (the baselines
     FASTATTN_AUTOTUNE=1 bench "$1" "$OUT/headline-tuned" -k "headline and triton"
 }
 profile() {  # profile SECONDS
-    timeout "$1" "$PY" bench/gpu_profile.py --out "$OUT/profile.txt" 2>&1 | grep -v "^USDT"
+    timeout "$1" "$PY" bench/studies/gpu_profile.py --out "$OUT/profile.txt" 2>&1 | grep -v "^USDT"
 }
 
 (( ${#XDIST[@]} )) || STAGES=${STAGES/ warm / }   # without xdist the headline stage compiles

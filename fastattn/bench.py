@@ -1,4 +1,4 @@
-"""python -m fastattn.bench: run the benchmark suite (bench/, pytest-benchmark) and write its reports.
+"""python -m fastattn.bench: run the benchmark suite (bench/suite/, pytest-benchmark) and write its reports.
 
     python -m fastattn.bench [--quick] [--out DIR] [--device auto|cpu|cuda] [-k EXPR] [--time-limit S]
 
@@ -8,8 +8,9 @@ against the reference measured in the same run) and PNG plots of time and peak m
 L and V (log scale). --quick shrinks every sweep to a few small sizes (minutes on a 2-core
 CPU); --size tiny is the smallest run that still exercises every case (the suite's own test).
 
-The suite lives in the repository's bench/ folder, beside this package (an editable install,
-as the README's commands make); an installed wheel without the repository cannot run it.
+The suite lives in the repository's bench/suite/ folder, beside this package (an editable
+install, as the README's commands make); an installed wheel without the repository cannot run it.
+The one-off studies beside it (bench/studies/) are scripts of their own, not run here.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ TIMING_ARGS = {
 
 
 def suite_dir() -> Path:
-    """The repository's bench/ folder (raises with what to do when this is not a checkout)."""
-    path = Path(__file__).resolve().parents[1] / "bench"
+    """The repository's bench/suite/ folder (raises with what to do when this is not a checkout)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "suite"
     if not (path / "conftest.py").exists():
         raise FileNotFoundError(f"the benchmark suite is not at {path}: `python -m fastattn.bench` needs the "
                                 "repository checkout (git clone, then pip install -e \".[test]\")")
@@ -59,7 +60,7 @@ def run(size: str = "full", out: Path = Path("bench-out"), device: str = "auto",
     env = dict(os.environ, FASTATTN_BENCH_SIZE=size)
     env.pop("FASTATTN_BENCH_DEADLINE", None)
     if time_limit is not None:
-        env["FASTATTN_BENCH_DEADLINE"] = repr(time.time() + time_limit)  # read by bench/conftest.py
+        env["FASTATTN_BENCH_DEADLINE"] = repr(time.time() + time_limit)  # read by bench/suite/conftest.py
     if env.pop("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastattn.bench: TRITON_INTERPRET is dropped for the run (the interpreter is no performance provider)")
     args = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", f"--benchmark-json={json_path}",
@@ -68,7 +69,7 @@ def run(size: str = "full", out: Path = Path("bench-out"), device: str = "auto",
         args += ["-k", keyword]
     args += list(extra_pytest_args)
     print("fastattn.bench:", shlex.join(args[1:]), flush=True)
-    code = subprocess.call(args, cwd=bench.parent, env=env)
+    code = subprocess.call(args, cwd=bench.parents[1], env=env)  # the repository root
     if not json_path.exists() or json_path.stat().st_size == 0:
         print(f"fastattn.bench: pytest wrote no JSON (exit code {code})", file=sys.stderr)
         return code or 1
@@ -77,7 +78,7 @@ def run(size: str = "full", out: Path = Path("bench-out"), device: str = "auto",
     data["fastattn_size"] = size
     json_path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     sys.path.insert(0, str(bench))
-    from report import write_reports  # bench/report.py: reports live with the suite
+    from report import write_reports  # bench/suite/report.py: reports live with the suite
 
     for path in write_reports(json_path, out):
         print(f"fastattn.bench: wrote {path}")

@@ -1,6 +1,6 @@
 """Where a headline call's time goes on a CUDA GPU: torch.profiler tables (bench/gpu.sh runs it).
 
-    python bench/gpu_profile.py [--out FILE] [--iters N]
+    python bench/studies/gpu_profile.py [--out FILE] [--iters N]
 
 For each case (fastattn's Triton attention fwd+bwd at B 128, H 2, L 200, Dk 32 + 8, bf16; its
 cross-entropy fwd and fwd+bwd at N 8192, V 10k and 100k, D 64, bf16; the naive loss beside
@@ -8,7 +8,8 @@ them), one warm call, then N profiled calls: the wall time per call, the number 
 launches per call, the GPU-busy time per call (the sum of kernel times) and the top operators
 by CUDA and by CPU time. A call whose wall time is far above its GPU-busy time is bound by the
 host (Python, dispatch, launches), not by the kernels: the gap says which to optimise.
-The numbers are diagnostics, not benchmarks: the timed comparisons are bench/bench_*.py.
+The numbers are diagnostics, not benchmarks: the timed comparisons are bench/suite/bench_*.py,
+whose inputs and providers this script reuses.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "suite"))  # the suite's cases and helpers
 
 import bench_attention as attn  # noqa: E402
 import bench_cross_entropy as ce  # noqa: E402

@@ -31,7 +31,7 @@ outside the timed region, and every round trains on it again.
   are full (cut to their last L items) and the rest padded; every position that has a next
   item is a target. V = the catalog size (num_items).
 
-Sizes (env FASTATTN_BENCH_SIZE, see bench/_common.py): full L ∈ {50, 200}, B = 256, V = 12,101
+Sizes (env FASTATTN_BENCH_SIZE, see bench/suite/_common.py): full L ∈ {50, 200}, B = 256, V = 12,101
 (Amazon Beauty's catalog, as bench_integrations.py), 2,000 users; quick L = 50, B = 64, V = 500,
 512 users; tiny L = 8, B = 8, V = 100, 64 users (every case runs, in seconds). Users beyond the
 batch only feed MQSA-TED's teacher. Full is sized for a GPU or many cores: on one CPU thread a
@@ -41,7 +41,7 @@ well over half an hour there.
 
 Timing: one untimed warm-up step (Adam's state is created there, Triton compiles there), then
 the peak memory of one step (extra_info peak_mem_mb: the step's working memory above what the
-model, optimizer state and batch hold; bench/_common.py: CUDA allocator counters, CPU profiler
+model, optimizer state and batch hold; bench/suite/_common.py: CUDA allocator counters, CPU profiler
 allocation events), then pytest-benchmark's calibrated rounds — or 3 fixed rounds of one call
 (`benchmark.pedantic`) when a step takes over a second. Group "model NAME L=L", so the two
 providers of a model share a table.
@@ -54,8 +54,8 @@ training. The warm-up call compiles (tens of seconds per model on a 2-core CPU; 
 Lengths: L ∈ {50, 200} at full and quick size, L = 8 at tiny. Group "model NAME L=L compile";
 the reference of the group is "eager", so its speed-up column is eager time / compiled time.
 
-Run: python -m pytest bench/bench_models.py --benchmark-only   (see bench/README.md)
-     FASTATTN_BENCH_SIZE=quick OMP_NUM_THREADS=1 python -m pytest bench/bench_models.py --benchmark-only
+Run: python -m pytest bench/suite/bench_models.py --benchmark-only   (see bench/README.md)
+     FASTATTN_BENCH_SIZE=quick OMP_NUM_THREADS=1 python -m pytest bench/suite/bench_models.py --benchmark-only
 """
 from __future__ import annotations
 

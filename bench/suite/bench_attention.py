@@ -15,7 +15,7 @@ Providers:
 - sdpa: F.scaled_dot_product_attention on the concatenated streams [q|qa]·[k|ka]ᵀ, which gives
   the same scores since the streams are summed inside one softmax.
 
-Run: python -m pytest bench/bench_attention.py --benchmark-only   (see bench/README.md)
+Run: python -m pytest bench/suite/bench_attention.py --benchmark-only   (see bench/README.md)
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ N epochs (default: the shortest run): the test metrics of the state with the bes
 NDCG@10 within the first N epochs, overall and per target domain. Writes STEM.md and STEM.png
 (validation NDCG@10 per epoch; training a_cd per epoch for the runs that log it).
 
-    python bench/crossdomain_report.py --run "SASRec=runs/toygame-sasrec/metrics.json" \\
+    python bench/studies/crossdomain_report.py --run "SASRec=runs/toygame-sasrec/metrics.json" \\
         --run "AutoCDSR=runs/toygame-autocdsr/metrics.json" --out bench/results/toygame-cpu
 """
 from __future__ import annotations

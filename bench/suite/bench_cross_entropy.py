@@ -25,7 +25,7 @@ Top-k (evaluation): fastattn.topk_items(k=20, exclude=history) ("fastattn": the 
 CPU when built), explicitly the C++ kernels ("cpp") and the chunked torch version
 ("torch_chunked"), vs materialize + mask + torch.topk ("naive").
 
-Run: python -m pytest bench/bench_cross_entropy.py --benchmark-only   (see bench/README.md)
+Run: python -m pytest bench/suite/bench_cross_entropy.py --benchmark-only   (see bench/README.md)
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 (registers, spill bytes, shared memory): how the tile tables of ops/attention and
 ops/cross_entropy were chosen (docs/gpu-resources.md, "How the tiles were chosen"). No GPU needed.
 
-    python bench/tile_search.py attn_bwd --dtype float32 --mode high --dims 40,32 \
+    python bench/studies/tile_search.py attn_bwd --dtype float32 --mode high --dims 40,32 \
         --tiles 32x32w4s2,16x32w4s2,16x16w4s1 --arch 80,86,90
 
 Kernels: attn_fwd, attn_bwd (the fused backward; dims = dqk,dv at B 128, H 2, L 200, causal,

@@ -1,9 +1,9 @@
 """RecBole 1.2.1's own pipeline (Config, dataset, Trainer) on ml-100k, SASRec CE, unpatched vs patched.
 
-    /work/recbole-venv/bin/python bench/recbole_trainer_check.py {recbole|fastattn} DATA_DIR OUT_DIR
+    /work/recbole-venv/bin/python bench/studies/recbole_trainer_check.py {recbole|fastattn} DATA_DIR OUT_DIR
 
 RecBole's Config needs numpy < 2 (it touches np.float_), so this runs in RecBole's own venv (pins
-in bench/peer_recbole.py's docstring) with the repository on PYTHONPATH. DATA_DIR must hold
+in bench/studies/peer_recbole.py's docstring) with the repository on PYTHONPATH. DATA_DIR must hold
 ml-100k/ml-100k.{inter,item} (e.g. a symlink to ../shared/data/recbole-ml-100k). Writes
 OUT_DIR/{recbole,fastattn}.json: training loss, seconds and validation HR/NDCG@10 per epoch.
 Anomaly detection (switched on by RecBole's import) is off on both sides.

@@ -302,7 +302,7 @@ def run_benchmark(
 
 def _past_deadline(per_call: float, rounds: Optional[int]) -> Optional[str]:
     """Why this case would end past FASTATTN_BENCH_DEADLINE (`python -m fastattn.bench
-    --time-limit`, bench/conftest.py), or None. Estimated from one warm call: the check, the
+    --time-limit`, bench/suite/conftest.py), or None. Estimated from one warm call: the check, the
     peak-memory call and the timed rounds (pytest-benchmark's minimum of 5 when calibrating). A
     case of seconds per call (a library at V=1M) is skipped here instead of overrunning a slot."""
     deadline = os.environ.get("FASTATTN_BENCH_DEADLINE")

@@ -1,12 +1,12 @@
 """Side-by-side report: fastattn's SASRec / DIF-SR against RecBole 1.2.1's SASRec on Beauty.
 
 Reads the runs' JSON files (fastattn: the `metrics.json` of `python -m fastattn train ...
---track-test`; RecBole: the output of `bench/peer_recbole.py`) and compares them at the same
+--track-test`; RecBole: the output of `bench/studies/peer_recbole.py`) and compares them at the same
 number of epochs N (default: as many as every run completed): test HR/NDCG@10 of the state
 with the best validation NDCG@10 within the first N epochs, and training seconds per epoch.
 Writes a markdown table and a plot of validation NDCG@10 per epoch.
 
-    python bench/beauty_report.py --recbole bench/results/peer-recbole-beauty-masked.json \\
+    python bench/studies/beauty_report.py --recbole bench/results/peer-recbole-beauty-masked.json \\
         --recbole bench/results/peer-recbole-beauty.json \\
         --run "fastattn SASRec=bench/results/beauty-sasrec-cpu.json" \\
         --run "fastattn DIF-SR=bench/results/beauty-difsr-cpu.json" --out bench/results/beauty-cpu
@@ -96,7 +96,7 @@ def recbole_run(path: Path) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recbole", type=Path, action="append", required=True,
-                    help="bench/peer_recbole.py JSON (repeatable; the first is the speed reference)")
+                    help="bench/studies/peer_recbole.py JSON (repeatable; the first is the speed reference)")
     ap.add_argument("--run", action="append", default=[], help="LABEL=path/to/metrics.json (fastattn)")
     ap.add_argument("--epochs", type=int, default=None, help="compare at N epochs (default: the shortest run)")
     ap.add_argument("--out", type=Path, required=True, help="output stem: writes STEM.md and STEM.png")

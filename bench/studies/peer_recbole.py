@@ -41,7 +41,7 @@ What it does:
 Reproduce (the committed result used --threads 1: on the shared 2-core box
 two OpenMP threads competing with other jobs spin-waited, >20 min/epoch;
 uncontended, torch's default 2 threads took ~186 s/epoch, 1 thread ~270-300 s):
-    /work/recbole-venv/bin/python bench/peer_recbole.py --epochs 20 --threads 1 \
+    /work/recbole-venv/bin/python bench/studies/peer_recbole.py --epochs 20 --threads 1 \
         --out bench/results/peer-recbole-beauty.json
 """
 

@@ -15,9 +15,9 @@ Cases (all training steps: forward, loss, backward, Adam step; dropout as config
   L ∈ {50, 200}, V = 12k (its loss only scores 2 items per position).
 
 Peak memory (extra_info peak_mem_mb) is one step's working memory above what the model and
-batch hold (bench/_common.py: CUDA allocator counters, CPU profiler allocation events).
+batch hold (bench/suite/_common.py: CUDA allocator counters, CPU profiler allocation events).
 
-Run: python -m pytest bench/bench_integrations.py --benchmark-only   (see bench/README.md)
+Run: python -m pytest bench/suite/bench_integrations.py --benchmark-only   (see bench/README.md)
 """
 from __future__ import annotations
 

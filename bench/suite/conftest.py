@@ -1,8 +1,11 @@
-"""pytest set-up of the benchmark suites (bench/).
+"""pytest set-up of the benchmark suite (bench/suite/).
 
 - Collects `bench_*.py` here without touching the repo's pytest config: pyproject.toml keeps
   testpaths = ["tests"] and the default test_*.py pattern, so `pytest` / `pytest tests` never
-  see the benchmarks, while `pytest bench/` does (this conftest is only loaded then).
+  see the benchmarks, while `pytest bench/suite` (or `pytest bench/`) does: this conftest is only
+  loaded then. The suite's own options (--bench-device) need bench/suite, or a file in it, on the
+  command line: pytest reads a conftest's options only from the folders it is given and their
+  parents, and `pytest bench/` finds this one during collection, with the defaults.
 - Skips the cases that would start after FASTATTN_BENCH_DEADLINE (a Unix time, set by
   `python -m fastattn.bench --time-limit`): a run with a fixed slot, a lent GPU's, still ends
   with its JSON and reports of what it measured.
@@ -22,7 +25,7 @@ import torch
 
 from fastattn.ops import autotune
 
-# bench/ is not a package; pytest's default import mode puts it on sys.path, but
+# bench/suite/ is not a package; pytest's default import mode puts it on sys.path, but
 # --import-mode=importlib does not, and the suites import their helpers as `_common`.
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))

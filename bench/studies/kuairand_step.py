@@ -8,14 +8,14 @@ steps (forward, full-catalog cross-entropy over every item, backward, Adam) afte
 Peak memory is measured two ways:
 
 - `torch_peak_mib`: the peak of torch's CPU allocator during one step above what was allocated
-  before it (torch.profiler memory events, as in bench/_common.py): the step's working memory,
+  before it (torch.profiler memory events, as in bench/suite/_common.py): the step's working memory,
   gradients and optimizer state updates included;
 - `rss_peak_mib`: the process's peak resident set (everything: Python, the tables, the step).
 
 Next to them: what the naive loss (`hidden @ item_weight.T` then `F.cross_entropy`) would need
 just for its N×V float32 logits and their gradient, for the same N rows.
 
-    python bench/kuairand_step.py --model autocdsr --out bench/results/kuairand-step-cpu
+    python bench/studies/kuairand_step.py --model autocdsr --out bench/results/kuairand-step-cpu
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench" / "suite"))  # the suite's helpers (_common)
 from _common import _cpu_peak_bytes, describe_machine, machine_description  # noqa: E402
 
 from fastattn.data import load_dataset, split_dataset, train_batches  # noqa: E402
 from fastattn.models.blocks import valid_positions  # noqa: E402
 from fastattn.train import build_model, make_config  # noqa: E402
 
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "crossdomain" / "kuairand_cdsr.tsv.gz"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "crossdomain" / "kuairand_cdsr.tsv.gz"
 MIB = 2 ** 20
 
 
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     naive_logits = rows * items * 4 / MIB
     report: dict[str, Any] = {
         "benchmark": "one training step, full-catalog softmax over every KuaiRand item (CPU)",
-        "command": " ".join(["python", "bench/kuairand_step.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "bench/studies/kuairand_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": args.model,
         "model_options": config.model_options,
-        "data": os.path.relpath(args.data, HERE.parent),
+        "data": os.path.relpath(args.data, REPO),
         "dataset": dataset.summary(),
         "load_seconds": load_seconds,
         "batch": {"sequences": int(batch.items.shape[0]), "length": int(batch.items.shape[1]),
