@@ -17,6 +17,10 @@ from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_rows
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
 from .ops.topk.op import BACKENDS as TOPK_BACKENDS
 
+# SoftTarget and BackendUnavailable are re-exported: this is the path models and integrations use
+# (they import nothing from fastattn.ops).
+__all__ = ["BackendUnavailable", "SoftTarget", "dif_attention", "full_item_cross_entropy", "topk_items"]
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 Domains = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
