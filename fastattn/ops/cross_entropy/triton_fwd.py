@@ -40,7 +40,7 @@ _TILES = {
 # float32 in tf32x3 (precision "highest"): three products per dot, with split operands in
 # registers and shared memory. At the tiles above ptxas spills 0.1–10 KB per thread on sm_80/90
 # (D 128 LSE on sm_80: 10 KB at 32 registers); these compiled spill-free on sm_80/86/90 at the
-# headline shapes (bench/tile_search.py). The d256 dE pass needs 241 KB at 64 items per tile
+# headline shapes (bench/studies/tile_search.py). The d256 dE pass needs 241 KB at 64 items per tile
 # (sm_90 has 227 KB), 128 KB at 32.
 _TF32X3_TILES = {
     64: CETileConfig(64, 32, 32, 4, 2),
