@@ -13,7 +13,7 @@ from .readers import FORMATS, load_dataset, read_crossdomain_tsv, read_recbole, 
 from .splits import EvalSet, Splits, split_dataset
 from .synthetic import SyntheticConfig, make_synthetic
 
-__all__ = ["BATCH_UNITS", "batch_rows", "EvalBatch", "EvalSet", "FORMATS", "ItemFeature", "SequenceDataset", "Splits", "SyntheticConfig",
-           "TrainBatch", "eval_batches", "load_dataset", "make_synthetic", "num_train_batches",
-           "read_crossdomain_tsv", "read_recbole", "read_s3rec", "split_dataset", "train_batches",
-           "train_order"]
+__all__ = ["BATCH_UNITS", "EvalBatch", "EvalSet", "FORMATS", "ItemFeature", "SequenceDataset", "Splits",
+           "SyntheticConfig", "TrainBatch", "batch_rows", "eval_batches", "load_dataset", "make_synthetic",
+           "num_train_batches", "read_crossdomain_tsv", "read_recbole", "read_s3rec", "split_dataset",
+           "train_batches", "train_order"]

@@ -1,11 +1,11 @@
 """Train / validation / test splits of a `SequenceDataset`.
 
-Leave-one-out (the protocol of DESIGN.md §8, used when `ds.split is None`): for every user with
-at least 3 items, the last item is the test target (history = all earlier items), the second
-last is the validation target (history = all items before it) and the training sequence is
-everything before the validation item. Predefined split (KuaiRand, `ds.split` given): split-0
-sequences are trained on whole; each split-1 / split-2 sequence is evaluated once, predicting
-its last item from all earlier ones.
+Leave-one-out (docs/training.md, 'Evaluation protocol'; used when `ds.split is None`): for every
+user with at least 3 items, the last item is the test target (history = all earlier items), the
+second last is the validation target (history = all items before it) and the training sequence
+is everything before the validation item. Predefined split (KuaiRand, `ds.split` given): split-0
+sequences are trained on whole; each split-1 / split-2 sequence is evaluated once, predicting its
+last item from all earlier ones.
 
 Data that leaves nothing to train on or to evaluate is refused (ValueError naming the data set,
 how many sequences were dropped and why) instead of training on nothing and reporting metrics
