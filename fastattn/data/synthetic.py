@@ -21,6 +21,7 @@ next class is largely predictable from the current one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -121,30 +122,25 @@ def _item_tags(config: SyntheticConfig, item_class: np.ndarray, rng: np.random.G
     return tags
 
 
-def make_synthetic(config: SyntheticConfig = SyntheticConfig()) -> SequenceDataset:
-    """Generate the synthetic data set (deterministic given `config`).
+class _Chain(NamedTuple):
+    """What each step of a sequence draws from: the class chain and the items within a class."""
 
-    Returns a SequenceDataset named "synthetic" with domains (one per interaction = the item's
-    domain) and two features: "category" (N + 1, 1), the primary class 1..C, and "tags"
-    (N + 1, attrs_per_item[1]), 1..num_tags, 0-padded.
-    """
-    rng = np.random.default_rng(config.seed)
-    n_items, n_cls, n_users = config.num_items, config.num_attributes, config.num_users
+    cum_transition: np.ndarray  # (C, C) float64 cumulative successor weights of each class
+    members: np.ndarray         # (C, S) int64 item indices of each class (0-padded), by popularity rank
+    cum_pop: np.ndarray         # (C, S) float64 cumulative Zipf weights over members
+    item_class: np.ndarray      # (N,) int64 class of each item index
+    preferred: np.ndarray       # (U,) int64 preferred class of each user
 
-    item_class = rng.permutation(np.arange(n_items) % n_cls)
-    class_domain = rng.permutation(np.arange(n_cls) % config.num_domains)
-    item_domain = np.where(rng.random(n_items) < config.item_domain_noise,
-                           rng.integers(config.num_domains, size=n_items), class_domain[item_class])
-    tags = _item_tags(config, item_class, rng)
 
-    # sparse Markov chain over classes
+def _class_chain(config: SyntheticConfig, item_class: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cum_transition, members, cum_pop) of `_Chain`: the sparse Markov chain over classes, then
+    within-class Zipf popularity (ranks random within each class)."""
+    n_cls = config.num_attributes
     transition = np.zeros((n_cls, n_cls))
     for c in range(n_cls):
         successors = rng.choice(n_cls, size=config.transitions_per_class, replace=False)
         transition[c, successors] = rng.dirichlet(np.ones(config.transitions_per_class))
-    cum_transition = np.cumsum(transition, axis=1)
-
-    # within-class Zipf popularity: members (C, S) item indices, cumulative weights (C, S)
     members_list = [np.flatnonzero(item_class == c) for c in range(n_cls)]
     width = max(len(m) for m in members_list)
     members = np.zeros((n_cls, width), dtype=np.int64)
@@ -152,47 +148,80 @@ def make_synthetic(config: SyntheticConfig = SyntheticConfig()) -> SequenceDatas
     for c, m in enumerate(members_list):
         members[c, :len(m)] = rng.permutation(m)
         weights[c, :len(m)] = 1.0 / np.arange(1, len(m) + 1) ** config.zipf
-    cum_pop = np.cumsum(weights, axis=1)
+    return np.cumsum(transition, axis=1), members, np.cumsum(weights, axis=1)
 
-    preferred = rng.integers(n_cls, size=n_users)
-    lengths = rng.integers(config.min_len, config.max_len + 1, size=n_users)
+
+def _draw_items(chain: _Chain, cls: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One item index of each class in cls (n,), by within-class popularity."""
+    return chain.members[cls, _sample_rows(chain.cum_pop[cls], rng.random(len(cls)))]
+
+
+def _redraw_repeats(config: SyntheticConfig, chain: _Chain, history: np.ndarray, item: np.ndarray,
+                    cls: np.ndarray, prev: np.ndarray, rng: np.random.Generator) -> None:
+    """Redraw, in place, each item[u] already in history[u] (U, t): first within the class, then
+    with a fresh class (cls updated), finally uniformly among all items.
+
+    Users do not consume an item twice (as in the Amazon 5-core data, and so that the
+    history-masked full ranking can reach every target)."""
+    for attempt in range(_REDRAWS + 1):
+        dup = np.flatnonzero((history == item[:, None]).any(axis=1))
+        if dup.size == 0:
+            return
+        if attempt >= _REDRAWS:
+            item[dup] = rng.integers(config.num_items, size=dup.size)
+            continue
+        if attempt >= _REDRAWS // 2:
+            cls[dup] = _next_class(config, chain.cum_transition, prev[dup], chain.preferred[dup], rng)
+        item[dup] = _draw_items(chain, cls[dup], rng)
+    while True:  # only uniform draws remain: num_items >= max_len guarantees progress
+        dup = np.flatnonzero((history == item[:, None]).any(axis=1))
+        if dup.size == 0:
+            return
+        item[dup] = rng.integers(config.num_items, size=dup.size)
+
+
+def _sequences(config: SyntheticConfig, chain: _Chain, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(U, max(lengths)) int64 item indices, step by step along each user's class chain."""
+    n_users, n_cls = config.num_users, config.num_attributes
     steps = int(lengths.max())
     seq = np.zeros((n_users, steps), dtype=np.int64)
-    cls = np.where(rng.random(n_users) < 0.5, preferred, rng.integers(n_cls, size=n_users))
+    cls = np.where(rng.random(n_users) < 0.5, chain.preferred, rng.integers(n_cls, size=n_users))
     prev = cls
     for t in range(steps):
         if t > 0:
-            cls = _next_class(config, cum_transition, prev, preferred, rng)
-        item = members[cls, _sample_rows(cum_pop[cls], rng.random(n_users))]
+            cls = _next_class(config, chain.cum_transition, prev, chain.preferred, rng)
+        item = _draw_items(chain, cls, rng)
         if not config.allow_repeats and t > 0:
-            # users do not consume an item twice (as in the Amazon 5-core data, and so that the
-            # history-masked full ranking can reach every target): redraw the repeats, first within
-            # the class, then with a fresh class, finally uniformly among all items
-            for attempt in range(_REDRAWS + 1):
-                dup = np.flatnonzero((seq[:, :t] == item[:, None]).any(axis=1))
-                if dup.size == 0:
-                    break
-                if attempt >= _REDRAWS:
-                    item[dup] = rng.integers(n_items, size=dup.size)
-                    continue
-                if attempt >= _REDRAWS // 2:
-                    cls[dup] = _next_class(config, cum_transition, prev[dup], preferred[dup], rng)
-                item[dup] = members[cls[dup], _sample_rows(cum_pop[cls[dup]], rng.random(dup.size))]
-            else:
-                while True:  # only uniform draws remain: num_items >= max_len guarantees progress
-                    dup = np.flatnonzero((seq[:, :t] == item[:, None]).any(axis=1))
-                    if dup.size == 0:
-                        break
-                    item[dup] = rng.integers(n_items, size=dup.size)
-            cls = item_class[item]
+            _redraw_repeats(config, chain, seq[:, :t], item, cls, prev, rng)
+            cls = chain.item_class[item]
         seq[:, t] = item
         prev = cls
+    return seq
 
-    mask = np.arange(steps)[None, :] < lengths[:, None]
+
+def make_synthetic(config: SyntheticConfig = SyntheticConfig()) -> SequenceDataset:
+    """Generate the synthetic data set (deterministic given `config`).
+
+    Returns a SequenceDataset named "synthetic" with domains (one per interaction = the item's
+    domain) and two features: "category" (N + 1, 1), the primary class 1..C, and "tags"
+    (N + 1, attrs_per_item[1]), 1..num_tags, 0-padded.
+    """
+    rng = np.random.default_rng(config.seed)  # every draw below, in this order, is part of the data set
+    n_items, n_cls, n_users = config.num_items, config.num_attributes, config.num_users
+    item_class = rng.permutation(np.arange(n_items) % n_cls)
+    class_domain = rng.permutation(np.arange(n_cls) % config.num_domains)
+    item_domain = np.where(rng.random(n_items) < config.item_domain_noise,
+                           rng.integers(config.num_domains, size=n_items), class_domain[item_class])
+    tags = _item_tags(config, item_class, rng)
+    cum_transition, members, cum_pop = _class_chain(config, item_class, rng)
+    chain = _Chain(cum_transition, members, cum_pop, item_class, rng.integers(n_cls, size=n_users))
+    lengths = rng.integers(config.min_len, config.max_len + 1, size=n_users)
+    seq = _sequences(config, chain, lengths, rng)
+
+    mask = np.arange(seq.shape[1])[None, :] < lengths[:, None]
     flat = seq[mask]                                   # row-major: user by user, in time order
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-
     category = np.zeros((n_items + 1, 1), dtype=np.int64)
     category[1:, 0] = item_class + 1
     tag_values = np.zeros((n_items + 1, tags.shape[1]), dtype=np.int64)
