@@ -6,7 +6,7 @@ imported *without* TRITON_INTERPRET.
 
 `python -m fastattn.ops.aot --report [--arch 80,86,89,90] [--json FILE] [--md FILE]
 [--headline-only]` writes the static resource report (registers, spills, shared memory, tensor
-cores, tt.dot count, occupancy) of every configuration: see resources.py and docs/gpu-resources.md.
+cores, tt.dot count, occupancy) of every configuration: see resources/ and docs/gpu-resources.md.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def every_triton_launch(arch: Optional[int] = None) -> list[tuple[str, KernelLau
 
 
 if __name__ == "__main__":
-    # `python -m fastattn.ops.aot --report ...`: the static resource report (resources.py).
+    # `python -m fastattn.ops.aot --report ...`: the static resource report (resources/report.py).
     import sys
 
     from fastattn.ops.resources import main
