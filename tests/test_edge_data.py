@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastattn.data import (ItemFeature, SequenceDataset, SyntheticConfig, load_dataset, make_synthetic,
-                           read_crossdomain_tsv, read_recbole, read_s3rec, split_dataset)
+                           read_crossdomain_tsv, read_recbole, split_dataset)
 
 
 def _toy(items: list[int] | None = None, **kwargs: object) -> SequenceDataset:
