@@ -107,8 +107,9 @@ def _generic_section(rows: list[dict[str, Any]]) -> list[str]:
     generic = [r for r in rows if not r["headline"] and not is_autotune_row(r)]
     if not generic:
         return []
+    # Most spilled first; ties by name, so the file does not depend on set (string hash) order.
     spilling = sorted({(r["kernel"], r["dtype"], r["config"], r["arch"], r["spill_store_bytes"])
-                       for r in generic if r["spill_store_bytes"]}, key=lambda x: -x[4])
+                       for r in generic if r["spill_store_bytes"]}, key=lambda x: (-x[4], x))
     # sm_86/89 as compiled (their launches differ from sm_80's: compact float32 tiles).
     small = [r for r in rows if r["arch"] in (86, 89) and not is_autotune_row(r)]
     over = over_shared_limit(small)
