@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--mask-history", action="store_true",
                     help="exclude each user's whole history from the full ranking (fastattn's "
-                         "protocol, README); RecBole 1.2.1 masks nothing for sequential models")
+                         "protocol, docs/training.md); RecBole 1.2.1 masks nothing for sequential models")
     args = ap.parse_args(argv)
     data_path = os.path.abspath(args.data)
     out_path = os.path.abspath(args.out) if args.out else None
