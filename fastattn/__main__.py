@@ -1,7 +1,8 @@
 """Command line of fastattn.
 
-- `python -m fastattn train --model {sasrec,difsr,mqsa_ted,man,autocdsr,autocdsr_plus} --data {synthetic|PATH} ...`: train and evaluate
-  a recommender (full ranking, leave-one-out); writes DIR/metrics.json and DIR/checkpoint.pt.
+- `python -m fastattn train --model NAME --data {synthetic|PATH} ...`: train and evaluate a
+  recommender (full ranking, leave-one-out); writes DIR/metrics.json and DIR/checkpoint.pt. The
+  models, their flags and presets come from `fastattn.models.MODELS` (`--help` lists them).
 - `python -m fastattn evaluate --checkpoint DIR/checkpoint.pt`: valid/test metrics of a saved run.
 - `python -m fastattn demo`: the fused attention against the float64 reference. On a machine
   without CUDA the Triton kernels run in Triton's interpreter (slow, exact), so the demo shows
@@ -10,11 +11,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
+from dataclasses import dataclass
+import types
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
+
+from ._environment import configure_cli_process
 
 if TYPE_CHECKING:  # torch is imported inside the commands, after the Triton interpreter switch
     import torch
@@ -81,33 +88,6 @@ def _run(fastattn: ModuleType, leaves: list[torch.Tensor], pad: torch.Tensor, ba
     return out.detach(), [x.grad for x in xs], time.perf_counter() - start
 
 
-# Hyper-parameter flags: default None = "take it from the preset".
-_MODEL_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("hidden", int, "hidden size (item embedding and transformer width)"),
-    ("layers", int, "transformer layers"),
-    ("heads", int, "attention heads"),
-    ("inner", int, "feed-forward inner size"),
-    ("dropout", float, "hidden dropout"),
-    ("attn-dropout", float, "attention-probability dropout"),
-    ("attribute-dim", int, "DIF-SR: attribute embedding size"),
-    ("aap-weight", float, "DIF-SR: weight lambda of the attribute-prediction (AAP) loss"),
-    ("fusion", str, "DIF-SR: sum (fused kernel) | concat | gate (reference path)"),
-    ("loss", str, "SASRec: ce (full softmax) | bce (original, one sampled negative)"),
-    ("long-query-len", int, "MQSA-TED: positions averaged into the long query"),
-    ("alpha", float, "MQSA-TED: weight of the short tower (1 - alpha: long tower)"),
-    ("tau", float, "MQSA-TED: distillation temperature"),
-    ("kd-weight", float, "MQSA-TED: weight of the TED distillation loss"),
-    ("num-prototypes", int, "MAN: learned group prototypes"),
-    ("num-negatives", int, "MAN: sampled negatives per target in its sampled softmax"),
-    ("proto-weight", float, "MAN: weight of the prototype regularizer"),
-    ("acd-mode", str, "AutoCDSR: pareto (Pareto MTL weights each step) | fixed (rec + acd_weight * a_cd)"),
-    ("acd-weight", float, "AutoCDSR: weight of the mean a_cd in --acd-mode fixed"),
-    ("pareto-vectors", int, "AutoCDSR: K, preference vectors p_k = (cos k*pi/2K, sin k*pi/2K), k = 0..K"),
-    ("pareto-region", int, "AutoCDSR: k of the region Omega_k the solution is kept in"),
-    ("num-ib-tokens", int, "AutoCDSR+: information-bottleneck tokens"),
-    ("domain-layers", int, "AutoCDSR+: layers of each per-domain encoder"),
-    ("shared-layers", int, "AutoCDSR+: layers of the shared encoder"),
-)
 _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("epochs", int, "maximum epochs"),
     ("batch-size", int, "training batch size, in --batch-unit"),
@@ -125,6 +105,51 @@ _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("backend", str, "kernel backend: auto | triton | cpp | torch"),
     ("out", str, "output directory (default runs/MODEL-DATA)"),
 )
+
+
+@dataclass(frozen=True)
+class ModelFlag:
+    """One generated --flag: a hyper-parameter field of the models in `models` (same name, type and help)."""
+
+    field: str
+    type: Callable[[str], Any]
+    help: str
+    models: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.field.replace("_", "-")
+
+
+def _flag_type(config_cls: type, field: dataclasses.Field) -> Callable[[str], Any]:
+    """The argparse type of a config field from its annotation: int, float or str (Optional[X] → X)."""
+    kind = typing.get_type_hints(config_cls)[field.name]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = args[0] if len(args) == 1 else kind
+    if kind not in (int, float, str):
+        raise TypeError(f"{config_cls.__name__}.{field.name}: a flag needs an int, float or str field, got {kind}")
+    return kind
+
+
+def model_flags() -> list[ModelFlag]:
+    """The flags of every registered model's hyper-parameters (`fastattn.models.config.option`
+    fields), each name once (a field several models share is one flag), in registry order."""
+    from .models.config import flag_fields
+    from .models.registry import MODELS
+
+    flags: dict[str, ModelFlag] = {}
+    for spec in MODELS.values():
+        for f in flag_fields(spec.config_cls):
+            kind, seen = _flag_type(spec.config_cls, f), flags.get(f.name)
+            if seen is None:
+                flags[f.name] = ModelFlag(f.name, kind, f.metadata["help"], (spec.name,))
+            elif seen.type is not kind:
+                raise TypeError(f"models {seen.models[0]!r} and {spec.name!r} declare {f.name} with different "
+                                f"types ({seen.type.__name__}, {kind.__name__}): one flag cannot take both")
+            else:
+                flags[f.name] = dataclasses.replace(seen, models=seen.models + (spec.name,))
+    return list(flags.values())
 
 
 def _fail(message: str) -> int:
@@ -156,8 +181,8 @@ def _guarded(command: Callable[[], int], backend: Optional[str]) -> int:
 def _train(args: argparse.Namespace) -> int:
     from . import train as training
 
-    overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_"))
-                 for name, _, _ in _MODEL_FLAGS + _LOOP_FLAGS}
+    overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in _LOOP_FLAGS}
+    overrides.update({flag.field: getattr(args, flag.field) for flag in model_flags()})
     overrides.update(data=args.data, format=args.format)
     overrides["sampled_eval"] = True if args.sampled_eval else None
     overrides["progress"] = False if args.no_progress else None
@@ -207,7 +232,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _add_train_flags(train: argparse.ArgumentParser) -> None:
+    """--model, --preset, the loop's flags and every model's hyper-parameter flags (from the registry)."""
+    from .data import FORMATS
+    from .models.registry import MODELS, preset_names
+
+    train.add_argument("--model", choices=list(MODELS), default=None, help="default difsr")
+    train.add_argument("--data", default=None,
+                       help="'synthetic' (default, no files needed) or a path: S3Rec .txt, RecBole "
+                       ".inter / directory, or cross-domain .tsv(.gz)")
+    train.add_argument("--format", choices=list(FORMATS), default=None,
+                       help="file format (default: from the file name)")
+    train.add_argument("--preset", choices=preset_names(), default=None,
+                       help="small (default): the CPU recipe; paper: the published settings")
+    for name, kind, text in _LOOP_FLAGS:
+        train.add_argument("--" + name, type=kind, default=None, help=text)
+    group = train.add_argument_group("model options (default: the preset's; [models] they apply to)")
+    every = tuple(MODELS)
+    for flag in model_flags():
+        where = "" if flag.models == every else f" [{', '.join(flag.models)}]"
+        group.add_argument("--" + flag.name, dest=flag.field, type=flag.type, default=None,
+                           help=flag.help.replace("%", "%%") + where)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _Parser(prog="python -m fastattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fused attention forward/backward vs the float64 reference")
@@ -222,16 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train and evaluate a recommender",
                            description="Train a model, evaluate full ranking (HR/NDCG@5,10,20) on the "
                            "leave-one-out validation split every epoch, test the best epoch.")
-    train.add_argument("--model", choices=["sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus"], default=None, help="default difsr")
-    train.add_argument("--data", default=None,
-                       help="'synthetic' (default, no files needed) or a path: S3Rec .txt, RecBole "
-                       ".inter / directory, or cross-domain .tsv(.gz)")
-    train.add_argument("--format", choices=["s3rec", "recbole", "tsv"], default=None,
-                       help="file format (default: from the file name)")
-    train.add_argument("--preset", choices=["small", "paper"], default=None,
-                       help="small (default): the CPU recipe; paper: the published settings")
-    for name, kind, text in _LOOP_FLAGS + _MODEL_FLAGS:
-        train.add_argument("--" + name, type=kind, default=None, help=text)
+    if argv[:1] == ["train"]:  # the registry imports the models (and Triton): only for this command
+        _add_train_flags(train)
     train.add_argument("--sampled-eval", action="store_true",
                        help="also report the sampled protocol (100 negatives), keys prefixed sampled_")
     train.add_argument("--track-test", action="store_true",
@@ -259,4 +300,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    configure_cli_process()  # before anything loads torch (and its OpenMP): fastattn/_environment.py
     sys.exit(main())

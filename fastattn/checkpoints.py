@@ -11,21 +11,22 @@
 - Atomic writes: every output goes through a uniquely named temporary file, fsync and a rename
   (`_atomic_write`, `atomic_save`, `atomic_write_json`); `_writing` turns an OSError while
   writing into a ValueError naming --out.
+- Saving and resuming: `save_checkpoint` writes the loop's state after an epoch;
+  `check_same_run` refuses a resume whose options differ from the checkpoint's.
 
-Also the small value checks shared with `fastattn.train` (`_is_int`, `_is_number`,
-`_is_synthetic`, `_one_line`). Nothing here imports `fastattn.train` at run time (`TrainConfig`
-appears in annotations only).
+Also the small value checks shared with the training modules (`_is_int`, `_is_number`,
+`_is_synthetic`, `_one_line`). Nothing here imports them at run time (`TrainConfig` appears in
+annotations only).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -34,10 +35,10 @@ try:
 except ImportError:  # Windows: no flock; the output directory is not locked
     fcntl = None  # type: ignore[assignment]
 
-if TYPE_CHECKING:  # annotations only: train imports this module, not the other way round
+if TYPE_CHECKING:  # annotations only: the training modules import this one, not the other way round
     from .data import SequenceDataset
     from .models.base import SequentialRecommender
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -99,14 +100,11 @@ _CHECKPOINT_KEYS: dict[str, Callable[[Any], bool]] = {
     "data": _is_data_identity,
 }
 _OPTIONAL_KEYS = frozenset({"data"})
-# the config dataclass's (TrainConfig's) field annotations (strings: postponed evaluation) → the types a saved value may have
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
-                                             "Optional[str]": (str, type(None)), "dict[str, Any]": (dict,)}
 
 
-def _checkpoint_problem(state: object, config_cls: type) -> Optional[str]:
+def _checkpoint_problem(state: object, field_types: Mapping[str, tuple[type, ...]]) -> Optional[str]:
     """None when `state` has the layout of a format-1 checkpoint, else what is wrong with it;
-    its saved options must be fields of `config_cls` (TrainConfig) of their types."""
+    its saved options must be keys of `field_types` with values of those types."""
     if not isinstance(state, dict):
         return f"it holds a {type(state).__name__}, not a dict"
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -118,9 +116,8 @@ def _checkpoint_problem(state: object, config_cls: type) -> Optional[str]:
     wrong = [k for k, check in _CHECKPOINT_KEYS.items() if k in state and not check(state[k])]
     if wrong:
         return f"malformed {', '.join(wrong)}"
-    types = {f.name: _FIELD_TYPES[str(f.type)] for f in dataclasses.fields(config_cls)}
     for key, value in state["config"].items():
-        kinds = types.get(key)
+        kinds = field_types.get(key)
         if kinds is None:
             return f"config option {key!r} is not an option of this version"
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
@@ -128,14 +125,14 @@ def _checkpoint_problem(state: object, config_cls: type) -> Optional[str]:
     return None
 
 
-def load_checkpoint(path: Path, flag: str, config_cls: type) -> dict[str, Any]:
+def load_checkpoint(path: Path, flag: str, field_types: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
     """A training checkpoint's dict, read with torch.load(weights_only=True) (a checkpoint holds
     only tensors, numbers, strings and plain containers, so a foreign file cannot run code);
     ValueError naming `flag` and the file, on one line, when it is missing, a directory,
     unreadable, truncated or corrupt, holds other Python objects, or lacks the layout of
-    `_CHECKPOINT_KEYS` (saved options: the fields of `config_cls`, TrainConfig, which
-    `fastattn.train.load_checkpoint` passes). Checkpoints of earlier versions load as they are (they hold the same
-    kinds of values); one without the data's identity resumes with a warning."""
+    `_CHECKPOINT_KEYS` (saved options: the keys and value types of `field_types`, TrainConfig's saved
+    form, which `fastattn.train_config.load_checkpoint` passes). Checkpoints of earlier versions load as
+    they are (they hold the same kinds of values); one without the data's identity resumes with a warning."""
     if not path.exists():
         raise ValueError(f"{flag}: no checkpoint at {path} (no such file)")
     if path.is_dir():
@@ -156,7 +153,7 @@ def load_checkpoint(path: Path, flag: str, config_cls: type) -> dict[str, Any]:
             reason = reason.rpartition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
         raise ValueError(f"{flag}: {path} cannot be read as a checkpoint (truncated or corrupt?): "
                          f"{_one_line(ValueError(reason), 160)}") from None
-    problem = _checkpoint_problem(state, config_cls)
+    problem = _checkpoint_problem(state, field_types)
     if problem is not None:
         raise ValueError(f"{flag}: {path} is not a fastattn training checkpoint ({problem})")
     return state
@@ -299,3 +296,26 @@ def _restore(state: dict[str, Any], model: SequentialRecommender, optimizer: tor
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"--resume: the optimizer or RNG state in {path} does not fit this model "
                          f"({_one_line(exc)})") from None
+
+
+def check_same_run(saved: Mapping[str, Any], now: Mapping[str, Any], mutable: frozenset[str]) -> None:
+    """ValueError naming --resume and every option (other than `mutable` ones) whose value `now`
+    differs from the checkpoint's (`saved`): a resumed run must be the run it continues."""
+    diffs = [k for k, v in now.items() if k not in mutable and saved.get(k) != v]
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diffs)
+        raise ValueError(f"--resume: options differ from the checkpointed run ({detail})")
+
+
+def save_checkpoint(path: Path, config: dict[str, Any], progress: Mapping[str, Any], model: SequentialRecommender,
+                    optimizer: torch.optim.Optimizer, device: torch.device, dataset: str,
+                    identity: dict[str, Any]) -> None:
+    """Write a format-1 checkpoint atomically: the saved `config` (TrainConfig.to_dict), `progress`
+    (epoch, best, history, train_seconds), the model's and optimizer's state, torch's RNG state
+    (and CUDA's on a GPU), the data set's summary line and identity (`data_identity`)."""
+    atomic_save({"format": CHECKPOINT_FORMAT, "config": config, "epoch": progress["epoch"],
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": progress["best"],
+                 "history": progress["history"], "train_seconds": progress["train_seconds"],
+                 "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                 "dataset": dataset, "data": identity}, path)

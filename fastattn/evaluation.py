@@ -1,4 +1,5 @@
-"""Evaluation protocols (README, "Training a recommender", Protocol): leave-one-out, full ranking with the history masked.
+"""Evaluation protocols (docs/training.md, "Evaluation protocol"): leave-one-out, full ranking with the
+history masked.
 
 Full ranking scores every item of the catalog for every evaluated user through
 `fastattn.topk_items` (chunked over items: never an N×|items| matrix) and finds the held-out

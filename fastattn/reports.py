@@ -1,9 +1,9 @@
 """What a training run shows and reports: the default log and warning lines (`say`, `warn`), the
-progress bar of an epoch (`_progress`), the name of DIR/metrics.json (`METRICS`, written by
-`fastattn.train` with `atomic_write_json`) and its device line (`_describe_device`), the per-epoch
-loss keys (`loss_keys`), the curves plot (DIR/curves.png: loss and validation NDCG@10 per epoch,
-`_plot`, written atomically) and the terminal table of valid/test metrics (`print_metrics`).
-Nothing here imports `fastattn.train` at run time (`TrainConfig` appears in annotations only).
+progress bar of an epoch (`_progress`), DIR/metrics.json (`METRICS`: `run_report` assembles it,
+`write_report` writes it atomically with the curves) and its device line (`_describe_device`), the
+per-epoch loss keys (`loss_keys`), the curves plot (DIR/curves.png: loss and validation NDCG@10 per
+epoch, `_plot`, written atomically) and the terminal table of valid/test metrics (`print_metrics`).
+Nothing here imports the training modules at run time (`TrainConfig` appears in annotations only).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .checkpoints import _atomic_write
+from .checkpoints import _atomic_write, _writing, atomic_write_json
 
-if TYPE_CHECKING:  # annotations only: train imports this module, not the other way round
-    from .train import TrainConfig
+if TYPE_CHECKING:  # annotations only: the training modules import this one, not the other way round
+    from .train_config import TrainConfig
 
 METRICS = "metrics.json"
 
@@ -89,6 +89,32 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
         _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def run_report(valid: dict[str, float], test: dict[str, float], best_epoch: int, history: list[dict[str, Any]],
+               train_seconds: float, config: TrainConfig, dataset: str, device: torch.device) -> dict[str, Any]:
+    """metrics.json's dict: valid metrics of the best epoch, its test metrics, timings, the saved
+    config (`TrainConfig.to_dict`), the data set's summary, the device and the per-epoch history."""
+    epochs_run = len(history)
+    return {
+        "valid": valid,
+        "test": test,
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "train_seconds": train_seconds,
+        "train_seconds_per_epoch": train_seconds / max(1, epochs_run),
+        "config": config.to_dict(),
+        "dataset": dataset,
+        "device": _describe_device(device),
+        "history": history,
+    }
+
+
+def write_report(metrics: dict[str, Any], out: Path, config: TrainConfig, log: Callable[[str], None]) -> None:
+    """DIR/metrics.json and DIR/curves.png, each atomically; an OSError as a ValueError naming --out."""
+    with _writing(out):
+        atomic_write_json(metrics, out / METRICS)
+        _plot(metrics["history"], out / "curves.png", config, log)
 
 
 def print_metrics(metrics: dict[str, Any], stream: Any = None) -> None:

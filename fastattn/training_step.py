@@ -8,8 +8,8 @@ parameters, and torch marks it `torch.compiler.disable` ("don't trace into fused
 compiling it would only add a graph break. `model.combine_loss_terms` runs eagerly after the
 graph: a no-op for most models; AutoCDSR's Pareto weights there call `torch.autograd.grad`
 through the compiled backward twice (retain_graph), which is why the step runs without donated
-buffers (a donated buffer is freed after the first backward). The module itself is not wrapped, so `model.state_dict()` keys
-(checkpoints) do not change.
+buffers (a donated buffer is freed after the first backward). The module itself is not wrapped, so
+`model.state_dict()` keys (checkpoints) do not change.
 """
 from __future__ import annotations
 

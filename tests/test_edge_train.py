@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastattn.train as training
-from fastattn.__main__ import _LOOP_FLAGS, _MODEL_FLAGS, main
+from fastattn.__main__ import _LOOP_FLAGS, main, model_flags
 from fastattn.evaluation import metrics_from_ranks, sampled_ranks
 
 SYN = "synthetic:num_users=60,num_items=40,num_attributes=4,num_tags=6,min_len=3,max_len=8,seed=1"
@@ -63,7 +63,9 @@ _BAD_TRAIN = [
     ("tau", "0", "mqsa_ted"), ("tau", "nan", "mqsa_ted"), ("kd-weight", "-1", "mqsa_ted"),
     ("num-prototypes", "0", "man"), ("num-negatives", "-1", "man"), ("proto-weight", "nan", "man"),
     ("acd-mode", "sometimes", "autocdsr"), ("acd-weight", "inf", "autocdsr"), ("pareto-vectors", "0", "autocdsr"),
-    ("pareto-region", "9", "autocdsr"), ("num-ib-tokens", "0", "autocdsr_plus"),
+    ("pareto-region", "9", "autocdsr"), ("pareto-normalization", "max", "autocdsr"),
+    ("pareto-scale", "acd", "autocdsr"), ("pareto-init-steps", "-1", "autocdsr"), ("layer-norm-eps", "0", "sasrec"),
+    ("init-std", "-0.1", "sasrec"), ("init-std", "nan", "man"), ("num-ib-tokens", "0", "autocdsr_plus"),
     ("domain-layers", "0", "autocdsr_plus"), ("shared-layers", "-1", "autocdsr_plus"),
     ("epochs", "0", "sasrec"), ("epochs", "x", "sasrec"), ("batch-size", "-5", "sasrec"),
     ("batch-unit", "users", "sasrec"), ("bucket-batches", "-1", "sasrec"), ("eval-batch-size", "0", "sasrec"),
@@ -81,9 +83,8 @@ _BAD_TRAIN = [
 
 def test_every_train_flag_has_a_bad_value_case() -> None:
     covered = {flag.split("=")[0] for flag, _, _ in _BAD_TRAIN}
-    every = {name for name, _, _ in _MODEL_FLAGS + _LOOP_FLAGS} | {"data", "format", "preset", "model",
-                                                                   "sampled-eval", "track-test", "resume",
-                                                                   "no-progress", "compile"}
+    every = ({flag.name for flag in model_flags()} | {name for name, _, _ in _LOOP_FLAGS}
+             | {"data", "format", "preset", "model", "sampled-eval", "track-test", "resume", "no-progress", "compile"})
     assert every <= covered, sorted(every - covered)
 
 

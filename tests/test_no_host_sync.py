@@ -22,10 +22,11 @@ import torch
 from fastattn.data.batch import TrainBatch
 from fastattn.functional import full_item_cross_entropy, topk_items
 from fastattn.models import DIFSR, MAN, MQSATED, SASRec, DIFSRConfig, MANConfig, MQSATEDConfig, SASRecConfig
-from fastattn.models.autocdsr import AutoCDSR, AutoCDSRConfig, AutoCDSRPlus, AutoCDSRPlusConfig, _ACDRecommender
+from fastattn.models.autocdsr import AutoCDSR, AutoCDSRConfig, _ACDRecommender
+from fastattn.models.autocdsr_plus import AutoCDSRPlus, AutoCDSRPlusConfig
 from fastattn.models.blocks import check_range
+from fastattn.models.mqsa_ted import ted_teacher
 from fastattn.ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
-from fastattn.ops.cross_entropy.targets import ted_teacher
 
 NUM_ITEMS = 12
 ATTRIBUTE_SIZES = (5, 3)

@@ -188,7 +188,7 @@ def test_autocdsr_needs_domains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     single = replace(make_synthetic(SyntheticConfig(num_users=50, num_items=40, seed=1)), domains=None,
                      num_domains=1)
     monkeypatch.setattr(training, "load_dataset", lambda spec, fmt=None: single)
-    with pytest.raises(ValueError, match="AutoCDSR needs the domain of every interaction"):
+    with pytest.raises(ValueError, match="model 'autocdsr' needs the domain of every interaction"):
         _run(tmp_path, "autocdsr", epochs=1)
 
 
@@ -217,3 +217,34 @@ def test_cli_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_checkpoint_of_the_earlier_model_options_layout_loads(tmp_path: Path) -> None:
+    """Checkpoints written before the typed model config saved only the preset's and the given
+    options in model_options: they evaluate and resume (the other options take their defaults)."""
+    metrics = _run(tmp_path, "difsr", epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["model_options"] = {"hidden": 16, "layers": 1, "heads": 2, "inner": 32, "dropout": 0.5,
+                                        "attn_dropout": 0.5, "attribute_dim": 16, "aap_weight": 5.0, "fusion": "sum",
+                                        "max_len": 12}
+    torch.save(state, path)
+    assert training.evaluate_checkpoint(path, log=_quiet)["test"] == pytest.approx(metrics["test"])
+    config = training.resume_config(tmp_path, epochs=2, progress=False)
+    assert config.model_config.attribute_dim == 16 and config.model_config.init_std == 0.02
+    assert len(training.train(config, resume=True, log=_quiet)["history"]) == 2
+
+
+def test_train_config_holds_the_typed_model_config() -> None:
+    from fastattn.models import SASRecConfig
+    from fastattn.train_config import config_from_dict
+
+    config = training.make_config("sasrec", "small", hidden=16, heads=4, max_len=20, backend="torch")
+    assert isinstance(config.model_config, SASRecConfig)
+    assert (config.model_config.hidden, config.model_config.heads, config.model_config.max_len,
+            config.model_config.backend, config.model_config.num_items) == (16, 4, 20, "torch", None)
+    saved = config.to_dict()
+    assert "model_config" not in saved and saved["model_options"]["hidden"] == 16
+    assert config_from_dict(saved) == config
+    with pytest.raises(ValueError, match="--hidden \\(16\\) must be divisible by --heads \\(3\\)"):
+        training.make_config("sasrec", "small", hidden=16, heads=3)

@@ -1,8 +1,10 @@
 """AutoCDSR and AutoCDSR+ (Ju et al., KDD 2025, "Revisiting Self-attention for Cross-domain
-Sequential Recommendation"; official code snap-research/AutoCDSR), on fastattn's kernels.
+Sequential Recommendation"; official code snap-research/AutoCDSR), on fastattn's kernels. This
+module holds AutoCDSR and what both share; AutoCDSR+ is `fastattn.models.autocdsr_plus`.
 
 AutoCDSR: one Transformer over the mixed-domain history; its attention also returns, from the
-fused kernel (math: fastattn/ops/attention/__init__.py), the cross-domain attention mass of every query row::
+fused kernel (math: docs/design.md, "The cross-domain attention mass a_cd"), the cross-domain
+attention mass of every query row::
 
     x_0 = Dropout(LayerNorm(E[items] + P[pos]))             as SASRec's "ce" recipe
     (x_l, acd_l) = Layer_l(x_{l-1}, domains)                 causal, key padding mask
@@ -44,8 +46,8 @@ Loss (both models), ordered as in the official code L = (acd, rec):
   has acd ≡ 0), the step is the plain recommendation step (w_acd = 0, w_rec = 1).
 
 Defaults reproduce the official configuration: its preference list [(0,1), (1,0), (.707,.707)]
-on (acd, rec) is `preference_vectors(2)`; its region index 1 — DESIGN's "Ω_1" — is the vector
-(1, 0), which is k = 0 here. So pareto_vectors=2, pareto_region=0.
+on (acd, rec) is `preference_vectors(2)`; its region index 1 — the "Ω_1" of docs/design.md, section
+"AutoCDSR's Pareto weighting" — is the vector (1, 0), which is k = 0 here. So pareto_vectors=2, pareto_region=0.
 
 Deviations from the paper / official code, and why:
 - Causal next-item (SASRec-style) training at every position instead of BERT4Rec's bidirectional
@@ -73,23 +75,26 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_finite, check_int, check_items, check_range,
-                     flat_targets, full_softmax_loss, init_weights, positions_from_padding)
+from .blocks import (check_choice, check_finite, check_int, check_items, check_range, flat_targets,
+                     full_softmax_loss, init_weights)
+from .config import EncoderConfig, catalog_field, check_config, option
+from .encoder import EmbeddingBlock, TransformerStack
 from .pareto import (NORMALIZATIONS, pareto_mtl_init_weights_from_gram, pareto_mtl_weights_from_gram,
                      preference_vectors)
+from .spec import SMALL, ModelSpec
 
 ACD_MODES = ("pareto", "fixed")
 PARETO_SCALES = ("rec", "sum")
 
-__all__ = ["ACD_MODES", "PARETO_SCALES", "AutoCDSR", "AutoCDSRConfig", "AutoCDSRPlus", "AutoCDSRPlusConfig"]
+__all__ = ["ACD_MODES", "PARETO_SCALES", "AutoCDSR", "AutoCDSRConfig", "check_domains"]
 
 
 @dataclass(kw_only=True)
 class AutoCDSRConfig(EncoderConfig):
     """AutoCDSR options: the `EncoderConfig` fields plus
 
-    num_domains: number of domains (>= 1, from the data set: `SequenceDataset.num_domains`);
-        batches must carry domain ids in [0, num_domains).
+    num_domains: number of domains (>= 1, from the data set: `SequenceDataset.num_domains`; None
+        until it is known); batches must carry domain ids in [0, num_domains).
     acd_mode: "pareto" (Pareto multi-task weights every step) | "fixed" (loss = rec + acd_weight·acd).
     acd_weight: the fixed weight λ of acd (finite; 0 trains the recommendation loss only, a
         negative value would reward cross-domain attention). Only used by acd_mode="fixed".
@@ -105,18 +110,20 @@ class AutoCDSRConfig(EncoderConfig):
         feasibility phase while the losses lie outside Ω_k (0 = none, as in the official code).
     """
 
-    num_domains: int
-    acd_mode: str = "pareto"
-    acd_weight: float = 0.1
-    pareto_vectors: int = 2
-    pareto_region: int = 0
-    pareto_normalization: str = "l2"
-    pareto_scale: str = "rec"
-    pareto_init_steps: int = 0
+    num_domains: Optional[int] = catalog_field()
+    acd_mode: str = option("pareto", "pareto (Pareto MTL weights each step) | fixed (rec + acd_weight * a_cd)")
+    acd_weight: float = option(0.1, "weight of the mean a_cd in --acd-mode fixed")
+    pareto_vectors: int = option(2, "K, preference vectors p_k = (cos k*pi/2K, sin k*pi/2K), k = 0..K")
+    pareto_region: int = option(0, "k of the region Omega_k the solution is kept in")
+    pareto_normalization: str = option("l2", "gradient normalization before the min-norm solve: "
+                                             "l2 | none | loss | loss+")
+    pareto_scale: str = option("rec", "rec (loss = rec + w_acd/w_rec * a_cd) | sum (|w_acd| + |w_rec| = 1)")
+    pareto_init_steps: int = option(0, "training steps of Pareto MTL's feasibility phase (0 = none)")
 
     def validate(self) -> None:
         super().validate()
-        check_int("num_domains", self.num_domains)
+        if self.num_domains is not None:
+            check_int("num_domains", self.num_domains)
         check_choice("acd_mode", self.acd_mode, ACD_MODES)
         check_finite("acd_weight", self.acd_weight)
         check_int("pareto_vectors", self.pareto_vectors)
@@ -127,32 +134,6 @@ class AutoCDSRConfig(EncoderConfig):
         check_choice("pareto_normalization", self.pareto_normalization, NORMALIZATIONS)
         check_choice("pareto_scale", self.pareto_scale, PARETO_SCALES)
         check_int("pareto_init_steps", self.pareto_init_steps, minimum=0)
-
-
-@dataclass(kw_only=True)
-class AutoCDSRPlusConfig(AutoCDSRConfig):
-    """AutoCDSR+ options: the `AutoCDSRConfig` fields plus
-
-    num_ib_tokens: K >= 1 information-bottleneck tokens (official: 4).
-    domain_layers: depth (>= 1) of each domain's encoder; IB states are averaged after every layer.
-    shared_layers: depth (>= 0) of the shared encoder after the merge; None = `layers`.
-    """
-
-    num_ib_tokens: int = 4
-    domain_layers: int = 2
-    shared_layers: Optional[int] = None
-
-    def validate(self) -> None:
-        super().validate()
-        check_int("num_ib_tokens", self.num_ib_tokens)
-        check_int("domain_layers", self.domain_layers)
-        if self.shared_layers is not None:
-            check_int("shared_layers", self.shared_layers, minimum=0)
-
-    @property
-    def num_shared_layers(self) -> int:
-        """shared_layers, or `layers` when it is None."""
-        return self.layers if self.shared_layers is None else self.shared_layers
 
 
 def check_domains(batch: Union[TrainBatch, EvalBatch], num_domains: int) -> torch.Tensor:
@@ -177,23 +158,17 @@ def _row_sum(acd: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (acd * rows[:, None, :].to(acd.dtype)).sum()
 
 
-class _ACDRecommender(SequentialRecommender):
-    """Shared by both models: the item table, the input embedding and the rec/acd combination."""
+class _ACDRecommender(SequentialRecommender, EmbeddingBlock):
+    """Shared by AutoCDSR and AutoCDSR+ (`fastattn.models.autocdsr_plus`): the input embedding
+    (`EmbeddingBlock`) and the rec/acd combination."""
 
     config: AutoCDSRConfig
 
     def _build_inputs(self, config: AutoCDSRConfig) -> None:
-        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
-        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
-        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.build_embedding(config)
         # the last Pareto weights (w_acd, w_rec) as used in the loss, and the training steps taken
         self.register_buffer("pareto_weights", torch.tensor([0.0, 1.0], dtype=torch.float64))
         self.register_buffer("pareto_steps", torch.zeros((), dtype=torch.int64))
-
-    def embed_items(self, items: torch.Tensor) -> torch.Tensor:
-        """items (B, L) → E[items] + P[pos] (B, L, D), positions counted from each row's first item."""
-        return self.item_embedding(items) + self.position_embedding(positions_from_padding(items == 0))
 
     def shared_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """(name, parameter) of every trainable parameter the Pareto gradients are taken on: all but
@@ -291,12 +266,10 @@ class AutoCDSR(_ACDRecommender):
 
     def __init__(self, config: AutoCDSRConfig) -> None:
         super().__init__()
-        if not isinstance(config, AutoCDSRConfig) or isinstance(config, AutoCDSRPlusConfig):
-            raise TypeError(f"config must be an AutoCDSRConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = config
+        # exactly: AutoCDSR+'s config (a subclass) belongs to AutoCDSRPlus
+        self.config = check_config(config, AutoCDSRConfig, exact=True)
         self._build_inputs(config)
-        self.layers = torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
+        self.layers = TransformerStack(config, config.layers)
         init_weights(self, config.init_std)
 
     def encode(self, items: torch.Tensor, domains: Optional[torch.Tensor] = None
@@ -318,16 +291,10 @@ class AutoCDSR(_ACDRecommender):
     def _run_layers(self, items: torch.Tensor, domains: Optional[torch.Tensor]
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(hidden (B, L, D), each layer's a_cd (B, H, L); empty without domains)."""
-        padding = items == 0
-        x = self.dropout(self.norm(self.embed_items(items)))
-        per_layer: list[torch.Tensor] = []
-        for layer in self.layers:
-            if domains is None:
-                x = layer(x, key_padding_mask=padding)
-            else:
-                x, acd = layer(x, key_padding_mask=padding, domains=domains)
-                per_layer.append(acd)
-        return x, per_layer
+        x = self.embed(items)
+        if domains is None:
+            return self.layers(x, items == 0), []
+        return self.layers(x, items == 0, domains=domains)
 
     def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -341,81 +308,18 @@ class AutoCDSR(_ACDRecommender):
         return self.encode(batch.items)[0][:, -1]
 
 
-class AutoCDSRPlus(_ACDRecommender):
-    """AutoCDSR+: IB tokens, per-domain encoders with domain key masks, IB averaging, a shared
-    encoder (module docstring); a_cd = attention on the IB tokens, combined like AutoCDSR.
-
-    losses(TrainBatch with domains) → {"loss", "rec", "acd", "w_acd"}; user_vectors(EvalBatch
-    with domains) → (B, D) state of the last item (column L-1 of the item part);
-    item_table() → (item embedding (num_items+1, D), None). `encode(..., stage="domain")`
-    returns the item states right after the domain encoders (before the merge), for inspection.
-    """
-
-    def __init__(self, config: AutoCDSRPlusConfig) -> None:
-        super().__init__()
-        if not isinstance(config, AutoCDSRPlusConfig):
-            raise TypeError(f"config must be an AutoCDSRPlusConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = config
-        self._build_inputs(config)
-        self.ib_embedding = torch.nn.Embedding(config.num_ib_tokens, config.hidden)
-        self.domain_encoders = torch.nn.ModuleList(
-            torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.domain_layers))
-            for _ in range(config.num_domains))
-        self.fusion_norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.shared_encoder = torch.nn.ModuleList(
-            TransformerLayer(config) for _ in range(config.num_shared_layers))
-        init_weights(self, config.init_std)
-
-    def encode(self, items: torch.Tensor, domains: torch.Tensor, stage: str = "shared"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """items, domains (B, L) → (states (B, L, D) of the items, acd scalar).
-
-        stage="shared": the output of the shared encoder (what predictions use); "domain": each
-        item's state from its own domain encoder, before the merge. acd = mean attention mass on
-        the IB tokens over valid items (in their own domain encoder), heads and domain layers.
-        """
-        check_choice("stage", stage, ("shared", "domain"))
-        cfg = self.config
-        b, length = items.shape
-        k = cfg.num_ib_tokens
-        padding = items == 0
-        ib = self.ib_embedding.weight.unsqueeze(0).expand(b, k, cfg.hidden)
-        x_items = self.embed_items(items)
-        z0 = self.dropout(self.norm(torch.cat([ib, x_items], dim=1)))  # (B, K + L, D)
-        # the IB tokens get a domain id of their own, so the kernel's a_cd of an item in its own
-        # domain encoder (keys: IB + own-domain items) is exactly its attention mass on the IB tokens
-        dom_full = torch.cat([domains.new_full((b, k), cfg.num_domains), domains], dim=1)
-        ib_visible = padding.new_zeros(b, k)
-        own = [(~padding) & (domains == d) for d in range(cfg.num_domains)]
-        masks = [torch.cat([ib_visible, ~rows], dim=1) for rows in own]  # True = hidden key
-        states = [z0] * cfg.num_domains
-        total = z0.new_zeros((), dtype=torch.float32)
-        for layer_index in range(cfg.domain_layers):
-            for d, encoder in enumerate(self.domain_encoders):
-                states[d], acd = encoder[layer_index](states[d], key_padding_mask=masks[d], domains=dom_full)
-                total = total + _row_sum(acd[:, :, k:], own[d])
-            ib_mean = torch.stack([s[:, :k] for s in states]).mean(dim=0)
-            states = [torch.cat([ib_mean, s[:, k:]], dim=1) for s in states]
-        count = (~padding).sum() * (cfg.heads * cfg.domain_layers)  # a tensor: no device sync
-        acd_mean = total / count.clamp_min(1)
-        # each item from its own domain's encoder (padded slots: 0; they are never read)
-        item_states = sum(s[:, k:] * rows.unsqueeze(-1).to(s.dtype) for s, rows in zip(states, own))
-        assert isinstance(item_states, torch.Tensor)
-        if stage == "domain":
-            return item_states, acd_mean
-        h = self.fusion_norm(z0[:, k:] + item_states)
-        for layer in self.shared_encoder:
-            h = layer(h, key_padding_mask=padding)
-        return h, acd_mean
-
-    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        check_items(batch, self.config.num_items, self.config.max_len)
-        domains = check_domains(batch, self.config.num_domains)
-        hidden, acd = self.encode(batch.items, domains)
-        return self._task_losses(batch, hidden, acd)
-
-    def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
-        check_items(batch, self.config.num_items, self.config.max_len)
-        domains = check_domains(batch, self.config.num_domains)
-        return self.encode(batch.items, domains)[0][:, -1]
+SPEC = ModelSpec(
+    name="autocdsr", config_cls=AutoCDSRConfig, model_cls=AutoCDSR, needs_domains=True,
+    presets={
+        # the official Pareto setting (preference (1, 0) on (a_cd, rec)) on the CE backbone
+        "small": {**SMALL, "acd_mode": "pareto"},
+        # the official KuaiRand run (snap-research/AutoCDSR configs): its backbone hf_transformer_kuairand.yaml
+        # over huggingface_model/t5_encoder.yaml (d_model 32, 6 layers, 4 heads, d_ff 32, dropout_rate 0.15,
+        # which T5 also applies to the attention probabilities), optim/default.yaml (Adam, lr 1e-4,
+        # weight_decay 1e-5), kuairand_dataloader.yaml (sequence_length 800, batch_size_per_device 16
+        # sequences; the run's device count is not fixed: devices -1), trainer max_epochs 10. Its per-head
+        # width d_kv 32 has no counterpart here (head width = hidden / heads).
+        "paper": {"hidden": 32, "layers": 6, "heads": 4, "inner": 32, "dropout": 0.15, "attn_dropout": 0.15,
+                  "acd_mode": "pareto", "max_len": 800, "lr": 1e-4, "weight_decay": 1e-5, "batch_size": 16,
+                  "batch_unit": "sequences", "epochs": 10},
+    })

@@ -1,4 +1,4 @@
-"""Pieces shared by the Transformer recommenders: the common config, the feed-forward sublayer, a
+"""Pieces shared by the Transformer recommenders: the feed-forward sublayer, a
 Transformer layer on `fastattn.nn.DIFAttention`, positions of left-padded rows, attribute pooling,
 RecBole-style initialization and the full-catalog softmax loss on valid positions.
 
@@ -8,7 +8,6 @@ item of every row; shapes below use B (batch), L (batch length), D (hidden).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,8 +16,7 @@ from ..data.batch import EvalBatch, TrainBatch
 from ..functional import full_item_cross_entropy
 from ..nn import DIFAttention
 from ..nn.checks import check_choice, check_int, check_positive, check_probability, check_values
-
-BACKENDS = ("auto", "triton", "cpp", "torch")
+from .config import BACKENDS, EncoderConfig
 
 __all__ = [
     "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_finite", "check_int",
@@ -26,51 +24,6 @@ __all__ = [
     "init_weights", "masked_mean", "positions_from_padding", "sample_negatives", "sum_pool",
     "valid_positions",
 ]
-
-
-@dataclass(kw_only=True)
-class EncoderConfig:
-    """Fields every Transformer recommender here shares (keyword-only; validated on construction).
-
-    num_items: catalog size; item ids are 1..num_items, 0 is padding (tables have num_items+1 rows).
-    hidden: model width D. layers: Transformer layers. heads: attention heads (must divide hidden).
-    inner: feed-forward inner width. dropout: embedding / hidden dropout. attn_dropout: dropout on
-    attention probabilities. max_len: longest history (position table size; longer batches are
-    rejected). layer_norm_eps: LayerNorm epsilon. init_std: std of the normal init of every Linear
-    and Embedding (RecBole's initializer_range). backend: "auto" | "triton" | "cpp" | "torch",
-    passed to every fastattn call.
-    """
-
-    num_items: int
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    inner: int = 256
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        check_int("num_items", self.num_items)
-        check_int("hidden", self.hidden)
-        check_int("layers", self.layers)
-        check_int("heads", self.heads)
-        if self.hidden % self.heads != 0:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        check_int("inner", self.inner)
-        check_probability("dropout", self.dropout)
-        check_probability("attn_dropout", self.attn_dropout)
-        check_int("max_len", self.max_len)
-        check_positive("layer_norm_eps", self.layer_norm_eps)
-        check_positive("init_std", self.init_std)
-        check_choice("backend", self.backend, BACKENDS)
 
 
 class FeedForward(torch.nn.Module):
@@ -166,8 +119,8 @@ def check_finite(name: str, value: object, minimum: Optional[float] = None) -> N
 
 def check_range(ids: torch.Tensor, low: int, high: int, message: str) -> None:
     """ValueError(message) unless every id lies in [low, high) — on CPU tensors; a device-side assert
-    on CUDA, nothing on meta (`fastattn.ops.checks`: a training step never syncs for it; the data
-    readers and `SequenceDataset` already check every id once per data set)."""
+    on CUDA, nothing on meta (`fastattn.nn.checks.check_values`: a training step never syncs for it;
+    the data readers and `SequenceDataset` already check every id once per data set)."""
     check_values(lambda: ((ids >= low) & (ids < high)).all(), ids.device, message)
 
 

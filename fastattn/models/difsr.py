@@ -35,8 +35,11 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..nn import FUSIONS
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_int, check_items, check_range, flat_targets,
-                     full_softmax_loss, init_weights, masked_mean, positions_from_padding, sum_pool)
+from .blocks import (check_choice, check_int, check_items, check_range, flat_targets, full_softmax_loss, init_weights,
+                     masked_mean, positions_from_padding, sum_pool)
+from .config import EncoderConfig, catalog_field, check_config, option
+from .encoder import EmbeddingBlock, TransformerStack
+from .spec import SMALL, ModelSpec
 
 
 @dataclass(kw_only=True)
@@ -44,27 +47,23 @@ class DIFSRConfig(EncoderConfig):
     """DIF-SR options: the `EncoderConfig` fields (small CPU recipe: hidden 64, 2 layers, 2 heads,
     inner 256, dropout 0.5, max_len 50; attn_dropout 0.3 as in the paper) plus
 
-    attribute_sizes: vocabulary size of each item feature, padding id 0 included (ids 1..size-1).
+    attribute_sizes: vocabulary size of each item feature, padding id 0 included (ids 1..size-1);
+        None until the data set is known.
     attribute_dim: width of every attribute embedding (must be divisible by heads).
     fusion: "sum" (fused kernel) | "concat" | "gate" (torch path; see `fastattn.nn.DIFAttention`).
     aap_weight: λ of the attribute-prediction loss (the paper uses 5–10; 0 disables it).
     """
 
-    attribute_sizes: tuple[int, ...] = ()
-    attribute_dim: int = 16
-    fusion: str = "sum"
-    aap_weight: float = 5.0
-    attn_dropout: float = 0.3
+    attribute_sizes: Optional[tuple[int, ...]] = catalog_field()
+    attribute_dim: int = option(16, "attribute embedding size")
+    fusion: str = option("sum", "sum (fused kernel) | concat | gate (reference path)")
+    aap_weight: float = option(5.0, "weight lambda of the attribute-prediction (AAP) loss")
+    attn_dropout: float = option(0.3, "attention-probability dropout")
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.attribute_sizes, (int, str)) or not isinstance(self.attribute_sizes, Sequence):
-            raise ValueError(f"attribute_sizes must be a tuple of ints (one per feature), got {self.attribute_sizes!r}")
-        self.attribute_sizes = tuple(self.attribute_sizes)
-        if not self.attribute_sizes:
-            raise ValueError("attribute_sizes must name at least one item feature (DIF-SR needs attributes)")
-        for f, size in enumerate(self.attribute_sizes):
-            check_int(f"attribute_sizes[{f}]", size, minimum=2)
+        if self.attribute_sizes is not None:
+            self._validate_attribute_sizes()
         check_int("attribute_dim", self.attribute_dim)
         if self.attribute_dim % self.heads != 0:
             raise ValueError(f"attribute_dim ({self.attribute_dim}) must be divisible by heads ({self.heads})")
@@ -73,8 +72,18 @@ class DIFSRConfig(EncoderConfig):
                 or not (math.isfinite(self.aap_weight) and self.aap_weight >= 0)):
             raise ValueError(f"aap_weight must be a finite float >= 0, got {self.aap_weight!r}")
 
+    def _validate_attribute_sizes(self) -> None:
+        sizes = self.attribute_sizes
+        if isinstance(sizes, (int, str)) or not isinstance(sizes, Sequence):
+            raise ValueError(f"attribute_sizes must be a tuple of ints (one per feature), got {sizes!r}")
+        self.attribute_sizes = tuple(sizes)
+        if not self.attribute_sizes:
+            raise ValueError("attribute_sizes must name at least one item feature (DIF-SR needs attributes)")
+        for f, size in enumerate(self.attribute_sizes):
+            check_int(f"attribute_sizes[{f}]", size, minimum=2)
 
-class DIFSR(SequentialRecommender):
+
+class DIFSR(SequentialRecommender, EmbeddingBlock):
     """DIF-SR on fastattn kernels; see the module docstring for the math.
 
     losses(TrainBatch) → {"loss", "ce", "aap"}; user_vectors(EvalBatch) → (B, D) hidden state at
@@ -84,23 +93,20 @@ class DIFSR(SequentialRecommender):
 
     def __init__(self, config: DIFSRConfig) -> None:
         super().__init__()
-        if not isinstance(config, DIFSRConfig):
-            raise TypeError(f"config must be a DIFSRConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = config
-        n_features = len(config.attribute_sizes)
-        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
-        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
-        self.attribute_embeddings = torch.nn.ModuleList(
-            torch.nn.Embedding(size, config.attribute_dim, padding_idx=0) for size in config.attribute_sizes)
-        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(config.dropout)
-        self.layers = torch.nn.ModuleList(
-            TransformerLayer(config, (config.attribute_dim,) * n_features, use_position=True, fusion=config.fusion)
-            for _ in range(config.layers))
+        self.config = check_config(config, DIFSRConfig)
+        sizes = config.attribute_sizes
+        assert sizes is not None  # check_config: catalog fields are set
+
+        def attribute_tables() -> None:  # after the position table, as in the checkpoints' parameter order
+            self.attribute_embeddings = torch.nn.ModuleList(
+                torch.nn.Embedding(size, config.attribute_dim, padding_idx=0) for size in sizes)
+
+        self.build_embedding(config, before_norm=attribute_tables)
+        self.layers = TransformerStack(config, config.layers, (config.attribute_dim,) * len(sizes),
+                                       use_position=True, fusion=config.fusion)
         # One logit per attribute value 1..size-1 (padding value 0 has no output).
         self.attribute_heads = torch.nn.ModuleList(
-            torch.nn.Linear(config.hidden, size - 1) for size in config.attribute_sizes)
+            torch.nn.Linear(config.hidden, size - 1) for size in sizes)
         init_weights(self, config.init_std)
 
     def _check_attributes(self, attributes: Sequence[torch.Tensor], items: torch.Tensor, name: str) -> None:
@@ -122,12 +128,10 @@ class DIFSR(SequentialRecommender):
     def encode(self, items: torch.Tensor, attributes: Sequence[torch.Tensor]) -> torch.Tensor:
         """items (B, L) left padded, attributes[f] (B, L, A_f) → hidden states (B, L, D)."""
         padding = items == 0
-        x = self.dropout(self.norm(self.item_embedding(items)))
+        x = self.normalize_input(self.embed_items(items, position=False))
         position = self.position_embedding(positions_from_padding(padding))
         pooled = [sum_pool(emb.weight, ids) for emb, ids in zip(self.attribute_embeddings, attributes)]
-        for layer in self.layers:
-            x = layer(x, position, pooled, padding)
-        return x
+        return self.layers(x, padding, position=position, attributes=pooled)
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -167,3 +171,16 @@ class DIFSR(SequentialRecommender):
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.item_embedding.weight, None
+
+
+SPEC = ModelSpec(
+    name="difsr", config_cls=DIFSRConfig, model_cls=DIFSR, needs_attributes=True,
+    presets={
+        # attribute dim 16 and lambda 5 (chosen on Beauty's validation split from {5, 10})
+        "small": {**SMALL, "attribute_dim": 16, "aap_weight": 5.0, "fusion": "sum"},
+        # the official AIM-SE/DIF-SR configs/Amazon_Beauty.yaml, fusion kept at "sum" so it runs on the
+        # fused kernel (the official file uses "gate", available with --fusion gate)
+        "paper": {"hidden": 256, "layers": 4, "heads": 8, "inner": 256, "dropout": 0.5, "attn_dropout": 0.3,
+                  "attribute_dim": 64, "aap_weight": 10.0, "fusion": "sum", "max_len": 50, "lr": 1e-4,
+                  "batch_size": 2048, "epochs": 200},
+    })

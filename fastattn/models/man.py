@@ -1,5 +1,5 @@
 """MAN: Mixed Attention Network for cross-domain sequential recommendation (Lin et al., WSDM 2024),
-on fastattn's kernels (protocol: README, "Training a recommender").
+on fastattn's kernels (protocol: docs/training.md, "Evaluation protocol").
 
 Notation: a left-padded mixed-domain batch items (B, L) with domain ids dom (B, L) in
 0..G-1 (G = num_domains), E the item table (num_items+1, D, tied output), padding = items == 0,
@@ -85,8 +85,11 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..functional import dif_attention
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_finite, check_int, check_items, check_range, flat_targets,
-                     init_weights, masked_mean, positions_from_padding, sample_negatives)
+from .blocks import (check_finite, check_int, check_items, check_range, flat_targets, init_weights, masked_mean,
+                     positions_from_padding, sample_negatives)
+from .config import EncoderConfig, catalog_field, check_config, option
+from .encoder import EmbeddingBlock, TransformerStack
+from .spec import SMALL, ModelSpec
 
 __all__ = ["MAN", "MANConfig", "CrossAttention", "PrototypeAttention", "SequenceEncoder", "last_index",
            "prototype_regularizer", "sampled_softmax_loss"]
@@ -105,14 +108,14 @@ class MANConfig(EncoderConfig):
     Needs num_items >= 2 (a negative must differ from the positive).
     """
 
-    num_domains: int = 1
-    num_prototypes: int = 8
-    num_negatives: int = 100
-    proto_weight: float = 0.1
+    num_domains: int = catalog_field(1)
+    num_prototypes: int = option(8, "learned group prototypes")
+    num_negatives: int = option(100, "sampled negatives per target in its sampled softmax")
+    proto_weight: float = option(0.1, "weight of the prototype regularizer")
 
     def validate(self) -> None:
         super().validate()
-        if self.num_items < 2:
+        if self.num_items is not None and self.num_items < 2:
             raise ValueError(f"num_items must be >= 2 for MAN (a sampled negative must differ from the target), "
                              f"got {self.num_items}")
         check_int("num_domains", self.num_domains)
@@ -122,9 +125,9 @@ class MANConfig(EncoderConfig):
 
 
 # ---------------------------------------------------------------- building blocks
-class SequenceEncoder(torch.nn.Module):
-    """One causal SASRec encoder: x_0 = Dropout(LayerNorm(inputs + P[positions])), then `layers`
-    `TransformerLayer`s with a key padding mask.
+class SequenceEncoder(EmbeddingBlock):
+    """One causal SASRec encoder: x_0 = Dropout(LayerNorm(inputs + P[positions])) (the shared
+    `EmbeddingBlock` without an item table), then `layers` `TransformerLayer`s with a key padding mask.
 
     forward(inputs (B, L, D) float, positions (B, L) int64 in [0, max_len), key_padding_mask (B, L)
     bool True = hidden key) → (B, L, D). Outputs at hidden slots are computed but meaningless.
@@ -132,17 +135,12 @@ class SequenceEncoder(torch.nn.Module):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
-        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(config.dropout)
-        self.layers = torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
+        self.build_embedding(config, item_table=False)
+        self.layers = TransformerStack(config, config.layers)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 key_padding_mask: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.norm(inputs + self.position_embedding(positions)))
-        for layer in self.layers:
-            x = layer(x, key_padding_mask=key_padding_mask)
-        return x
+        return self.layers(self.normalize_input(inputs + self.position_embedding(positions)), key_padding_mask)
 
 
 class CrossAttention(torch.nn.Module):
@@ -281,10 +279,7 @@ class MAN(SequentialRecommender):
 
     def __init__(self, config: MANConfig) -> None:
         super().__init__()
-        if not isinstance(config, MANConfig):
-            raise TypeError(f"config must be a MANConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = config
+        self.config = check_config(config, MANConfig)
         g = config.num_domains
         self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
         self.domain_embedding = torch.nn.Embedding(g, config.hidden)
@@ -429,3 +424,22 @@ class MAN(SequentialRecommender):
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.item_embedding.weight, None
+
+
+SPEC = ModelSpec(
+    name="man", config_cls=MANConfig, model_cls=MAN,
+    presets={
+        # num_prototypes 8, num_negatives 100 and proto_weight 0.1 are our choices (module docstring)
+        "small": {**SMALL, "num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},
+        # the official code (Guanyu-Lin/MAN): the flags of examples/00_quick_start/sequential.py (num_groups
+        # 10 prototypes, train_num_ngs 9 negatives per positive, max_seq_length 20, lr 1e-3, batch_size 20
+        # training instances, i.e. targets, 100 epochs) and its SASRec backbone, the one these encoders
+        # follow (models/sequential/sasrec.py: 2 blocks, 1 head, width 32 = its 24-wide item and 8-wide
+        # category embeddings concatenated, here one 32-wide item table; feed-forward width = width;
+        # dropout 0). Its default backbone is SURGE, a graph model not built here. Unknown in a form that
+        # maps here, so kept from "small": the prototype regularizer's weight (0.1); its L2 terms (embed_l2,
+        # layer_l2 1e-2 on the batch's embeddings) are not a weight decay and are left out.
+        "paper": {"hidden": 32, "layers": 2, "heads": 1, "inner": 32, "dropout": 0.0, "attn_dropout": 0.0,
+                  "num_prototypes": 10, "num_negatives": 9, "proto_weight": 0.1, "max_len": 20, "lr": 1e-3,
+                  "batch_size": 20, "epochs": 100},
+    })

@@ -1,5 +1,5 @@
 """MQSA-TED: multi-query self-attention (short + long query towers) with transition-based
-teacher distillation (protocol: README, "Training a recommender"), on fastattn's kernels.
+teacher distillation (protocol: docs/training.md, "Evaluation protocol"), on fastattn's kernels.
 
 Architecture, for a left-padded batch items (B, T)::
 
@@ -34,6 +34,8 @@ state dict), moved to the batch's device on use.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -41,11 +43,14 @@ import numpy as np
 import torch
 
 from ..data.batch import EvalBatch, TrainBatch
-from ..functional import dif_attention, full_item_cross_entropy
-from ..ops.cross_entropy.targets import SoftTarget, ted_teacher
+from ..data.dataset import SequenceDataset
+from ..functional import SoftTarget, dif_attention, full_item_cross_entropy
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, FeedForward, TransformerLayer, check_finite, check_int, check_positive,
-                     check_items, flat_targets, full_softmax_loss, init_weights, positions_from_padding)
+from .blocks import (FeedForward, check_finite, check_int, check_items, check_positive, flat_targets,
+                     full_softmax_loss, init_weights)
+from .config import EncoderConfig, check_config, option
+from .encoder import EmbeddingBlock, TransformerStack
+from .spec import SMALL, ModelSpec
 
 
 @dataclass(kw_only=True)
@@ -59,10 +64,10 @@ class MQSATEDConfig(EncoderConfig):
     kd_weight: λ_kd >= 0, weight of the distillation loss (0 disables it; no teacher needed).
     """
 
-    long_query_len: int = 3
-    alpha: float = 0.5
-    tau: float = 0.1
-    kd_weight: float = 0.1
+    long_query_len: int = option(3, "positions averaged into the long query")
+    alpha: float = option(0.5, "weight of the short tower (1 - alpha: long tower)")
+    tau: float = option(0.1, "distillation temperature")
+    kd_weight: float = option(0.1, "weight of the TED distillation loss")
 
     def validate(self) -> None:
         super().validate()
@@ -138,7 +143,7 @@ def _sequences_of(sequences: Any) -> Iterable[Sequence[int]]:
             for s in sequences]
 
 
-class MQSATED(SequentialRecommender):
+class MQSATED(SequentialRecommender, EmbeddingBlock):
     """MQSA-TED on fastattn kernels; see the module docstring for the math.
 
     set_teacher(train_sequences) must be called before `losses` when kd_weight > 0.
@@ -148,16 +153,10 @@ class MQSATED(SequentialRecommender):
 
     def __init__(self, config: MQSATEDConfig) -> None:
         super().__init__()
-        if not isinstance(config, MQSATEDConfig):
-            raise TypeError(f"config must be an MQSATEDConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = config
+        self.config = check_config(config, MQSATEDConfig)
         # Short tower: the same module names as SASRec, so a SASRec state dict loads into it.
-        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
-        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
-        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(config.dropout)
-        self.layers = torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
+        self.build_embedding(config)
+        self.layers = TransformerStack(config, config.layers)
         self.long_attention = LongQueryAttention(config)
         init_weights(self, config.init_std)
         self.teacher: Optional[SoftTarget] = None
@@ -179,12 +178,7 @@ class MQSATED(SequentialRecommender):
 
     def encode_short(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, T) → short-tower (SASRec) states (B, T, D)."""
-        padding = items == 0
-        x = self.item_embedding(items) + self.position_embedding(positions_from_padding(padding))
-        x = self.dropout(self.norm(x))
-        for layer in self.layers:
-            x = layer(x, key_padding_mask=padding)
-        return x
+        return self.layers(self.embed(items), items == 0)
 
     def encode_towers(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items (B, T) → (short (B, T, D), long (B, T, D)) tower outputs."""
@@ -252,3 +246,75 @@ class MQSATED(SequentialRecommender):
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.item_embedding.weight, None
+
+
+def ted_teacher(sequences: Iterable[Sequence[int]], num_items: int, tau: float = 0.1,
+                pad_id: int | None = 0) -> SoftTarget:
+    """MQSA-TED's transition teacher as a `SoftTarget` with one row per item, never V×V.
+
+    From next-item transition counts c(i→j) over the sequences (pairs touching `pad_id` are
+    skipped), each row is max-normalized r_ij = c_ij / max_j c_ij and the teacher is
+    softmax_j(r_ij / τ) over all `num_items` items: unobserved items have r = 0. Shifted by the
+    row max m_i (1 on a row with successors, else 0) so that no exp overflows for small τ:
+
+        u_i = exp(−m_i/τ),  Z_i = (V − nnz_i)·u_i + Σ_observed exp((r_ij − m_i)/τ),
+        t_ij = base_i + sparse_ij,  base_i = u_i / Z_i,  sparse_ij = (exp((r_ij − m_i)/τ) − u_i) / Z_i.
+
+    For small τ, u_i (and so base_i) may underflow to 0: the teacher is then exactly 0 off the
+    most frequent successors. Items with no observed successor get the uniform distribution
+    (base = 1/V). `sequences`: iterables of item ids in [0, num_items); tau: a positive finite float.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive finite float, got {tau!r}")
+    src_parts, dst_parts = [], []
+    for seq in sequences:
+        arr = np.asarray(seq, dtype=np.int64)
+        if arr.size >= 2:
+            src_parts.append(arr[:-1])
+            dst_parts.append(arr[1:])
+    src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)
+    dst = np.concatenate(dst_parts) if dst_parts else np.zeros(0, np.int64)
+    if pad_id is not None:
+        keep = (src != pad_id) & (dst != pad_id)
+        src, dst = src[keep], dst[keep]
+    if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= num_items):
+        raise ValueError(f"sequences hold item ids outside [0, {num_items})")
+    # Unique (src, dst) pairs with counts, sorted by src then dst: that is already CSR order.
+    pairs, counts = np.unique(src * num_items + dst, return_counts=True)
+    rows, cols = pairs // num_items, pairs % num_items
+    row_max = np.zeros(num_items, np.float64)
+    np.maximum.at(row_max, rows, counts)
+    ratio = counts / row_max[rows]  # in (0, 1], exactly 1 at each row's most frequent successor
+    nnz_per_row = np.bincount(rows, minlength=num_items)
+    shift = (nnz_per_row > 0).astype(np.float64)  # m_i = max_j r_ij (unobserved items have r = 0)
+    lifted = np.exp((ratio - 1.0) / tau)  # in (0, 1]: never overflows
+    unobserved = np.exp(-shift / tau)  # u_i; underflows to 0 for small τ, legitimately
+    z = (num_items - nnz_per_row) * unobserved + np.bincount(rows, weights=lifted, minlength=num_items)
+    indptr = np.zeros(num_items + 1, np.int64)
+    np.cumsum(nnz_per_row, out=indptr[1:])
+    return SoftTarget(
+        base=torch.from_numpy(unobserved / z).float(),
+        indptr=torch.from_numpy(indptr),
+        indices=torch.from_numpy(cols.astype(np.int64)),
+        values=torch.from_numpy((lifted - unobserved[rows]) / z[rows]).float(),
+    )
+
+
+def _prepare(model: MQSATED, train: SequenceDataset) -> None:
+    if model.config.kd_weight > 0:  # the sparse transition teacher of the training split
+        model.set_teacher(train)
+
+
+SPEC = ModelSpec(
+    name="mqsa_ted", config_cls=MQSATEDConfig, model_cls=MQSATED, prepare=_prepare,
+    presets={
+        "small": {**SMALL, "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
+        # the official code (zhuty16/MQSA-TED, main.py defaults and its README command for Beauty):
+        # num_factor 64, num_block 1, num_head 1, feed-forward width = num_factor, dropout_rate 0.5 (also
+        # on the attention probabilities), L 3, alpha 0.5, tau 0.1, lambda_kd 0.1, max_len 50, lr 1e-3,
+        # l2_reg 1e-4 (an L2 term in the loss, i.e. Adam's coupled weight decay), batches of 256 user
+        # sequences, 200 epochs
+        "paper": {"hidden": 64, "layers": 1, "heads": 1, "inner": 64, "dropout": 0.5, "attn_dropout": 0.5,
+                  "long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1, "max_len": 50, "lr": 1e-3,
+                  "weight_decay": 1e-4, "batch_size": 256, "batch_unit": "sequences", "epochs": 200},
+    })

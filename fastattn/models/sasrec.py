@@ -27,8 +27,11 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (EncoderConfig, TransformerLayer, check_choice, check_items, flat_targets, full_softmax_loss,
-                     init_weights, masked_mean, positions_from_padding, sample_negatives)
+from .blocks import (check_choice, check_items, flat_targets, full_softmax_loss, init_weights, masked_mean,
+                     sample_negatives)
+from .config import EncoderConfig, check_config, option
+from .encoder import EmbeddingBlock, TransformerStack
+from .spec import SMALL, ModelSpec
 
 LOSSES = ("ce", "bce")
 
@@ -42,17 +45,17 @@ class SASRecConfig(EncoderConfig):
     embeddings, BCE with one sampled negative; needs num_items >= 2).
     """
 
-    loss: str = "ce"
+    loss: str = option("ce", "ce (full softmax) | bce (original, one sampled negative)")
 
     def validate(self) -> None:
         super().validate()
         check_choice("loss", self.loss, LOSSES)
-        if self.loss == "bce" and self.num_items < 2:
+        if self.loss == "bce" and self.num_items is not None and self.num_items < 2:
             raise ValueError(f"num_items must be >= 2 for loss='bce' (a negative must differ from the target), "
                              f"got {self.num_items}")
 
 
-class SASRec(SequentialRecommender):
+class SASRec(SequentialRecommender, EmbeddingBlock):
     """SASRec on fastattn kernels; see the module docstring for the math.
 
     losses(TrainBatch) → {"loss", "ce" or "bce"}; user_vectors(EvalBatch) → (B, D) hidden state at
@@ -61,28 +64,15 @@ class SASRec(SequentialRecommender):
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
-        if not isinstance(config, SASRecConfig):
-            raise TypeError(f"config must be a SASRecConfig, got {type(config).__name__}")
-        config.validate()
-        self.config = config
-        self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
-        self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
-        self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(config.dropout)
-        self.layers = torch.nn.ModuleList(TransformerLayer(config) for _ in range(config.layers))
+        self.config = check_config(config, SASRecConfig)
+        self.build_embedding(config)
+        self.layers = TransformerStack(config, config.layers)
         self.input_scale = math.sqrt(config.hidden) if config.loss == "bce" else 1.0
         init_weights(self, config.init_std)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, L) int64, left padded with 0 → hidden states (B, L, D) at every position."""
-        padding = items == 0
-        x = self.item_embedding(items)
-        if self.input_scale != 1.0:
-            x = x * self.input_scale
-        x = self.dropout(self.norm(x + self.position_embedding(positions_from_padding(padding))))
-        for layer in self.layers:
-            x = layer(x, key_padding_mask=padding)
-        return x
+        return self.layers(self.embed(items, self.input_scale), items == 0)
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
@@ -111,3 +101,15 @@ class SASRec(SequentialRecommender):
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.item_embedding.weight, None
+
+
+SPEC = ModelSpec(
+    name="sasrec", config_cls=SASRecConfig, model_cls=SASRec,
+    presets={
+        "small": {**SMALL, "loss": "ce"},
+        # Kang & McAuley 2018, sparse data sets: hidden 50, 1 head, BCE with one sampled negative,
+        # batches of 128 whole sequences, lr 1e-3, 200 epochs
+        "paper": {"hidden": 50, "layers": 2, "heads": 1, "inner": 50, "dropout": 0.5, "attn_dropout": 0.5,
+                  "max_len": 50, "lr": 1e-3, "batch_size": 128, "batch_unit": "sequences", "loss": "bce",
+                  "epochs": 200},
+    })

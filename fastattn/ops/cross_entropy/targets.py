@@ -4,16 +4,14 @@ Row i's distribution is `base[i]` on every item plus a sparse CSR part (duplicat
 
     t_ij = base_i + Σ_{e in row i, indices[e] = j} values[e]
 
-Hard targets, label smoothing and the MQSA-TED transition teacher are all of this form.
+Hard targets, label smoothing and the MQSA-TED transition teacher
+(`fastattn.models.mqsa_ted.ted_teacher`) are all of this form.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..checks import check_values
@@ -182,55 +180,3 @@ def _check_soft_values(target: SoftTarget, num_items: int, nnz: int, device: tor
                                  f"[{int(indices.min())}, {int(indices.max())}]"))
     check_values(lambda: (target.base >= 0).all() & (target.values >= 0).all(), device,
                  "target.base and target.values must be non-negative")
-
-
-def ted_teacher(sequences: Iterable[Sequence[int]], num_items: int, tau: float = 0.1,
-                pad_id: int | None = 0) -> SoftTarget:
-    """MQSA-TED's transition teacher as a `SoftTarget` with one row per item, never V×V.
-
-    From next-item transition counts c(i→j) over the sequences (pairs touching `pad_id` are
-    skipped), each row is max-normalized r_ij = c_ij / max_j c_ij and the teacher is
-    softmax_j(r_ij / τ) over all `num_items` items: unobserved items have r = 0. Shifted by the
-    row max m_i (1 on a row with successors, else 0) so that no exp overflows for small τ:
-
-        u_i = exp(−m_i/τ),  Z_i = (V − nnz_i)·u_i + Σ_observed exp((r_ij − m_i)/τ),
-        t_ij = base_i + sparse_ij,  base_i = u_i / Z_i,  sparse_ij = (exp((r_ij − m_i)/τ) − u_i) / Z_i.
-
-    For small τ, u_i (and so base_i) may underflow to 0: the teacher is then exactly 0 off the
-    most frequent successors. Items with no observed successor get the uniform distribution
-    (base = 1/V). `sequences`: iterables of item ids in [0, num_items); tau: a positive finite float.
-    """
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a positive finite float, got {tau!r}")
-    src_parts, dst_parts = [], []
-    for seq in sequences:
-        arr = np.asarray(seq, dtype=np.int64)
-        if arr.size >= 2:
-            src_parts.append(arr[:-1])
-            dst_parts.append(arr[1:])
-    src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)
-    dst = np.concatenate(dst_parts) if dst_parts else np.zeros(0, np.int64)
-    if pad_id is not None:
-        keep = (src != pad_id) & (dst != pad_id)
-        src, dst = src[keep], dst[keep]
-    if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= num_items):
-        raise ValueError(f"sequences hold item ids outside [0, {num_items})")
-    # Unique (src, dst) pairs with counts, sorted by src then dst: that is already CSR order.
-    pairs, counts = np.unique(src * num_items + dst, return_counts=True)
-    rows, cols = pairs // num_items, pairs % num_items
-    row_max = np.zeros(num_items, np.float64)
-    np.maximum.at(row_max, rows, counts)
-    ratio = counts / row_max[rows]  # in (0, 1], exactly 1 at each row's most frequent successor
-    nnz_per_row = np.bincount(rows, minlength=num_items)
-    shift = (nnz_per_row > 0).astype(np.float64)  # m_i = max_j r_ij (unobserved items have r = 0)
-    lifted = np.exp((ratio - 1.0) / tau)  # in (0, 1]: never overflows
-    unobserved = np.exp(-shift / tau)  # u_i; underflows to 0 for small τ, legitimately
-    z = (num_items - nnz_per_row) * unobserved + np.bincount(rows, weights=lifted, minlength=num_items)
-    indptr = np.zeros(num_items + 1, np.int64)
-    np.cumsum(nnz_per_row, out=indptr[1:])
-    return SoftTarget(
-        base=torch.from_numpy(unobserved / z).float(),
-        indptr=torch.from_numpy(indptr),
-        indices=torch.from_numpy(cols.astype(np.int64)),
-        values=torch.from_numpy((lifted - unobserved[rows]) / z[rows]).float(),
-    )
