@@ -18,14 +18,13 @@ __all__ = ["BackendUnavailable", "SoftTarget", "dif_attention", "full_item_cross
 __version__ = "0.1.0"
 
 # public name -> the modules that may define it, first hit wins (None: the name is that module).
-# ted_teacher moves to the MQSA-TED model; the old home stays as the fallback.
 _PUBLIC: dict[str, tuple[str, ...]] = {
     "BackendUnavailable": ("._dispatch",),
     "SoftTarget": (".functional",),
     "dif_attention": (".functional",),
     "full_item_cross_entropy": (".functional",),
     "nn": (),
-    "ted_teacher": (".models.mqsa_ted", ".ops.cross_entropy.targets"),
+    "ted_teacher": (".models.mqsa_ted",),
     "topk_items": (".functional",),
 }
 

@@ -12,8 +12,8 @@ m_i = Σ_j t_ij (0 for an ignored row):
 The kernels compute LSE (forward) and the dense + hard-target part of dz (backward, recomputing
 the logits tile by tile); the sparse part, cost ∝ its nonzeros, is gathered in function.py.
 
-Files: reference.py (naive, materialized: the tests' truth), targets.py (SoftTarget,
-ted_teacher), chunked.py (backend "torch": eager ops over item chunks), triton_fwd.py /
+Files: reference.py (naive, materialized: the tests' truth), targets.py (SoftTarget;
+the MQSA-TED teacher that builds one lives with the model), chunked.py (backend "torch": eager ops over item chunks), triton_fwd.py /
 triton_bwd.py / triton_backend.py, cpp.py (the C++ operators' binding and fakes), function.py
 (the operators `fastattn::full_item_cross_entropy` on the C++ and chunked kernels,
 `full_item_cross_entropy_triton` / `_triton_backward` on the Triton ones, and their one autograd).
