@@ -59,6 +59,10 @@ def run(size: str = "full", out: Path = Path("bench-out"), device: str = "auto",
     json_path = out / "bench.json"
     env = dict(os.environ, FASTATTN_BENCH_SIZE=size)
     env.pop("FASTATTN_BENCH_DEADLINE", None)
+    # Run from a pytest-xdist worker (the test suite's), the child would inherit the worker's
+    # variables and pytest-benchmark would turn timing off as if it were a worker itself.
+    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:
+        del env[name]
     if time_limit is not None:
         env["FASTATTN_BENCH_DEADLINE"] = repr(time.time() + time_limit)  # read by bench/suite/conftest.py
     if env.pop("TRITON_INTERPRET", "0") not in ("", "0"):

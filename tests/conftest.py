@@ -7,6 +7,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 # Triton 3.9 warns on every import unless FP fusion is chosen explicitly; keep its default.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Under pytest-xdist (`pytest -n auto`, what .ci/run does) each worker takes its share of the
+# cores for torch's and OpenMP's threads: n workers each spinning up every core would oversubscribe.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
 
 
 def _patch_interpreter_bf16_dot() -> None:
