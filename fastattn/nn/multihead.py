@@ -105,16 +105,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         def torch_forward(reason: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-            warn_once(f"fastattn.nn.MultiheadAttention runs torch's attention: {reason}")
-            mask, hint = attn_mask, is_causal
-            if is_causal and attn_mask is None:  # torch needs the mask itself with the is_causal hint
-                length_dim = 1 if (self.batch_first and query.dim() == 3) else 0
-                lq, lk = query.shape[length_dim], key.shape[length_dim]
-                mask = ~torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
-                hint = False
-            return super(MultiheadAttention, self).forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=mask, average_attn_weights=average_attn_weights, is_causal=hint)
+            return self._torch_forward(reason, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal)
 
         if need_weights and not self.ignore_need_weights:
             return torch_forward("need_weights=True (pass need_weights=False, or build the module with "
@@ -123,32 +115,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return torch_forward("add_bias_kv / add_zero_attn are not fused")
         if query.is_nested or key.is_nested or value.is_nested:
             return torch_forward("nested tensors are not fused")
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
-                raise ValueError(f"{name} must be a 2-D (unbatched) or 3-D tensor, got "
-                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        batched = query.dim() == 3
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"query, key and value must all be batched (3-D) or all unbatched (2-D), got "
-                             f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
-        # Work batch first: (N, L, E).
-        if not batched:
-            q_in, k_in, v_in = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        elif self.batch_first:
-            q_in, k_in, v_in = query, key, value
-        else:
-            q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        q_in, k_in, v_in, batched = self._batch_first(query, key, value)
         n, lq, e = q_in.shape
         lk = k_in.shape[1]
-        if e != self.embed_dim:
-            raise ValueError(f"query must have embed_dim={self.embed_dim} features, got {e}")
-        if k_in.shape[:2] != v_in.shape[:2] or k_in.shape[0] != n:
-            raise ValueError(f"key and value must share (batch, length) with query's batch {n}, got "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
-        if k_in.shape[2] != self.kdim or v_in.shape[2] != self.vdim:
-            raise ValueError(f"key / value must have kdim={self.kdim} / vdim={self.vdim} features, got "
-                             f"{k_in.shape[2]} / {v_in.shape[2]}")
-
         if attn_mask is not None and not is_causal:
             reason = self._causal_from_mask(attn_mask, lq, lk, n)
             if reason is not None:
@@ -176,6 +145,50 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+    def _torch_forward(self, reason: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       key_padding_mask: Optional[torch.Tensor], need_weights: bool,
+                       attn_mask: Optional[torch.Tensor], average_attn_weights: bool,
+                       is_causal: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """torch's own forward (saying why, once per reason)."""
+        warn_once(f"fastattn.nn.MultiheadAttention runs torch's attention: {reason}")
+        mask, hint = attn_mask, is_causal
+        if is_causal and attn_mask is None:  # torch needs the mask itself with the is_causal hint
+            length_dim = 1 if (self.batch_first and query.dim() == 3) else 0
+            lq, lk = query.shape[length_dim], key.shape[length_dim]
+            mask = ~torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+            hint = False
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=mask, average_attn_weights=average_attn_weights, is_causal=hint)
+
+    def _batch_first(self, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """query, key, value as (N, L, E) batch-first views, checked against the module's dims, and
+        whether the call was batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+                raise ValueError(f"{name} must be a 2-D (unbatched) or 3-D tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"query, key and value must all be batched (3-D) or all unbatched (2-D), got "
+                             f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D")
+        if not batched:
+            q_in, k_in, v_in = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif self.batch_first:
+            q_in, k_in, v_in = query, key, value
+        else:
+            q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, _, e = q_in.shape
+        if e != self.embed_dim:
+            raise ValueError(f"query must have embed_dim={self.embed_dim} features, got {e}")
+        if k_in.shape[:2] != v_in.shape[:2] or k_in.shape[0] != n:
+            raise ValueError(f"key and value must share (batch, length) with query's batch {n}, got "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        if k_in.shape[2] != self.kdim or v_in.shape[2] != self.vdim:
+            raise ValueError(f"key / value must have kdim={self.kdim} / vdim={self.vdim} features, got "
+                             f"{k_in.shape[2]} / {v_in.shape[2]}")
+        return q_in, k_in, v_in, batched
 
     def _project(self, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

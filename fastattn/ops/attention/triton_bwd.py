@@ -397,6 +397,7 @@ def _dif_attn_bwd_dq_kernel(
              mask=row_ok[:, None] & dqk_ok[None, :])
 
 
+# Over 60 lines: the keyword arguments of both schedules' kernels (strides of seven tensors), written once.
 def bwd_launches(
     q: torch.Tensor,
     k: torch.Tensor,

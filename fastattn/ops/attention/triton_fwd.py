@@ -70,6 +70,8 @@ def visible_tile(offs_m, offs_n, Lq, Lk, PAD, pad_row, causal, has_padding):
     return visible
 
 
+# Over 60 lines on purpose: one program's online-softmax loop, whose running max, sum and
+# accumulator would only be passed in and out of @triton.jit helpers.
 @triton.jit
 def _dif_attn_fwd_kernel(
     Q, K, V, O, LSE, ACD, PAD, DOM_Q, DOM_K,
