@@ -10,12 +10,16 @@ from concurrent.futures import ProcessPoolExecutor
 
 
 def _launches(cap):
-    """Every launch the launchers choose on sm_`cap`; for sm_86/89 only those that differ from the
-    arch-less ones (the compact float32 tiles): the rest are compiled by the sm_80 run."""
+    """Every launch the launchers choose on sm_80; on other archs only those that differ from the
+    arch-less ones (sm_86/89: the compact float32 tiles; sm_90: the 16-bit fused backward's tiles).
+    The rest are the same kernels with the same constexprs: the sm_80 run compiles them, and on
+    sm_90 tests/test_gpu_resources.py compiles the headline cases and every autotune candidate.
+    Compiling all of them for every arch (cold cache: minutes per arch on 2 cores) is the resource
+    report's job (`python -m fastattn.ops.aot --report`)."""
     from fastattn.ops.aot import every_triton_launch
 
-    if cap not in (86, 89):
-        return every_triton_launch(cap)  # sm_90's own choices (the 16-bit fused backward's tiles)
+    if cap == 80:
+        return every_triton_launch(cap)
 
     def described(launch):
         return (launch.kernel, sorted(launch.constexprs.items()), launch.num_warps, launch.num_stages)
