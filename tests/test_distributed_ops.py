@@ -172,12 +172,15 @@ def _float32_case(shard: ItemShard) -> None:
 
 
 def _check_table_grad_only(shard: ItemShard, data: tuple[torch.Tensor, ...], target: torch.Tensor) -> None:
-    """hidden without gradient (frozen encoder): the table gradient alone, and no backward collective."""
+    """hidden without gradient (frozen encoder): the table gradient alone, and no backward collective;
+    the table also used outside the loss (tied input embeddings): the gradients add up."""
     hidden, table, _ = data
     ref_e = table.clone().requires_grad_()
-    fastattn.full_item_cross_entropy(hidden, ref_e, target, backend="torch").backward()
+    loss = fastattn.full_item_cross_entropy(hidden, ref_e, target, backend="torch", label_smoothing=0.3)
+    (loss + (ref_e[:, 0] ** 2).sum()).backward()
     my_e = shard_rows(table, shard).requires_grad_()
-    vocab_parallel_cross_entropy(hidden, my_e, target, shard=shard).backward()
+    loss = vocab_parallel_cross_entropy(hidden, my_e, target, shard=shard, label_smoothing=0.3)
+    (loss + (my_e[:, 0] ** 2).sum()).backward()
     torch.testing.assert_close(my_e.grad, ref_e.grad[shard.start:shard.stop], **TOL)
 
 

@@ -20,10 +20,11 @@ all-reduce of dH (N, D). dE and db stay on their rank.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .._autocast import autocast_device, autocast_inputs, autocast_off
 from ..functional import SoftTarget, _row_targets, full_item_cross_entropy
@@ -86,10 +87,48 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _dots(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cols: torch.Tensor,
           rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """h[rows]·E[cols] + b[cols] in h's dtype (the compute dtype); rows=None: every row."""
+    """h[rows]·E[cols] + b[cols] in h's dtype (the compute dtype); rows=None: every row. The
+    gathered rows' gradient is sparse (O(len(cols)·D)), not a second (V_r, D) buffer."""
     hr = h if rows is None else h[rows]
-    out = (hr * weight[cols].to(h.dtype)).sum(dim=-1)
+    out = (hr * F.embedding(cols, weight, sparse=True).to(h.dtype)).sum(dim=-1)
     return out + bias[cols].to(h.dtype) if bias is not None else out
+
+
+class _RowsAndColumnSum(torch.autograd.Function):
+    """table (V_r, ...) → (table, Σ_j table_j in the compute dtype) with ONE backward: the column
+    sum's gradient (the same for every row) is added in place to the rows' gradient, instead of
+    autograd summing a second (V_r, D) buffer into it (what table.sum(0) would cost)."""
+
+    @staticmethod
+    def forward(ctx: Any, table: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.dtype = table.shape, table.dtype
+        return table.view_as(table), table.sum(dim=0, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx: Any, d_rows: Optional[torch.Tensor], d_sum: Optional[torch.Tensor]
+                 ) -> tuple[Optional[torch.Tensor], None]:
+        if d_sum is None:
+            return d_rows, None
+        if d_rows is None:
+            return d_sum.to(ctx.dtype).expand(ctx.shape).contiguous(), None
+        if d_rows.is_sparse or not d_rows.is_contiguous():
+            d_rows = d_rows.to_dense().contiguous()
+        # In place: d_rows is a buffer of this call's graph alone (the fused op's dE, summed with
+        # the row gathers' sparse gradient), never shared with another branch.
+        return d_rows.add_(d_sum), None
+
+
+def _tables(weight: torch.Tensor, bias: Optional[torch.Tensor], with_sums: bool, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(weight, bias, Σ_j E_j or None, Σ_j b_j or None): the sums only when a dense target base needs them."""
+    if not with_sums or weight.shape[0] == 0:
+        return weight, bias, None, None
+    weight, weight_sum = _RowsAndColumnSum.apply(weight, dtype)
+    if bias is None:
+        return weight, bias, weight_sum, None
+    bias, bias_sum = _RowsAndColumnSum.apply(bias, dtype)
+    return weight, bias, weight_sum, bias_sum
 
 
 def _local_lse(hc: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -110,9 +149,10 @@ def _local_lse(hc: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Op
 
 
 def _local_linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: object,
-                  shard: ItemShard, soft: bool) -> torch.Tensor:
+                  shard: ItemShard, soft: bool, sums: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+                  ) -> torch.Tensor:
     """(N,) P_r = Σ_{j in this shard} t_ij·(h_i·E_j + b_j) in h's dtype, the compute dtype
-    (targets: functional's RowTargets)."""
+    (targets: functional's RowTargets; sums: `_tables`' Σ_j E_j and Σ_j b_j)."""
     acc = h.dtype
     n, size = h.shape[0], weight.shape[0]
     linear = torch.zeros(n, dtype=acc, device=h.device)
@@ -124,9 +164,10 @@ def _local_linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         local = (index - shard.start).clamp(0, size - 1)
         linear = torch.where(owner, targets.weight * _dots(h, weight, bias, local), linear)
     if targets.has_base:  # base_i over this shard's items: h·Σ_j E_j + Σ_j b_j
-        total = h @ weight.to(acc).sum(dim=0)
-        if bias is not None:
-            total = total + bias.to(acc).sum()
+        weight_sum, bias_sum = sums
+        total = h @ weight_sum
+        if bias_sum is not None:
+            total = total + bias_sum
         linear = linear + targets.base * total
     if targets.indices.numel() > 0:  # the sparse entries whose item this rank holds
         indices = targets.indices
@@ -210,9 +251,9 @@ def vocab_parallel_cross_entropy(
     # after the sum over ranks, not one per ring step.
     h = copy_to_shards(torch.where(used[:, None], h2, 0.0).to(_compute_dtype(h2.dtype)), group)
     hc = h if h.dtype == h2.dtype else h.to(h2.dtype)  # exact: h holds hidden's values
-    local = torch.stack([_local_lse(hc, h, item_weight_shard, bias_shard, float(temperature), backend),
-                         _local_linear(h, item_weight_shard, bias_shard, targets, shard,
-                                       isinstance(target, SoftTarget))])
+    weight, bias, *sums = _tables(item_weight_shard, bias_shard, targets.has_base, h.dtype)
+    local = torch.stack([_local_lse(hc, h, weight, bias, float(temperature), backend),
+                         _local_linear(h, weight, bias, targets, shard, isinstance(target, SoftTarget), sums)])
     every = gather_from_shards(local, group)  # (W, 2, N)
     lse, linear = torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(dim=0)
     loss = torch.where(used, targets.mass * lse, torch.zeros_like(lse)) - (1.0 / float(temperature)) * linear
