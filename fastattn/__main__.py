@@ -3,6 +3,7 @@
 - `python -m fastattn train --model NAME --data {synthetic|PATH} ...`: train and evaluate a
   recommender (full ranking, leave-one-out); writes DIR/metrics.json and DIR/checkpoint.pt. The
   models, their flags and presets come from `fastattn.models.MODELS` (`--help` lists them).
+  `torchrun --nproc-per-node N -m fastattn train ...` trains data-parallel (`fastattn.data_parallel`).
 - `python -m fastattn evaluate --checkpoint DIR/checkpoint.pt`: valid/test metrics of a saved run.
 - `python -m fastattn demo`: the fused attention against the float64 reference. On a machine
   without CUDA the Triton kernels run in Triton's interpreter (slow, exact), so the demo shows
@@ -180,6 +181,7 @@ def _guarded(command: Callable[[], int], backend: Optional[str]) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from . import train as training
+    from .data_parallel import group_from_env
 
     overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in _LOOP_FLAGS}
     overrides.update({flag.field: getattr(args, flag.field) for flag in model_flags()})
@@ -202,7 +204,9 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = training.make_config(args.model or "difsr", args.preset or "small",
                                           **{k: v for k, v in overrides.items() if v is not None})
-        training.print_metrics(training.train(config, resume=args.resume))
+        metrics = training.train(config, resume=args.resume)
+        if group_from_env().main:  # under torchrun every process has the metrics: rank 0 prints them
+            training.print_metrics(metrics)
         return 0
 
     return _guarded(run, args.backend)

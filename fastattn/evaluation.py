@@ -21,7 +21,7 @@ Metrics, for the 0-based rank r of the target (r = ∞ when it is not in the top
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -82,16 +82,24 @@ def sampled_ranks(user_vectors: torch.Tensor, item_weight: torch.Tensor, target:
     """0-based rank of the target among `negatives` uniformly drawn items (SASRec paper protocol).
 
     Negatives are drawn from items 1..V-1 that are neither the target nor in `exclude`
-    (rejection sampling, redrawn until clean); ties count against the target (pessimistic). As in
-    `topk_items`, a NaN score is ineligible: a NaN negative never beats the target, and a target
-    scoring NaN gets rank `negatives` (a miss at every cut-off <= negatives).
+    (rejection sampling, redrawn until clean: `draw_negatives`); ties count against the target
+    (pessimistic). As in `topk_items`, a NaN score is ineligible: a NaN negative never beats the
+    target, and a target scoring NaN gets rank `negatives` (a miss at every cut-off <= negatives).
     """
+    neg = draw_negatives(target, exclude, item_weight.shape[0], generator, negatives)
+    return score_sampled(user_vectors, item_weight, target, neg, bias)
+
+
+def draw_negatives(target: torch.Tensor, exclude: Optional[torch.Tensor], num_items: int,
+                   generator: torch.Generator, negatives: int = SAMPLED_NEGATIVES) -> torch.Tensor:
+    """(B, negatives) int64 on target's device: items of 1..num_items-1 that are neither the row's
+    target nor in its `exclude` (B, M), drawn from the CPU `generator` (rejection sampling)."""
     if not isinstance(negatives, int) or isinstance(negatives, bool) or negatives < 1:
         raise ValueError(f"negatives must be an int >= 1, got {negatives!r}")
-    b, num_items = target.shape[0], item_weight.shape[0]
+    b = target.shape[0]
     if num_items - 1 <= negatives:
         raise ValueError(f"the sampled protocol needs more than {negatives + 1} items, the catalog has {num_items - 1}")
-    device = user_vectors.device
+    device = target.device
     neg = torch.randint(1, num_items, (b, negatives), generator=generator).to(device)
     forbidden = target.unsqueeze(1) if exclude is None else torch.cat([target.unsqueeze(1), exclude], 1)
     for _ in range(100):
@@ -103,54 +111,123 @@ def sampled_ranks(user_vectors: torch.Tensor, item_weight: torch.Tensor, target:
     else:
         raise ValueError("the sampled protocol could not draw 100 negatives outside the users' histories "
                          "(catalog too small for it)")
+    return neg
+
+
+def score_sampled(user_vectors: torch.Tensor, item_weight: torch.Tensor, target: torch.Tensor,
+                  neg: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-based rank of each target among its negatives `neg` (B, N) (see `sampled_ranks`)."""
     candidates = torch.cat([target.unsqueeze(1), neg], 1)
     scores = torch.einsum("bd,bcd->bc", user_vectors.float(), item_weight[candidates].float())
     if bias is not None:
         scores = scores + bias[candidates].float()
     ranks = (scores[:, 1:] >= scores[:, :1]).sum(1)
-    return torch.where(scores[:, 0].isnan(), torch.full_like(ranks, negatives), ranks)
+    return torch.where(scores[:, 0].isnan(), torch.full_like(ranks, neg.shape[1]), ranks)
+
+
+class RowShare(Protocol):
+    """The part of every evaluation batch one process of a data-parallel run scores
+    (`fastattn.data_parallel.Group`)."""
+
+    def take(self, batch: EvalBatch) -> tuple[EvalBatch, torch.Tensor]:
+        """(this process's rows of `batch`, their int64 indices in it)."""
+        ...
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every process, concatenated (the same order for every call)."""
+        ...
 
 
 @torch.no_grad()
 def evaluate_model(model: SequentialRecommender, batches: Iterable[EvalBatch], device: torch.device | str,
                    ks: Sequence[int] = DEFAULT_KS, sampled: bool = False, seed: int = 0,
-                   backend: str = "auto", exclude_history: bool = True) -> dict[str, float]:
+                   backend: str = "auto", exclude_history: bool = True,
+                   share: Optional[RowShare] = None) -> dict[str, float]:
     """Full-ranking HR@K / NDCG@K of `model` over `batches` (+ ``sampled_`` keys when `sampled`).
 
     exclude_history=False ranks the user's past items too (only the padding item, the first
     column of `EvalBatch.exclude`, stays out) — RecBole's protocol for sequential models.
+
+    share: in a data-parallel run, this process scores only its rows of each batch
+    (`RowShare.take`; the sampled negatives are still drawn for the whole batch, as one process
+    draws them) and the ranks of all processes are gathered back into the batches' row order, so
+    every process returns the metrics one process computes over all rows.
 
     The model is put in eval mode (no dropout) for the pass and restored afterwards.
     """
     ks = check_ks(ks)
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    full, samp, domains = [], [], []
     try:
-        weight, bias = model.item_table()
-        weight = weight.detach()
-        bias = bias.detach() if bias is not None else None
-        k = min(max(ks), weight.shape[0])
-        for batch in batches:
-            batch = batch.to(device)
-            vectors = model.user_vectors(batch).to(weight.dtype)
-            exclude = batch.exclude if exclude_history else batch.exclude[:, :1].contiguous()
-            full.append(full_ranking_ranks(vectors, weight, batch.target, exclude, k, bias, backend).cpu())
-            if batch.target_domain is not None:
-                domains.append(batch.target_domain.cpu())
-            if sampled:
-                samp.append(sampled_ranks(vectors, weight, batch.target, batch.exclude, generator, bias).cpu())
+        ranks, samp, domains = _all_ranks(model, batches, device, k=max(ks), sampled=sampled, seed=seed,
+                                          backend=backend, exclude_history=exclude_history, share=share)
     finally:
         model.train(was_training)
-    ranks = torch.cat(full) if full else torch.zeros(0, dtype=torch.int64)
     out = metrics_from_ranks(ranks, ks)
-    if sampled:
-        out.update(metrics_from_ranks(torch.cat(samp) if samp else ranks, ks, prefix="sampled_"))
+    if samp is not None:
+        out.update(metrics_from_ranks(samp, ks, prefix="sampled_"))
     out["users"] = float(ranks.numel())
-    if domains and len(domains) == len(full):
-        out.update(per_domain_metrics(ranks, torch.cat(domains), ks))
+    if domains is not None:
+        out.update(per_domain_metrics(ranks, domains, ks))
     return out
+
+
+def _all_ranks(model: SequentialRecommender, batches: Iterable[EvalBatch], device: torch.device | str, k: int,
+               sampled: bool, seed: int, backend: str, exclude_history: bool, share: Optional[RowShare]
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(full-ranking ranks, sampled ranks or None, target domains or None) of every row of `batches`."""
+    generator = torch.Generator().manual_seed(seed)
+    full, samp, domains, where = [], [], [], []
+    weight, bias = model.item_table()
+    weight = weight.detach()
+    bias = bias.detach() if bias is not None else None
+    k = min(k, weight.shape[0])
+    offset = 0
+    for batch in batches:
+        negatives = None
+        if share is not None:
+            if sampled:  # drawn for the whole batch, as one process draws them: the same negatives
+                negatives = draw_negatives(batch.target, batch.exclude, weight.shape[0], generator)
+            size = batch.target.shape[0]
+            batch, rows = share.take(batch)
+            where.append(rows + offset)
+            offset += size
+            negatives = None if negatives is None else negatives[rows]
+        if batch.target_domain is not None:
+            domains.append(batch.target_domain.cpu())
+        ranks, local_sampled = _batch_ranks(model, batch.to(device), weight, bias, k, backend, exclude_history,
+                                             sampled, generator, negatives)
+        full.append(ranks)
+        if local_sampled is not None:
+            samp.append(local_sampled)
+    ranks = torch.cat(full) if full else torch.zeros(0, dtype=torch.int64)
+    sampled_out = (torch.cat(samp) if samp else ranks) if sampled else None
+    domain_out = torch.cat(domains) if domains and len(domains) == len(full) else None
+    if share is not None:  # every process's rows, back in the batches' row order
+        order = share.gather(torch.cat(where) if where else torch.zeros(0, dtype=torch.int64)).argsort()
+        ranks = share.gather(ranks)[order]
+        sampled_out = None if sampled_out is None else share.gather(sampled_out)[order]
+        domain_out = None if domain_out is None else share.gather(domain_out)[order]
+    return ranks, sampled_out, domain_out
+
+
+def _batch_ranks(model: SequentialRecommender, batch: EvalBatch, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 k: int, backend: str, exclude_history: bool, sampled: bool, generator: torch.Generator,
+                 negatives: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(full-ranking ranks, sampled ranks or None) of one batch's rows, on the CPU; `negatives`:
+    drawn already (data-parallel), else drawn here from `generator`. A batch without rows (a
+    process's empty share) runs no model."""
+    if batch.target.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, (empty if sampled else None)
+    vectors = model.user_vectors(batch).to(weight.dtype)
+    exclude = batch.exclude if exclude_history else batch.exclude[:, :1].contiguous()
+    full = full_ranking_ranks(vectors, weight, batch.target, exclude, k, bias, backend).cpu()
+    if not sampled:
+        return full, None
+    if negatives is None:
+        return full, sampled_ranks(vectors, weight, batch.target, batch.exclude, generator, bias).cpu()
+    return full, score_sampled(vectors, weight, batch.target, negatives.to(vectors.device), bias).cpu()
 
 
 def per_domain_metrics(ranks: torch.Tensor, domains: torch.Tensor, ks: Sequence[int] = DEFAULT_KS

@@ -92,10 +92,14 @@ def _plot(history: list[dict[str, Any]], path: Path, config: TrainConfig, log: C
 
 
 def run_report(valid: dict[str, float], test: dict[str, float], best_epoch: int, history: list[dict[str, Any]],
-               train_seconds: float, config: TrainConfig, dataset: str, device: torch.device) -> dict[str, Any]:
+               train_seconds: float, config: TrainConfig, dataset: str, device: torch.device,
+               processes: int = 1) -> dict[str, Any]:
     """metrics.json's dict: valid metrics of the best epoch, its test metrics, timings, the saved
-    config (`TrainConfig.to_dict`), the data set's summary, the device and the per-epoch history."""
+    config (`TrainConfig.to_dict`), the data set's summary, the device and the per-epoch history;
+    a data-parallel run (`processes` > 1) also "processes", and its device line says how many."""
     epochs_run = len(history)
+    extra = {"processes": processes} if processes > 1 else {}
+    where = _describe_device(device)
     return {
         "valid": valid,
         "test": test,
@@ -105,7 +109,8 @@ def run_report(valid: dict[str, float], test: dict[str, float], best_epoch: int,
         "train_seconds_per_epoch": train_seconds / max(1, epochs_run),
         "config": config.to_dict(),
         "dataset": dataset,
-        "device": _describe_device(device),
+        "device": f"{processes} processes, each on {where}" if processes > 1 else where,
+        **extra,
         "history": history,
     }
 

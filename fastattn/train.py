@@ -10,6 +10,12 @@ interrupted run continues with `--resume` and loses at most the epoch in progres
 reproduces the uninterrupted one (batches are seeded by (seed, epoch), torch's RNG state is saved
 with the checkpoint).
 
+Under torchrun (`torchrun --nproc-per-node N -m fastattn train ...`) the run is data-parallel
+(`fastattn.data_parallel`): each process trains on its share of every global batch in
+DistributedDataParallel and scores its share of the users; rank 0 alone logs, locks --out and
+writes the checkpoint (the plain model's state, so it loads in any number of processes) and the
+reports. Without torchrun nothing changes.
+
 Outputs in DIR: checkpoint.pt (`fastattn.checkpoints`: layout, loading, the data's identity, the
 lock on DIR, atomic writes), metrics.json and curves.png (`fastattn.reports`). The names other code
 uses are imported here, so `fastattn.train.X` keeps working: `TrainConfig`, `make_config`,
@@ -20,6 +26,7 @@ with one line naming the flag; the command line prints it and exits with code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -33,6 +40,7 @@ from .checkpoints import (CHECKPOINT, LOCK, _check_data, _load_weights, _one_lin
                           claim_out, data_identity, save_checkpoint)
 from .data import (EvalSet, SequenceDataset, Splits, eval_batches, load_dataset, num_train_batches, split_dataset,
                    train_batches)
+from .data_parallel import SINGLE, Group, launch
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
 from .models.base import SequentialRecommender
 from .models.registry import MODELS
@@ -75,10 +83,11 @@ def out_of_memory_message(exc: BaseException) -> Optional[str]:
 
 
 def _evaluate(model: SequentialRecommender, split: EvalSet, dataset: SequenceDataset, config: TrainConfig,
-              device: torch.device, seed_offset: int) -> dict[str, float]:
+              device: torch.device, seed_offset: int, group: Group = SINGLE) -> dict[str, float]:
     batches = eval_batches(split, dataset.features, config.eval_batch_size, config.max_len)
     return evaluate_model(model, batches, device, DEFAULT_KS, sampled=config.sampled_eval,
-                          seed=config.seed + seed_offset, exclude_history=config.exclude_history)
+                          seed=config.seed + seed_offset, exclude_history=config.exclude_history,
+                          share=group if group.parallel else None)
 
 
 def _load_splits(config: TrainConfig, log: Callable[[str], None]) -> tuple[SequenceDataset, Splits]:
@@ -111,6 +120,7 @@ class _Run:
     model: SequentialRecommender
     optimizer: torch.optim.Optimizer
     log: Callable[[str], None]
+    group: Group = SINGLE
     epoch: int = 0
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -119,6 +129,10 @@ class _Run:
     @property
     def checkpoint(self) -> Path:
         return self.out / CHECKPOINT
+
+    def evaluate(self, split: EvalSet, seed_offset: int) -> dict[str, float]:
+        """Metrics of the model as it is now on `split` (every process's share, reduced)."""
+        return _evaluate(self.model, split, self.dataset, self.config, self.device, seed_offset, self.group)
 
     def progress(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "best": self.best, "history": self.history, "train_seconds": self.train_seconds}
@@ -133,27 +147,37 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     (`data_identity`) as its checkpoint. An epoch whose loss or weights stop being finite ends the
     run with a ValueError naming --lr and --weight-decay; that epoch is not saved, so the
     checkpoint keeps the last good one.
+
+    Under torchrun every process returns the same dict; only rank 0 logs, warns, holds the lock
+    and writes (module docstring).
     """
     config.validate()
     out = Path(config.out)
-    with claim_out(out):
-        state: Optional[dict[str, Any]] = None
-        if resume:
-            state = load_checkpoint(out / CHECKPOINT, "--resume")
-            check_resumable(state, config)
-        run = _start(config, state, out, log, warn)
-        step = TrainingStep(run.model, run.optimizer, compile=config.compile)  # compiled once per run
-        for epoch in range(run.epoch + 1, config.epochs + 1):
-            if epoch - run.best["epoch"] > config.patience and run.best["epoch"] > 0:
-                break
-            _run_epoch(run, step, epoch)
-        return _finish(run)
+    with launch(config.device) as (group, device):
+        if not group.main:
+            log = warn = _silent
+        with claim_out(out) if group.main else contextlib.nullcontext():
+            state: Optional[dict[str, Any]] = None
+            if resume:
+                state = load_checkpoint(out / CHECKPOINT, "--resume")
+                check_resumable(state, config)
+            run = _start(config, state, out, log, warn, group, device)
+            step = TrainingStep(run.model, run.optimizer, compile=config.compile,  # compiled once per run
+                                wrap=group.wrap if group.parallel else None)
+            for epoch in range(run.epoch + 1, config.epochs + 1):
+                if epoch - run.best["epoch"] > config.patience and run.best["epoch"] > 0:
+                    break
+                _run_epoch(run, step, epoch)
+            return _finish(run)
+
+
+def _silent(message: str) -> None:
+    """The log and warnings of the processes other than rank 0."""
 
 
 def _start(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log: Callable[[str], None],
-           warn: Callable[[str], None]) -> _Run:
+           warn: Callable[[str], None], group: Group, device: torch.device) -> _Run:
     """Data, model (seeded), optimizer; with a checkpoint `state`, everything it saved restored."""
-    device = torch.device(config.device)
     dataset, splits = _load_splits(config, log)
     identity = data_identity(config, dataset)
     if state is not None:
@@ -165,7 +189,7 @@ def _start(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log:
     # fused: one kernel over all parameters (CPU and CUDA), the per-step overhead of small batches
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
-    run = _Run(config, out, device, dataset, splits, identity, model, optimizer, log)
+    run = _Run(config, out, device, dataset, splits, identity, model, optimizer, log, group)
     if state is not None:
         _restore(state, model, optimizer, device, run.checkpoint)
         run.history, run.best, run.train_seconds, run.epoch = (state["history"], state["best"],
@@ -174,7 +198,8 @@ def _start(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log:
             run.best["test"] = _evaluate_state(run, run.best["state"])
         log(f"resumed from {run.checkpoint} after epoch {run.epoch} (best epoch {run.best['epoch']})")
     params = sum(p.numel() for p in model.parameters())
-    log(f"model: {config.model} ({params:,} parameters) on {device}, preset {config.preset}, "
+    where = f" x {group.world} processes (data-parallel)" if group.parallel else ""
+    log(f"model: {config.model} ({params:,} parameters) on {device}{where}, preset {config.preset}, "
         f"options {config.model_options}")
     return run
 
@@ -182,11 +207,11 @@ def _start(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log:
 def _run_epoch(run: _Run, step: TrainingStep, epoch: int) -> None:
     """Train one epoch, validate, keep the best state, log the epoch's line and save the checkpoint."""
     config = run.config
-    means, epoch_seconds = _train_epoch(step, run.splits.train, config, run.device, epoch)
+    means, epoch_seconds = _train_epoch(step, run.splits.train, config, run.device, epoch, run.group)
     _check_finite(means, run.model, epoch, config, run.checkpoint)
     run.train_seconds += epoch_seconds
     tick = time.perf_counter()
-    valid = _evaluate(run.model, run.splits.valid, run.dataset, config, run.device, seed_offset=1)
+    valid = run.evaluate(run.splits.valid, seed_offset=1)
     eval_seconds = time.perf_counter() - tick
     record = {"epoch": epoch, **means, "train_seconds": epoch_seconds, "eval_seconds": eval_seconds,
               **{f"valid_{k}": v for k, v in valid.items() if k != "users"}}
@@ -196,7 +221,7 @@ def _run_epoch(run: _Run, step: TrainingStep, epoch: int) -> None:
         run.best = {"epoch": epoch, "metric": valid[SELECT_METRIC], "valid": valid,
                     "state": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}}
         if config.track_test:  # what a run stopped after this epoch would report (eval only: no RNG)
-            run.best["test"] = _evaluate(run.model, run.splits.test, run.dataset, config, run.device, seed_offset=2)
+            run.best["test"] = run.evaluate(run.splits.test, seed_offset=2)
     if config.track_test:
         record["test_at_best"] = {k: v for k, v in run.best["test"].items() if k != "users"}
         record["best_epoch_so_far"] = run.best["epoch"]
@@ -205,19 +230,22 @@ def _run_epoch(run: _Run, step: TrainingStep, epoch: int) -> None:
             f"valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}{'  *' if improved else ''}  "
             f"train {epoch_seconds:.1f} s  eval {eval_seconds:.1f} s")
     run.epoch = epoch
-    with _writing(run.out):
-        save_checkpoint(run.checkpoint, config.to_dict(), run.progress(), run.model, run.optimizer, run.device,
-                        run.dataset.summary(), run.identity)
+    if run.group.main:  # the others wait below until the checkpoint is in place
+        with _writing(run.out):
+            save_checkpoint(run.checkpoint, config.to_dict(), run.progress(), run.model, run.optimizer, run.device,
+                            run.dataset.summary(), run.identity)
+    run.group.barrier()
 
 
 def _finish(run: _Run) -> dict[str, Any]:
     """Test metrics of the best state; metrics.json and curves.png written; returns metrics.json's dict."""
     if run.best["state"] is not None:
         run.model.load_state_dict(run.best["state"])
-    test = _evaluate(run.model, run.splits.test, run.dataset, run.config, run.device, seed_offset=2)
+    test = run.evaluate(run.splits.test, seed_offset=2)
     metrics = run_report(run.best["valid"], test, run.best["epoch"], run.history, run.train_seconds, run.config,
-                         run.dataset.summary(), run.device)
-    write_report(metrics, run.out, run.config, run.log)
+                         run.dataset.summary(), run.device, processes=run.group.world)
+    if run.group.main:
+        write_report(metrics, run.out, run.config, run.log)
     run.log(f"best epoch {metrics['best_epoch']}: test " +
             "  ".join(f"{k} {metrics['test'][k]:.4f}" for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20")))
     run.log(f"wrote {run.out / METRICS} and {run.checkpoint}")
@@ -229,19 +257,22 @@ def _evaluate_state(run: _Run, weights: dict[str, torch.Tensor]) -> dict[str, fl
     current = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     run.model.load_state_dict(weights)
     try:
-        return _evaluate(run.model, run.splits.test, run.dataset, run.config, run.device, seed_offset=2)
+        return run.evaluate(run.splits.test, seed_offset=2)
     finally:
         run.model.load_state_dict(current)
 
 
 def _train_epoch(train_step: TrainingStep, train_split: SequenceDataset, config: TrainConfig, device: torch.device,
-                 epoch: int) -> tuple[dict[str, float], float]:
+                 epoch: int, group: Group = SINGLE) -> tuple[dict[str, float], float]:
     """One pass over the training split: (each loss averaged over the steps, seconds).
 
     The running loss sums stay on the device; the host reads them (one sync on a GPU) only every
     HOST_READ_EVERY steps, for the progress bar and to stop early once they are not finite, and
-    at the end. _check_finite then refuses the epoch before anything is saved."""
+    at the end. _check_finite then refuses the epoch before anything is saved. Data-parallel
+    (`group`): this process's share of each batch, its losses weighted by its share of the
+    targets, the sums added over the processes when read (every process reads the same values)."""
     train_step.model.train()
+    group.seed_epoch(config.seed, epoch)
     steps = num_train_batches(train_split, config.batch_size, unit=config.batch_unit, max_len=config.max_len,
                               seed=config.seed, epoch=epoch, bucket_batches=config.bucket_batches)
     sums: dict[str, torch.Tensor] = {}
@@ -249,24 +280,27 @@ def _train_epoch(train_step: TrainingStep, train_split: SequenceDataset, config:
     bar = _progress(train_batches(train_split, config.batch_size, config.max_len, shuffle=True,
                                   seed=config.seed, epoch=epoch, unit=config.batch_unit,
                                   bucket_batches=config.bucket_batches),
-                    steps, f"epoch {epoch}/{config.epochs}", config.progress)
+                    steps, f"epoch {epoch}/{config.epochs}", config.progress and group.main)
     try:
         for step, batch in enumerate(bar, 1):
+            batch, share = group.share(batch)
             batch = batch.to(device)
-            losses = train_step(batch)
+            losses = train_step(batch, None if share is None else share * group.world)
             rows += int(batch.items.shape[0])
             for key, value in losses.items():
                 value = value.detach().to(torch.float64)
+                if share is not None:
+                    value = value * share
                 sums[key] = sums[key] + value if key in sums else value
             if step % HOST_READ_EVERY == 0:
-                host = _read_sums(sums)
+                host = _read_sums(group.reduce_sums(sums))
                 if not all(math.isfinite(v) for v in host.values()):
                     break
                 bar.set_postfix({k: f"{v / step:.4f}" for k, v in host.items()} |
                                 {"seq/s": f"{rows / (time.perf_counter() - tick):.0f}"}, refresh=False)
     finally:
         bar.close()
-    host = _read_sums(sums)
+    host = _read_sums(group.reduce_sums(sums))
     return {k: v / max(1, steps) for k, v in host.items()}, time.perf_counter() - tick
 
 
