@@ -183,6 +183,14 @@ def test_bash_line(page: Path, line: str, monkeypatch: pytest.MonkeyPatch) -> No
             assert argv[3] in ("train", "evaluate"), f"unknown fastattn command: {argv[3]}"
             result = _validate_cli(_cli_argv(argv), monkeypatch)
             assert result is not None
+        elif argv[0] == "torchrun":
+            # torchrun's own options, then the fastattn command it starts in every process
+            # (tests/test_data_parallel_train.py runs one for real)
+            start = argv.index("-m")
+            assert argv[start + 1] == "fastattn", f"torchrun starts something else: {line}"
+            assert set(a for a in argv[1:start] if a.startswith("-")) <= {"--nproc-per-node", "--master-port"}, line
+            result = _validate_cli(_cli_argv(["python", *argv[start:]]), monkeypatch)
+            assert result is not None
         elif argv[0] == "python" and argv[1:3] == ["-m", "fastattn.bench"]:
             from fastattn import bench
 
