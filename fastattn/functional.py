@@ -212,30 +212,35 @@ def dif_attention(
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_catalog(hidden: object, item_weight: object, bias: object) -> None:
+def check_item_table(hidden: object, item_weight: object, bias: object, *, weight_name: str = "item_weight",
+                     bias_name: str = "bias", shard: bool = False) -> None:
+    """Types, dtypes, devices and shapes of hidden (..., D), an item table (V, D) and its bias (V,) |
+    None, with errors naming `weight_name` / `bias_name`. `shard`: the table is one rank's rows
+    (`fastattn.distributed`): V = 0 is allowed and the bias's row count is left to the shard check,
+    which all ranks run together (a rank-local error there would leave the others waiting)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(item_weight, torch.Tensor):
-        raise TypeError(f"item_weight must be a torch.Tensor, got {type(item_weight).__name__}")
+        raise TypeError(f"{weight_name} must be a torch.Tensor, got {type(item_weight).__name__}")
     if hidden.dim() < 1 or hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be a float tensor of shape (..., D), got {hidden.dtype} {tuple(hidden.shape)}")
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have a hidden size D >= 1 (its last dimension), got shape {tuple(hidden.shape)}")
-    if item_weight.dim() != 2 or item_weight.shape[1] != hidden.shape[-1] or item_weight.shape[0] == 0:
-        raise ValueError(f"item_weight must have shape (V >= 1, D={hidden.shape[-1]}), got {tuple(item_weight.shape)}")
-    if item_weight.dtype != hidden.dtype:
-        raise TypeError(f"item_weight has dtype {item_weight.dtype} but hidden has {hidden.dtype}")
-    if item_weight.device != hidden.device:
-        raise ValueError(f"item_weight is on {item_weight.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (item_weight.shape[0],):
-            raise ValueError(f"bias must have shape (V={item_weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but hidden has {hidden.dtype}")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    rows = "V_r" if shard else "V >= 1"
+    if item_weight.dim() != 2 or item_weight.shape[1] != hidden.shape[-1] or (item_weight.shape[0] == 0 and not shard):
+        raise ValueError(f"{weight_name} must have shape ({rows}, D={hidden.shape[-1]}), got {tuple(item_weight.shape)}")
+    for name, t in ((weight_name, item_weight), (bias_name, bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if bias is not None and (bias.dim() != 1 if shard else bias.shape != (item_weight.shape[0],)):
+        expected = "(V_r,)" if shard else f"(V={item_weight.shape[0]},)"
+        raise ValueError(f"{bias_name} must have shape {expected}, got {tuple(bias.shape)}")
 
 
 def _row_targets(target: object, rows: int, num_items: int, device: torch.device, ignore_index: int,
@@ -348,7 +353,7 @@ def full_item_cross_entropy(
             return full_item_cross_entropy(hidden, item_weight, target, bias=bias, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, temperature=temperature,
                                            reduction=reduction, backend=backend, grad_filter=grad_filter)
-    _check_catalog(hidden, item_weight, bias)
+    check_item_table(hidden, item_weight, bias)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -406,7 +411,7 @@ def topk_items(
         with autocast_off(amp):
             hidden, item_weight, bias = autocast_inputs((hidden, item_weight, bias), amp)
             return topk_items(hidden, item_weight, k, bias=bias, exclude=exclude, backend=backend)
-    _check_catalog(hidden, item_weight, bias)
+    check_item_table(hidden, item_weight, bias)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= item_weight.shape[0]:
         raise ValueError(f"k must be an int in [1, {item_weight.shape[0]}] (the number of items), got {k!r}")
     lead_shape = hidden.shape[:-1]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .._autocast import autocast_device, autocast_inputs, autocast_off
-from ..functional import SoftTarget, _row_targets, full_item_cross_entropy
+from ..functional import SoftTarget, _row_targets, check_item_table, full_item_cross_entropy
 from .collectives import copy_to_shards, gather_from_shards
 from .shard import ItemShard, _dtype_code, check_layout
 
@@ -35,34 +35,13 @@ __all__ = ["vocab_parallel_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "triton", "cpp", "torch")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_table(hidden: object, item_weight_shard: object, bias_shard: object) -> None:
     """Local checks of hidden (..., D), item_weight_shard (V_r, D) and bias_shard (V_r,) | None:
     types, dtypes, devices, D (V_r = 0 allowed; the row count is checked with the shards)."""
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if not isinstance(item_weight_shard, torch.Tensor):
-        raise TypeError(f"item_weight_shard must be a torch.Tensor, got {type(item_weight_shard).__name__}")
-    if hidden.dim() < 1 or hidden.dtype not in _FLOATS:
-        raise TypeError(f"hidden must be a float tensor of shape (..., D), got {hidden.dtype} {tuple(hidden.shape)}")
-    if hidden.shape[-1] == 0:
-        raise ValueError(f"hidden must have a hidden size D >= 1 (its last dimension), got shape {tuple(hidden.shape)}")
-    if item_weight_shard.dim() != 2 or item_weight_shard.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"item_weight_shard must have shape (V_r, D={hidden.shape[-1]}), "
-                         f"got {tuple(item_weight_shard.shape)}")
-    for name, t in (("item_weight_shard", item_weight_shard), ("bias_shard", bias_shard)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if bias_shard is not None and bias_shard.dim() != 1:
-        raise ValueError(f"bias_shard must have shape (V_r,), got {tuple(bias_shard.shape)}")
+    check_item_table(hidden, item_weight_shard, bias_shard, weight_name="item_weight_shard",
+                     bias_name="bias_shard", shard=True)
 
 
 def _check_options(ignore_index: object, label_smoothing: object, temperature: object, reduction: object,
