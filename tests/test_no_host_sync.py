@@ -21,7 +21,8 @@ import torch
 
 from fastattn.data.batch import TrainBatch
 from fastattn.functional import full_item_cross_entropy, topk_items
-from fastattn.models import DIFSR, MAN, MQSATED, SASRec, DIFSRConfig, MANConfig, MQSATEDConfig, SASRecConfig
+from fastattn.models import (DIFSR, MAN, MQSATED, BERT4Rec, BERT4RecConfig, SASRec, DIFSRConfig, MANConfig,
+                             MQSATEDConfig, SASRecConfig)
 from fastattn.models.autocdsr import AutoCDSR, AutoCDSRConfig, _ACDRecommender
 from fastattn.models.autocdsr_plus import AutoCDSRPlus, AutoCDSRPlusConfig
 from fastattn.models.blocks import check_range
@@ -47,6 +48,9 @@ def _mqsa(c: dict[str, Any]) -> torch.nn.Module:
 BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "sasrec_ce": _sasrec("ce"),
     "sasrec_bce": _sasrec("bce"),
+    "sasrec_inbatch": _sasrec("inbatch"),
+    "bert4rec_ce": lambda c: BERT4Rec(BERT4RecConfig(**c, loss="ce")),
+    "bert4rec_inbatch": lambda c: BERT4Rec(BERT4RecConfig(**c, loss="inbatch")),
     "difsr": lambda c: DIFSR(DIFSRConfig(**c, attribute_sizes=ATTRIBUTE_SIZES, attribute_dim=4)),
     "mqsa_ted": _mqsa,
     "man": lambda c: MAN(MANConfig(**c, num_domains=2, num_prototypes=2, num_negatives=5)),

@@ -22,7 +22,7 @@ from fastattn.models.blocks import flat_targets, full_softmax_loss
 from fastattn.models.config import catalog_field, check_config, option
 
 SYN = "synthetic:num_users=60,num_items=40,num_attributes=4,num_tags=6,min_len=3,max_len=8,seed=1"
-BUILTIN = ["sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus"]
+BUILTIN = ["sasrec", "bert4rec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus"]
 
 
 # ---------------------------------------------------------------- a toy model, declared as a model module would
@@ -111,7 +111,7 @@ def test_help_lists_all_builtin_models(capsys: pytest.CaptureFixture[str]) -> No
                  "--aap-weight", "--fusion", "--loss", "--long-query-len", "--alpha", "--tau", "--kd-weight",
                  "--num-prototypes", "--num-negatives", "--proto-weight", "--acd-mode", "--acd-weight",
                  "--pareto-vectors", "--pareto-region", "--num-ib-tokens", "--domain-layers", "--shared-layers",
-                 "--max-len", "--lr", "--batch-size", "--epochs", "--format {s3rec,recbole,tsv}"):
+                 "--mask-prob", "--max-len", "--lr", "--batch-size", "--epochs", "--format {s3rec,recbole,tsv}"):
         assert flag in text, flag
 
 
@@ -150,7 +150,8 @@ def test_small_presets_are_the_recorded_recipe() -> None:
     """Results depend on them: the CPU recipe every small preset starts from, and each model's extras."""
     base = {"hidden": 64, "layers": 2, "heads": 2, "inner": 256, "dropout": 0.5, "attn_dropout": 0.5,
             "max_len": 50, "lr": 1e-3, "batch_size": 256}
-    extras = {"sasrec": {"loss": "ce"}, "difsr": {"attribute_dim": 16, "aap_weight": 5.0, "fusion": "sum"},
+    extras = {"sasrec": {"loss": "ce"}, "bert4rec": {"mask_prob": 0.2, "loss": "ce"},
+              "difsr": {"attribute_dim": 16, "aap_weight": 5.0, "fusion": "sum"},
               "mqsa_ted": {"long_query_len": 3, "alpha": 0.5, "tau": 0.1, "kd_weight": 0.1},
               "man": {"num_prototypes": 8, "num_negatives": 100, "proto_weight": 0.1},
               "autocdsr": {"acd_mode": "pareto"},

@@ -8,6 +8,7 @@ Every model is a `SequentialRecommender`: `losses(TrainBatch)`, `user_vectors(Ev
 from .autocdsr import AutoCDSR, AutoCDSRConfig
 from .autocdsr_plus import AutoCDSRPlus, AutoCDSRPlusConfig
 from .base import SequentialRecommender
+from .bert4rec import BERT4Rec, BERT4RecConfig
 from .config import EncoderConfig
 from .difsr import DIFSR, DIFSRConfig
 from .man import MAN, MANConfig
@@ -16,6 +17,6 @@ from .registry import MODELS, register, unregister
 from .sasrec import SASRec, SASRecConfig
 from .spec import ModelSpec
 
-__all__ = ["AutoCDSR", "AutoCDSRConfig", "AutoCDSRPlus", "AutoCDSRPlusConfig", "DIFSR", "DIFSRConfig",
-           "EncoderConfig", "MAN", "MANConfig", "MODELS", "MQSATED", "MQSATEDConfig", "ModelSpec", "SASRec",
-           "SASRecConfig", "SequentialRecommender", "register", "unregister"]
+__all__ = ["AutoCDSR", "AutoCDSRConfig", "AutoCDSRPlus", "AutoCDSRPlusConfig", "BERT4Rec", "BERT4RecConfig",
+           "DIFSR", "DIFSRConfig", "EncoderConfig", "MAN", "MANConfig", "MODELS", "MQSATED", "MQSATEDConfig",
+           "ModelSpec", "SASRec", "SASRecConfig", "SequentialRecommender", "register", "unregister"]

@@ -1,6 +1,7 @@
 """Pieces shared by the Transformer recommenders: the feed-forward sublayer, a
 Transformer layer on `fastattn.nn.DIFAttention`, positions of left-padded rows, attribute pooling,
-RecBole-style initialization and the full-catalog softmax loss on valid positions.
+RecBole-style initialization, the full-catalog softmax loss on valid positions, the in-batch
+contrastive loss and the Cloze (masked-item) position draw.
 
 Conventions (`fastattn.data.batch`): item ids are LEFT padded with 0, so column L-1 is the latest
 item of every row; shapes below use B (batch), L (batch length), D (hidden).
@@ -20,9 +21,9 @@ from .config import BACKENDS, EncoderConfig
 
 __all__ = [
     "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_finite", "check_int",
-    "check_items", "check_positive", "check_probability", "check_range", "flat_targets", "full_softmax_loss",
-    "init_weights", "masked_mean", "positions_from_padding", "sample_negatives", "sum_pool",
-    "valid_positions",
+    "check_items", "check_positive", "check_probability", "check_range", "cloze_positions", "flat_targets",
+    "full_softmax_loss", "in_batch_softmax_loss", "init_weights", "masked_mean", "positions_from_padding",
+    "sample_negatives", "sum_pool", "valid_positions",
 ]
 
 
@@ -189,3 +190,55 @@ def sample_negatives(targets: torch.Tensor, num_items: int, per_target: Optional
     draws = torch.randint(1, num_items, shape, device=targets.device)
     wanted = targets if per_target is None else targets.unsqueeze(-1)
     return draws + (draws >= wanted).long()
+
+
+def in_batch_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
+                          tau: float) -> torch.Tensor:
+    """In-batch contrastive loss (the AutoCDSR code's `InBatchContrastiveLoss`): each row is scored
+    against the targets of the whole batch instead of the catalog.
+
+    hidden (N, D) float, targets (N,) int64 in 0..V (0 = no target: the row is left out and its
+    target is no negative), item_weight (V+1, D) (row 0 = padding); tau > 0. With
+    q_n = h_n / ‖h_n‖, k_m = E_{y_m} / ‖E_{y_m}‖ and s_nm = q_n·k_m / τ::
+
+        loss = mean_{n: y_n >= 1} [ logsumexp_{m ∈ C_n} s_nm − s_nn ],
+        C_n = {n} ∪ {m : y_m >= 1, y_m ≠ y_n}
+
+    Duplicate targets: another row m with the same target (y_m = y_n, m ≠ n) is left out of C_n
+    — it is the positive, not a negative (a false negative otherwise). (The official code means
+    the same but multiplies those logits by 0 instead of removing them, so each same-target
+    column, the positive's own included, adds exp(0) = 1 to its denominator; we do not copy that.)
+    A row whose targets are all duplicates of its own gets loss 0. Left-out rows contribute
+    exactly 0 to the loss and every gradient; no left-out row reads anything (no device sync).
+    Dense: O(N²) memory and O(N²·D) work for the N×N scores, fine for N up to a few thousand.
+    """
+    valid = targets != 0
+    q = torch.nn.functional.normalize(hidden, dim=-1)
+    k = torch.nn.functional.normalize(item_weight[targets], dim=-1)
+    scores = q @ k.t()
+    if scores.dtype not in (torch.float32, torch.float64):  # reduced precision: the softmax in float32
+        scores = scores.float()
+    scores = scores / tau
+    eye = torch.eye(targets.shape[0], dtype=torch.bool, device=targets.device)
+    # the diagonal stays in every row (also left-out ones), so no row is all -inf (no NaN gradient)
+    keep = (valid.unsqueeze(0) & (targets.unsqueeze(0) != targets.unsqueeze(1))) | eye
+    scores = scores.masked_fill(~keep, float("-inf"))
+    per_row = torch.logsumexp(scores, dim=1) - scores.diagonal()
+    return masked_mean(per_row, valid)
+
+
+def cloze_positions(real: torch.Tensor, prob: float) -> torch.Tensor:
+    """The positions a Cloze (masked-item) objective hides: real (B, L) bool (True = an item) →
+    (B, L) bool.
+
+    One draw u (B, L) ~ U[0, 1) from torch's default RNG on real's device: a real position is
+    hidden iff u < prob (independently, probability `prob`); a row with real items of which none
+    is hidden gets the one with the smallest u — uniform over its real positions, since the u are
+    i.i.d. — so every non-empty row hides at least one. Padding is never hidden. No device sync
+    (no data-dependent shape); the draw depends only on real's shape, never on item ids.
+    """
+    u = torch.rand(real.shape, device=real.device)
+    hidden = (u < prob) & real
+    smallest = torch.where(real, u, torch.full_like(u, 2.0)).argmin(dim=1, keepdim=True)
+    fallback = torch.arange(real.shape[1], device=real.device).unsqueeze(0) == smallest
+    return hidden | (fallback & real & ~hidden.any(dim=1, keepdim=True))

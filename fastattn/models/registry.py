@@ -14,7 +14,7 @@ from .spec import ModelSpec
 __all__ = ["BUILTIN", "MODELS", "ModelSpec", "preset_names", "register", "unregister"]
 
 # the modules of fastattn.models that declare a SPEC, in the order --help lists them
-BUILTIN = ("sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus")
+BUILTIN = ("sasrec", "bert4rec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus")
 
 MODELS: dict[str, ModelSpec] = {}
 

@@ -16,6 +16,9 @@ Two recipes (`SASRecConfig.loss`), over the valid positions (input item and next
 - "bce" (the paper): one negative item z_n per position, uniform over the items ≠ y_n,
   mean_n [−log σ(x_n·E_{y_n}) − log(1 − σ(x_n·E_{z_n}))]; negatives come from torch's RNG
   (`blocks.sample_negatives`: one draw, no redraw loop).
+- "inbatch" (the AutoCDSR code's loss): each position against the next items of the whole batch,
+  L2-normalised, temperature tau, same-item columns left out (`blocks.in_batch_softmax_loss`);
+  `item_table()` then returns the L2-normalised table (the similarity it trains).
 """
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (check_choice, check_items, flat_targets, full_softmax_loss, init_weights, masked_mean,
-                     sample_negatives)
+from .blocks import (check_choice, check_items, check_positive, flat_targets, full_softmax_loss,
+                     in_batch_softmax_loss, init_weights, masked_mean, sample_negatives)
 from .config import EncoderConfig, check_config, option
 from .encoder import EmbeddingBlock, TransformerStack
 from .spec import SMALL, ModelSpec
 
-LOSSES = ("ce", "bce")
+LOSSES = ("ce", "bce", "inbatch")
 
 
 @dataclass(kw_only=True)
@@ -42,14 +45,20 @@ class SASRecConfig(EncoderConfig):
     2 layers, 2 heads, inner 256, dropout 0.5, attn_dropout 0.5, max_len 50) plus
 
     loss: "ce" (full-softmax cross-entropy) | "bce" (original recipe: sqrt(hidden)-scaled
-    embeddings, BCE with one sampled negative; needs num_items >= 2).
+    embeddings, BCE with one sampled negative; needs num_items >= 2) | "inbatch" (in-batch
+    contrastive). tau: temperature > 0 of "inbatch".
     """
 
-    loss: str = option("ce", "ce (full softmax) | bce (original, one sampled negative)")
+    loss: str = option("ce", "ce (full softmax) | bce (sasrec's original: one sampled negative) | "
+                             "inbatch (in-batch contrastive, temperature --tau)")
+    # shared with MQSA-TED's --tau (one flag): the help names both meanings
+    tau: float = option(0.1, "softmax temperature: of the in-batch loss (--loss inbatch; sasrec, bert4rec), "
+                             "of the TED distillation (mqsa_ted)")
 
     def validate(self) -> None:
         super().validate()
         check_choice("loss", self.loss, LOSSES)
+        check_positive("tau", self.tau)
         if self.loss == "bce" and self.num_items is not None and self.num_items < 2:
             raise ValueError(f"num_items must be >= 2 for loss='bce' (a negative must differ from the target), "
                              f"got {self.num_items}")
@@ -58,8 +67,9 @@ class SASRecConfig(EncoderConfig):
 class SASRec(SequentialRecommender, EmbeddingBlock):
     """SASRec on fastattn kernels; see the module docstring for the math.
 
-    losses(TrainBatch) → {"loss", "ce" or "bce"}; user_vectors(EvalBatch) → (B, D) hidden state at
-    column L-1; item_table() → (item embedding (num_items+1, D), None).
+    losses(TrainBatch) → {"loss", "ce", "bce" or "inbatch"}; user_vectors(EvalBatch) → (B, D) hidden
+    state at column L-1; item_table() → (item embedding (num_items+1, D), L2-normalised for
+    loss="inbatch"; None).
     """
 
     def __init__(self, config: SASRecConfig) -> None:
@@ -83,6 +93,9 @@ class SASRec(SequentialRecommender, EmbeddingBlock):
         if self.config.loss == "ce":
             loss = full_softmax_loss(rows, targets, weight, self.config.backend)
             return {"loss": loss, "ce": loss}
+        if self.config.loss == "inbatch":
+            loss = in_batch_softmax_loss(rows, targets, weight, self.config.tau)
+            return {"loss": loss, "inbatch": loss}
         negatives = sample_negatives(targets, self.config.num_items)
         pos_logit = (rows * weight[targets]).sum(-1)
         neg_logit = (rows * weight[negatives]).sum(-1)
@@ -100,6 +113,8 @@ class SASRec(SequentialRecommender, EmbeddingBlock):
         return self.encode(batch.items)[:, -1]
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.config.loss == "inbatch":  # that loss is blind to item norms: rank by cosine
+            return torch.nn.functional.normalize(self.item_embedding.weight, dim=-1), None
         return self.item_embedding.weight, None
 
 
