@@ -34,27 +34,6 @@ constexpr int64_t kBlockN = 256;
 // 64-bit seed split in halves; element (R, j) of flat row R = (b·H + h)·Lq + i takes output word
 // j % 4 of the 64-bit counter R·⌈Lk/4⌉ + j/4, given as counter words (low, high, 0, 0).
 
-inline uint32_t mulhi32(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-}
-
-inline void philox4x32(uint32_t k0, uint32_t k1, uint64_t counter, uint32_t out[4]) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t a0 = c0, a2 = c2;
-    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
-    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * a2;
-    c3 = 0xD2511F53u * a0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
-}
-
 // tl.rand's uint_to_uniform_float for 32 bits, in fp32 as on the GPU.
 inline float uniform_from_bits(uint32_t bits) {
   int32_t x = static_cast<int32_t>(bits);
@@ -62,21 +41,69 @@ inline float uniform_from_bits(uint32_t bits) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
+// bits[4·i + w] = word w of Philox(key, counter c0 + i) for i in [0, n). Lanes of kPhiloxLanes
+// counters at once, structure of arrays, so the rounds vectorize (the high half of the 32×32
+// products as widening multiplies); one counter at a time costs ~10 dependent multiplies per 4
+// words, which made the RNG the largest part of a short-sequence call with dropout.
+constexpr int64_t kPhiloxLanes = 16;
+
+inline void philox_words(uint32_t k0, uint32_t k1, uint64_t c0, int64_t n, uint32_t* bits) {
+  for (int64_t i0 = 0; i0 < n; i0 += kPhiloxLanes) {
+    uint32_t x0[kPhiloxLanes], x1[kPhiloxLanes], x2[kPhiloxLanes], x3[kPhiloxLanes];
+    for (int64_t i = 0; i < kPhiloxLanes; ++i) {
+      const uint64_t c = c0 + static_cast<uint64_t>(i0 + i);
+      x0[i] = static_cast<uint32_t>(c);
+      x1[i] = static_cast<uint32_t>(c >> 32);
+      x2[i] = 0;
+      x3[i] = 0;
+    }
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+#pragma omp simd
+      for (int64_t i = 0; i < kPhiloxLanes; ++i) {
+        const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * x0[i];
+        const uint64_t p2 = static_cast<uint64_t>(0xCD9E8D57u) * x2[i];
+        const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ x1[i] ^ key0;
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ x3[i] ^ key1;
+        x1[i] = static_cast<uint32_t>(p2);
+        x3[i] = static_cast<uint32_t>(p0);
+        x0[i] = n0;
+        x2[i] = n2;
+      }
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
+    }
+    const int64_t m = std::min(kPhiloxLanes, n - i0);
+    for (int64_t i = 0; i < m; ++i) {
+      uint32_t* o = bits + 4 * (i0 + i);
+      o[0] = x0[i];
+      o[1] = x1[i];
+      o[2] = x2[i];
+      o[3] = x3[i];
+    }
+  }
+}
+
+// keep[c] for keys c in [n0, n0 + bn) of flat row `row` (bits: scratch of >= bn + 8 + 4·kPhiloxLanes words).
+inline void dropout_keep_row(uint32_t k0, uint32_t k1, int64_t row, int64_t lk, float p, int64_t n0, int64_t bn,
+                             uint32_t* bits, uint8_t* keep) {
+  const int64_t groups = (lk + 3) / 4, g0 = n0 / 4, g1 = (n0 + bn + 3) / 4;
+  philox_words(k0, k1, static_cast<uint64_t>(row) * static_cast<uint64_t>(groups) + static_cast<uint64_t>(g0),
+               g1 - g0, bits);
+  const uint32_t* first = bits + (n0 - 4 * g0);
+#pragma omp simd
+  for (int64_t c = 0; c < bn; ++c) keep[c] = uniform_from_bits(first[c]) >= p;
+}
+
+inline int64_t philox_scratch_words(int64_t bn) { return 4 * ((bn + 3) / 4 + 1 + kPhiloxLanes); }
+
 // keep[r·bn + c] = 1 iff the probability (flat row row0 + r, key n0 + c) survives dropout; bn <= kBlockN.
 void dropout_keep_block(int64_t seed, int64_t row0, int64_t lk, float p, int64_t bm, int64_t n0, int64_t bn,
                         uint8_t* keep) {
   const uint64_t key = static_cast<uint64_t>(seed);
   const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  const int64_t groups = (lk + 3) / 4, g0 = n0 / 4, g1 = (n0 + bn + 3) / 4;
-  uint32_t bits[kBlockN + 8];  // the words of counters g0..g1-1: the block plus <= 3 on each side
-  for (int64_t r = 0; r < bm; ++r) {
-    const uint64_t base = static_cast<uint64_t>(row0 + r) * static_cast<uint64_t>(groups);
-    for (int64_t g = g0; g < g1; ++g) philox4x32(k0, k1, base + static_cast<uint64_t>(g), bits + 4 * (g - g0));
-    const uint32_t* first = bits + (n0 - 4 * g0);
-    uint8_t* row = keep + r * bn;
-#pragma omp simd
-    for (int64_t c = 0; c < bn; ++c) row[c] = uniform_from_bits(first[c]) >= p;
-  }
+  uint32_t bits[4 * ((kBlockN + 3) / 4 + 1 + kPhiloxLanes)];
+  for (int64_t r = 0; r < bm; ++r) dropout_keep_row(k0, k1, row0 + r, lk, p, n0, bn, bits, keep + r * bn);
 }
 
 // ------------------------------------------------------------------ math helpers
@@ -135,24 +162,31 @@ inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// Row-major, densely packed matrices: C (M×N) = op(A)·op(B) + beta·C with op(A) M×K, op(B) K×N;
-// A is stored M×K (K×M when trans_a), B is stored K×N (N×K when trans_b). BLAS is column-major,
-// so this computes Cᵀ = op(B)ᵀ·op(A)ᵀ on the same memory.
+// Row-major matrices: C (M×N) = alpha·op(A)·op(B) + beta·C with op(A) M×K, op(B) K×N; A is stored
+// M×K (K×M when trans_a) with rows lda apart, B is stored K×N (N×K when trans_b) with rows ldb
+// apart, C's rows are ldc apart. BLAS is column-major, so this computes Cᵀ = op(B)ᵀ·op(A)ᵀ on the
+// same memory. Leading dims let the short path read strided (B, H, L, D) views without a copy.
 template <typename T>
-void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T beta, T* c) {
+void gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+             const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-  const int lda = static_cast<int>(trans_b ? k : n);  // B's row length
-  const int ldb = static_cast<int>(trans_a ? m : k);  // A's row length
-  const int ldc = static_cast<int>(n);
-  const T one = T(1);
-  const char* tb_blas = trans_b ? "T" : "N";
-  const char* ta_blas = trans_a ? "T" : "N";
   if (k == 0) {  // BLAS would leave C untouched only for beta = 1
-    for (int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : c[i] * beta;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : c[i * ldc + j] * beta;
     return;
   }
-  fortran_gemm(tb_blas, ta_blas, &im, &in, &ik, &one, b, &lda, a, &ldb, &beta, c, &ldc);
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  // BLAS requires a leading dim >= the stored row length (and >= 1) even where one row is read.
+  const int ila = static_cast<int>(std::max<int64_t>(ldb, trans_b ? k : n));
+  const int ilb = static_cast<int>(std::max<int64_t>(lda, trans_a ? m : k));
+  const int ilc = static_cast<int>(std::max<int64_t>(ldc, n));
+  fortran_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &im, &in, &ik, &alpha, b, &ila, a, &ilb, &beta, c, &ilc);
+}
+
+// Densely packed operands (row length = their column count).
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, const T* b, T beta, T* c) {
+  gemm_ld<T>(trans_a, trans_b, m, n, k, T(1), a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);
 }
 
 template <typename T>
@@ -385,59 +419,310 @@ void parallel_items(int64_t n, int64_t item_work, const F& fn) {
   });
 }
 
+// ------------------------------------------------------------------ short sequences
+// Up to kShortMaxScores scores per (batch, head), a work item is a whole (batch, head) and a
+// task several of them: the Lq×Lk score matrix stays in L2, the softmax is exact (one pass, no
+// online rescaling), each score stream adds its own GEMM into the same scores (no concatenated
+// copy of the streams), operands are read through their strides (no copy of the (B, L, 3, H, D)
+// projections' views), and the backward computes P, dP and dS once for dQ, dK and dV together
+// while they are in cache (the blocked path recomputes them in each of its two passes).
+// 256×256 fp32 scores are 256 KiB; the backward holds two such matrices (P·dropout and dS).
+constexpr int64_t kShortMaxScores = 256 * 256;
+
+// A (B, H, L, D) operand with a contiguous last dim; rows sl elements apart.
+template <typename T>
+struct View {
+  const T* p = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, d = 0;
+  const T* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& t) {
+  return View<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.size(3)};
+}
+
+template <typename T>
+struct ShortProblem {
+  std::vector<View<T>> qs, ks;  // the score streams, one GEMM each
+  View<T> v;
+  const bool* pad;       // (B,Lk) or null
+  const int64_t* dom_q;  // (B,Lq) or null
+  const int64_t* dom_k;  // (B,Lk) or null
+  int64_t heads, lq, lk, dv;
+  T qk_scale;  // scale·log2(e)
+  T scale;
+  bool causal;
+  float dropout_p;
+  uint32_t k0, k1;  // the Philox key: the seed's halves
+};
+
+template <typename T>
+struct ShortScratch {
+  std::vector<T> s, dp;
+  std::vector<uint32_t> bits;
+  std::vector<uint8_t> keep;
+  ShortScratch(int64_t lq, int64_t lk, bool backward)
+      : s(lq * lk), dp(backward ? lq * lk : 0), bits(philox_scratch_words(lk)), keep(lk) {}
+};
+
+// s (Lq × Lk, dense) = Σ_f Q_f K_fᵀ of pair (b, h): raw dot products, one GEMM per stream.
+template <typename T>
+void short_scores(const ShortProblem<T>& pb, int64_t b, int64_t h, T* s) {
+  for (size_t f = 0; f < pb.qs.size(); ++f) {
+    const View<T>& q = pb.qs[f];
+    const View<T>& k = pb.ks[f];
+    gemm_ld<T>(false, true, pb.lq, pb.lk, q.d, T(1), q.at(b, h), q.sl, k.at(b, h), k.sl, f == 0 ? T(0) : T(1), s,
+               pb.lk);
+  }
+}
+
+// Pair (b, h): out (contiguous (B,H,Lq,Dv)), lse (base 2, +inf on empty rows), acd.
+template <typename T>
+void short_forward_pair(const ShortProblem<T>& pb, int64_t b, int64_t h, T* out, T* lse, T* acd,
+                        ShortScratch<T>& ws) {
+  const int64_t lq = pb.lq, lk = pb.lk, bh = b * pb.heads + h;
+  T* s = ws.s.data();
+  short_scores(pb, b, h, s);
+  const bool* pad = pb.pad != nullptr ? pb.pad + b * lk : nullptr;
+  const int64_t* dk = pb.dom_k != nullptr ? pb.dom_k + b * lk : nullptr;
+  const bool dropout = pb.dropout_p > 0.0f;
+  const T keep_scale = dropout ? T(1) / (T(1) - T(pb.dropout_p)) : T(1);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const T qs = pb.qk_scale;
+  for (int64_t r = 0; r < lq; ++r) {
+    T* row = s + r * lk;
+    const int64_t len = causal_len(pb.causal, r, 0, lk), row_id = bh * lq + r;
+    T mx = neg_inf;
+    if (pad != nullptr) {
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < len; ++j) {
+        const T x = pad[j] ? neg_inf : row[j] * qs;
+        row[j] = x;
+        mx = std::max(mx, x);
+      }
+    } else {
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < len; ++j) {
+        const T x = row[j] * qs;
+        row[j] = x;
+        mx = std::max(mx, x);
+      }
+    }
+    std::fill(row + len, row + lk, T(0));
+    if (mx == neg_inf) {  // no visible key: P = 0, and +inf makes the backward's P exactly 0
+      std::fill(row, row + len, T(0));
+      lse[row_id] = std::numeric_limits<T>::infinity();
+      if (acd != nullptr) acd[row_id] = T(0);
+      continue;
+    }
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      row[j] = exp2_of(row[j] - mx);
+      sum += row[j];
+    }
+    lse[row_id] = mx + std::log2(sum);
+    const T inv_l = T(1) / sum;
+    if (acd != nullptr) {
+      const int64_t dq = pb.dom_q[b * lq + r];
+      T cross = 0;
+#pragma omp simd reduction(+ : cross)
+      for (int64_t j = 0; j < len; ++j) cross += dk[j] != dq ? row[j] : T(0);
+      acd[row_id] = cross * inv_l;
+    }
+    const T f = inv_l * keep_scale;
+    if (dropout) {
+      uint8_t* keep = ws.keep.data();
+      dropout_keep_row(pb.k0, pb.k1, row_id, lk, pb.dropout_p, 0, len, ws.bits.data(), keep);
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) row[j] = keep[j] ? row[j] * f : T(0);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) row[j] *= f;
+    }
+  }
+  gemm_ld<T>(false, false, lq, pb.dv, lk, T(1), s, lk, pb.v.at(b, h), pb.v.sl, T(0), out + bh * lq * pb.dv, pb.dv);
+}
+
+// What the short backward reads per row besides the problem.
+template <typename T>
+struct ShortGrads {
+  View<T> dout, out;  // out: only read when delta is null
+  const T* lse;
+  const T* delta;  // (B,H,Lq) rowsum(dO·O) + g·acd, or null: computed here from dout, out, acd
+  const T* acd;    // with gacd: the forward's acd
+  const T* gacd;   // null without an acd term
+};
+
+// Pair (b, h): P, dP and dS once, then dV = dropout(P)ᵀ dO, dQ_f = scale·dS K_f, dK_f = scale·dSᵀ Q_f
+// straight into the contiguous gradients.
+template <typename T>
+void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int64_t b, int64_t h,
+                         const std::vector<T*>& dqs, const std::vector<T*>& dks, T* dv, ShortScratch<T>& ws) {
+  const int64_t lq = pb.lq, lk = pb.lk, bh = b * pb.heads + h;
+  T* s = ws.s.data();
+  T* dp = ws.dp.data();
+  short_scores(pb, b, h, s);
+  const T* dout = gr.dout.at(b, h);
+  gemm_ld<T>(false, true, lq, lk, pb.dv, T(1), dout, gr.dout.sl, pb.v.at(b, h), pb.v.sl, T(0), dp, lk);
+  const bool* pad = pb.pad != nullptr ? pb.pad + b * lk : nullptr;
+  const int64_t* dk = (gr.gacd != nullptr && pb.dom_k != nullptr) ? pb.dom_k + b * lk : nullptr;
+  const bool dropout = pb.dropout_p > 0.0f;
+  const T inv_keep = dropout ? T(1) / (T(1) - T(pb.dropout_p)) : T(1);
+  const T qs = pb.qk_scale;
+  const T* out = gr.delta == nullptr ? gr.out.at(b, h) : nullptr;
+  for (int64_t r = 0; r < lq; ++r) {
+    T* srow = s + r * lk;
+    T* dprow = dp + r * lk;
+    const int64_t row_id = bh * lq + r;
+    const T lse = gr.lse[row_id];
+    const int64_t len = lse == std::numeric_limits<T>::infinity() ? 0 : causal_len(pb.causal, r, 0, lk);
+    std::fill(srow + len, srow + lk, T(0));
+    std::fill(dprow + len, dprow + lk, T(0));
+    if (len == 0) continue;
+    const T g = gr.gacd != nullptr ? gr.gacd[row_id] : T(0);
+    T delta;
+    if (gr.delta != nullptr) {
+      delta = gr.delta[row_id];
+    } else {
+      const T* o = out + r * gr.out.sl;
+      const T* d = dout + r * gr.dout.sl;
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < pb.dv; ++c) dot += o[c] * d[c];
+      delta = dot + (gr.gacd != nullptr && gr.acd != nullptr ? g * gr.acd[row_id] : T(0));
+    }
+    const int64_t dq = dk != nullptr ? pb.dom_q[b * lq + r] : 0;
+    const uint8_t* keep = ws.keep.data();
+    if (dropout) dropout_keep_row(pb.k0, pb.k1, row_id, lk, pb.dropout_p, 0, len, ws.bits.data(), ws.keep.data());
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const bool visible = pad == nullptr || !pad[j];
+      const T p = visible ? exp2_of(srow[j] * qs - lse) : T(0);
+      const T f = dropout ? (keep[j] ? inv_keep : T(0)) : T(1);
+      const T dpj = dprow[j] * f + (dk != nullptr && dk[j] != dq ? g : T(0));
+      srow[j] = p * (dpj - delta);
+      dprow[j] = p * f;
+    }
+  }
+  gemm_ld<T>(true, false, lk, pb.dv, lq, T(1), dp, lk, dout, gr.dout.sl, T(0), dv + bh * lk * pb.dv, pb.dv);
+  for (size_t f = 0; f < pb.qs.size(); ++f) {
+    const View<T>& q = pb.qs[f];
+    const View<T>& k = pb.ks[f];
+    gemm_ld<T>(false, false, lq, q.d, lk, pb.scale, s, lk, k.at(b, h), k.sl, T(0), dqs[f] + bh * lq * q.d, q.d);
+    gemm_ld<T>(true, false, lk, q.d, lq, pb.scale, s, lk, q.at(b, h), q.sl, T(0), dks[f] + bh * lk * q.d, q.d);
+  }
+}
+
 // ------------------------------------------------------------------ argument checks
 
+// The blocked path's inputs: one (concatenated) stream, contiguous, in the compute dtype.
 struct Inputs {
   at::Tensor q, k, v, pad, dom_q, dom_k;
   at::ScalarType compute;
 };
 
-// Validates the tensors shared by the forward and the backward and converts them to the compute
-// dtype (float32 for half/bfloat16/float32, float64 for float64), contiguous.
-Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
-                      const std::optional<at::Tensor>& dom_k, double dropout_p) {
-  TORCH_CHECK(q.dim() == 4, "attn: q must have shape (B, H, Lq, DQK), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "attn: k must have shape (B, H, Lk, DQK), got ", k.sizes());
+// The score streams and the tensors shared by forward and backward, validated, in the compute
+// dtype (float32 for half/bfloat16/float32, float64 for float64). The streams keep their layout
+// when it can be read as a View (see `operand`); the masks and domains are made contiguous.
+struct StreamInputs {
+  std::vector<at::Tensor> qs, ks;
+  at::Tensor v, pad, dom_q, dom_k;
+  at::ScalarType dtype, compute;
+  int64_t b, h, lq, lk, dv;
+};
+
+// t in the compute dtype, as is when BLAS can read its rows in place (a contiguous last dim, rows
+// at least a row apart, int-sized leading dims), else a contiguous copy: transposed, row-expanded
+// (stride 0) or overlapping layouts.
+at::Tensor operand(const at::Tensor& t, at::ScalarType compute) {
+  at::Tensor x = t.scalar_type() == compute ? t : t.to(compute);
+  const bool last_ok = x.size(3) <= 1 || x.stride(3) == 1;
+  const bool rows_ok = x.size(2) <= 1 || (x.stride(2) >= std::max<int64_t>(1, x.size(3)) &&
+                                          x.stride(2) <= std::numeric_limits<int>::max());
+  return last_ok && rows_ok ? x : x.contiguous();
+}
+
+// `lists`: the stream-list operators name the streams q[f], k[f]; the single-stream ones q, k.
+StreamInputs prepare_streams(at::TensorList qs, at::TensorList ks, const at::Tensor& v,
+                             const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
+                             const std::optional<at::Tensor>& dom_k, double dropout_p, bool lists) {
+  TORCH_CHECK(!qs.empty() && qs.size() == ks.size(), "attn: q and k must be equally long, non-empty lists of "
+              "streams, got ", qs.size(), " and ", ks.size());
+  auto name = [&](const char* base, size_t f) { return lists ? std::string(base) + "[" + std::to_string(f) + "]"
+                                                             : std::string(base); };
+  const at::Tensor& q0 = qs[0];
+  TORCH_CHECK(q0.dim() == 4, "attn: ", name("q", 0), " must have shape (B, H, Lq, DQK), got ", q0.sizes());
+  TORCH_CHECK(ks[0].dim() == 4, "attn: ", name("k", 0), " must have shape (B, H, Lk, DQK), got ", ks[0].sizes());
   TORCH_CHECK(v.dim() == 4, "attn: v must have shape (B, H, Lk, DV), got ", v.sizes());
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "attn: q, k and v must be CPU tensors");
-  const auto dt = q.scalar_type();
+  const auto dt = q0.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "attn: q must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "attn: k and v must have q's dtype ", dt,
-              ", got ", k.scalar_type(), " and ", v.scalar_type());
-  const int64_t b = q.size(0), h = q.size(1), lq = q.size(2), dqk = q.size(3), lk = k.size(2);
-  TORCH_CHECK(k.size(0) == b && k.size(1) == h && k.size(3) == dqk, "attn: k must have shape (B=", b, ", H=", h,
-              ", Lk, DQK=", dqk, "), got ", k.sizes());
-  TORCH_CHECK(v.size(0) == b && v.size(1) == h && v.size(2) == lk, "attn: v must have shape (B=", b, ", H=", h,
-              ", Lk=", lk, ", DV), got ", v.sizes());
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attn: dropout_p must be in [0, 1), got ", dropout_p);
-  Inputs in;
+  StreamInputs in;
+  in.dtype = dt;
   in.compute = dt == at::kDouble ? at::kDouble : at::kFloat;
-  in.q = q.to(in.compute).contiguous();
-  in.k = k.to(in.compute).contiguous();
-  in.v = v.to(in.compute).contiguous();
+  in.b = q0.size(0);
+  in.h = q0.size(1);
+  in.lq = q0.size(2);
+  in.lk = ks[0].size(2);
+  for (size_t f = 0; f < qs.size(); ++f) {
+    const at::Tensor &q = qs[f], &k = ks[f];
+    TORCH_CHECK(q.dim() == 4 && q.size(0) == in.b && q.size(1) == in.h && q.size(2) == in.lq, "attn: ",
+                name("q", f), " must have shape (B=", in.b, ", H=", in.h, ", Lq=", in.lq, ", D), got ", q.sizes());
+    TORCH_CHECK(k.dim() == 4 && k.size(0) == in.b && k.size(1) == in.h && k.size(2) == in.lk && k.size(3) == q.size(3),
+                "attn: ", name("k", f), " must have shape (B=", in.b, ", H=", in.h, ", Lk, DQK=", q.size(3), "), got ",
+                k.sizes());
+    TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "attn: q, k and v must be CPU tensors");
+    TORCH_CHECK(q.scalar_type() == dt && k.scalar_type() == dt, "attn: k and v must have q's dtype ", dt, ", got ",
+                k.scalar_type(), " and ", v.scalar_type(), lists ? " (every stream alike)" : "");
+  }
+  TORCH_CHECK(v.device().is_cpu(), "attn: q, k and v must be CPU tensors");
+  TORCH_CHECK(v.scalar_type() == dt, "attn: k and v must have q's dtype ", dt, ", got ", ks[0].scalar_type(),
+              " and ", v.scalar_type());
+  TORCH_CHECK(v.size(0) == in.b && v.size(1) == in.h && v.size(2) == in.lk, "attn: v must have shape (B=", in.b,
+              ", H=", in.h, ", Lk=", in.lk, ", DV), got ", v.sizes());
+  in.dv = v.size(3);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attn: dropout_p must be in [0, 1), got ", dropout_p);
+  for (size_t f = 0; f < qs.size(); ++f) {
+    in.qs.push_back(operand(qs[f], in.compute));
+    in.ks.push_back(operand(ks[f], in.compute));
+  }
+  in.v = operand(v, in.compute);
   if (key_padding_mask.has_value()) {
     const auto& pad = *key_padding_mask;
     TORCH_CHECK(pad.scalar_type() == at::kBool, "attn: key_padding_mask must be bool, got ", pad.scalar_type());
-    TORCH_CHECK(pad.dim() == 2 && pad.size(0) == b && pad.size(1) == lk,
-                "attn: key_padding_mask must have shape (B=", b, ", Lk=", lk, "), got ", pad.sizes());
+    TORCH_CHECK(pad.dim() == 2 && pad.size(0) == in.b && pad.size(1) == in.lk,
+                "attn: key_padding_mask must have shape (B=", in.b, ", Lk=", in.lk, "), got ", pad.sizes());
     TORCH_CHECK(pad.device().is_cpu(), "attn: key_padding_mask must be a CPU tensor");
     in.pad = pad.contiguous();
   }
   TORCH_CHECK(dom_q.has_value() == dom_k.has_value(), "attn: dom_q and dom_k must be given together");
   if (dom_q.has_value()) {
-    for (const auto& [name, t, len] : {std::make_tuple("dom_q", *dom_q, lq), std::make_tuple("dom_k", *dom_k, lk)}) {
-      TORCH_CHECK(t.scalar_type() == at::kLong, "attn: ", name, " must be int64, got ", t.scalar_type());
-      TORCH_CHECK(t.dim() == 2 && t.size(0) == b && t.size(1) == len, "attn: ", name, " must have shape (B=", b,
+    for (const auto& [nm, t, len] :
+         {std::make_tuple("dom_q", *dom_q, in.lq), std::make_tuple("dom_k", *dom_k, in.lk)}) {
+      TORCH_CHECK(t.scalar_type() == at::kLong, "attn: ", nm, " must be int64, got ", t.scalar_type());
+      TORCH_CHECK(t.dim() == 2 && t.size(0) == in.b && t.size(1) == len, "attn: ", nm, " must have shape (B=", in.b,
                   ", L=", len, "), got ", t.sizes());
-      TORCH_CHECK(t.device().is_cpu(), "attn: ", name, " must be a CPU tensor");
+      TORCH_CHECK(t.device().is_cpu(), "attn: ", nm, " must be a CPU tensor");
     }
     in.dom_q = dom_q->contiguous();
     in.dom_k = dom_k->contiguous();
   }
   return in;
+}
+
+// The blocked path's single-stream, contiguous inputs: the streams concatenated along the head dim.
+Inputs blocked_inputs(const StreamInputs& in) {
+  Inputs out;
+  out.compute = in.compute;
+  out.q = in.qs.size() == 1 ? in.qs[0].contiguous() : at::cat(in.qs, -1);
+  out.k = in.ks.size() == 1 ? in.ks[0].contiguous() : at::cat(in.ks, -1);
+  out.v = in.v.contiguous();
+  out.pad = in.pad;
+  out.dom_q = in.dom_q;
+  out.dom_k = in.dom_k;
+  return out;
 }
 
 template <typename T>
@@ -461,14 +746,198 @@ Problem<T> make_problem(const Inputs& in, double scale, bool causal, double drop
   return pb;
 }
 
+template <typename T>
+ShortProblem<T> make_short_problem(const StreamInputs& in, double scale, bool causal, double dropout_p, int64_t seed) {
+  ShortProblem<T> pb;
+  for (size_t f = 0; f < in.qs.size(); ++f) {
+    pb.qs.push_back(view_of<T>(in.qs[f]));
+    pb.ks.push_back(view_of<T>(in.ks[f]));
+  }
+  pb.v = view_of<T>(in.v);
+  pb.pad = in.pad.defined() ? in.pad.data_ptr<bool>() : nullptr;
+  pb.dom_q = in.dom_q.defined() ? in.dom_q.data_ptr<int64_t>() : nullptr;
+  pb.dom_k = in.dom_k.defined() ? in.dom_k.data_ptr<int64_t>() : nullptr;
+  pb.heads = in.h;
+  pb.lq = in.lq;
+  pb.lk = in.lk;
+  pb.dv = in.dv;
+  pb.qk_scale = static_cast<T>(scale * kLog2e);
+  pb.scale = static_cast<T>(scale);
+  pb.causal = causal;
+  pb.dropout_p = static_cast<float>(dropout_p);
+  const uint64_t key = static_cast<uint64_t>(seed);
+  pb.k0 = static_cast<uint32_t>(key);
+  pb.k1 = static_cast<uint32_t>(key >> 32);
+  return pb;
+}
+
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+inline bool use_short_path(const StreamInputs& in) { return in.lq * in.lk <= kShortMaxScores; }
+
+// Multiply-adds of one (batch, head) of the short path's forward (its backward: twice that).
+inline int64_t short_pair_work(const StreamInputs& in) {
+  int64_t d = in.dv;
+  for (const auto& q : in.qs) d += q.size(3);
+  return std::max<int64_t>(1, in.lq * in.lk * d);
+}
+
 // A per-row (B,H,Lq) input of the backward in the compute dtype, contiguous.
-at::Tensor row_input(const at::Tensor& t, const char* name, const at::Tensor& q, at::ScalarType compute) {
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-              "attn_bwd: ", name, " must have shape (B, H, Lq) = ", q.sizes().slice(0, 3), ", got ", t.sizes());
+at::Tensor row_input(const at::Tensor& t, const char* name, const StreamInputs& in) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == in.b && t.size(1) == in.h && t.size(2) == in.lq, "attn_bwd: ", name,
+              " must have shape (B, H, Lq) = (", in.b, ", ", in.h, ", ", in.lq, "), got ", t.sizes());
   TORCH_CHECK(t.is_floating_point() && t.device().is_cpu(), "attn_bwd: ", name, " must be a floating CPU tensor");
-  return t.to(compute).contiguous();
+  return t.to(in.compute).contiguous();
+}
+
+at::Tensor check_dout(const at::Tensor& dout, const StreamInputs& in, const char* name) {
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == in.b && dout.size(1) == in.h && dout.size(2) == in.lq &&
+                  dout.size(3) == in.dv,
+              "attn_bwd: ", name, " must have shape (B, H, Lq, DV) = (", in.b, ", ", in.h, ", ", in.lq, ", ", in.dv,
+              "), got ", dout.sizes());
+  TORCH_CHECK(dout.scalar_type() == in.dtype, "attn_bwd: ", name, " must have q's dtype ", in.dtype, ", got ",
+              dout.scalar_type());
+  TORCH_CHECK(dout.device().is_cpu(), "attn_bwd: ", name, " must be a CPU tensor");
+  return operand(dout, in.compute);
+}
+
+// ------------------------------------------------------------------ the calls
+
+// out (input dtype), lse, acd (empty without domains).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const StreamInputs& in, double scale, bool causal,
+                                                            double dropout_p, int64_t seed) {
+  const int64_t b = in.b, h = in.h, lq = in.lq, dv = in.dv;
+  auto opts = in.v.options().dtype(in.compute);
+  at::Tensor out = at::empty({b, h, lq, dv}, opts);
+  at::Tensor lse = at::empty({b, h, lq}, opts);
+  const bool has_domains = in.dom_q.defined();
+  at::Tensor acd = has_domains ? at::empty({b, h, lq}, opts) : at::empty({0}, opts);
+  if (use_short_path(in)) {
+    AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_fwd", [&] {
+      const ShortProblem<scalar_t> pb = make_short_problem<scalar_t>(in, scale, causal, dropout_p, seed);
+      scalar_t* out_p = out.data_ptr<scalar_t>();
+      scalar_t* lse_p = lse.data_ptr<scalar_t>();
+      scalar_t* acd_p = has_domains ? acd.data_ptr<scalar_t>() : nullptr;
+      parallel_items(b * h, short_pair_work(in), [&](int64_t begin, int64_t end) {
+        ShortScratch<scalar_t> ws(in.lq, in.lk, /*backward=*/false);
+        for (int64_t item = begin; item < end; ++item)
+          short_forward_pair(pb, item / h, item % h, out_p, lse_p, acd_p, ws);
+      });
+    });
+  } else {
+    const Inputs bi = blocked_inputs(in);
+    AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_fwd", [&] {
+      const Problem<scalar_t> pb = make_problem<scalar_t>(bi, scale, causal, dropout_p, seed);
+      const int64_t n_mb = cdiv(lq, kBlockM);
+      scalar_t* out_p = out.data_ptr<scalar_t>();
+      scalar_t* lse_p = lse.data_ptr<scalar_t>();
+      scalar_t* acd_p = has_domains ? acd.data_ptr<scalar_t>() : nullptr;
+      const int64_t work = std::min(kBlockM, lq) * pb.lk * (pb.dqk + dv);
+      parallel_items(b * h * n_mb, work, [&](int64_t begin, int64_t end) {
+        Scratch<scalar_t> ws(/*backward=*/false);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t bh = item / n_mb, m0 = (item % n_mb) * kBlockM;
+          forward_rows(pb, bh, m0, std::min(kBlockM, lq - m0), out_p, lse_p, acd_p, ws);
+        }
+      });
+    });
+  }
+  return {out.to(in.dtype), lse, acd};
+}
+
+// Gradients of every stream's q and k and of v, in the input dtype. delta: rowsum(dout·out) + g·acd
+// (the single-stream operator's argument), or undefined: computed here from out (and acd).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backward_impl(
+    const StreamInputs& in, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& delta, const at::Tensor& acd, const std::optional<at::Tensor>& grad_acd, double scale,
+    bool causal, double dropout_p, int64_t seed) {
+  const int64_t b = in.b, h = in.h, lq = in.lq, lk = in.lk, dv = in.dv;
+  at::Tensor lse_c = row_input(lse, "lse", in);
+  // The acd term needs both its gradient and the domains; without either there is none.
+  at::Tensor gacd_c, acd_c, delta_c;
+  if (grad_acd.has_value() && in.dom_q.defined()) gacd_c = row_input(*grad_acd, "grad_acd", in);
+  if (delta.defined()) delta_c = row_input(delta, "delta", in);
+  if (!delta.defined() && gacd_c.defined()) acd_c = row_input(acd, "acd", in);
+  auto opts = in.v.options().dtype(in.compute);
+  std::vector<at::Tensor> dqs, dks;
+  at::Tensor dvv = at::empty({b, h, lk, dv}, opts);
+  if (use_short_path(in)) {
+    for (size_t f = 0; f < in.qs.size(); ++f) {
+      dqs.push_back(at::empty({b, h, lq, in.qs[f].size(3)}, opts));
+      dks.push_back(at::empty({b, h, lk, in.qs[f].size(3)}, opts));
+    }
+    AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_bwd", [&] {
+      const ShortProblem<scalar_t> pb = make_short_problem<scalar_t>(in, scale, causal, dropout_p, seed);
+      ShortGrads<scalar_t> gr;
+      gr.dout = view_of<scalar_t>(dout);
+      if (!delta_c.defined()) gr.out = view_of<scalar_t>(out);
+      gr.lse = lse_c.data_ptr<scalar_t>();
+      gr.delta = delta_c.defined() ? delta_c.data_ptr<scalar_t>() : nullptr;
+      gr.acd = acd_c.defined() ? acd_c.data_ptr<scalar_t>() : nullptr;
+      gr.gacd = gacd_c.defined() ? gacd_c.data_ptr<scalar_t>() : nullptr;
+      std::vector<scalar_t*> dq_p, dk_p;
+      for (size_t f = 0; f < dqs.size(); ++f) {
+        dq_p.push_back(dqs[f].data_ptr<scalar_t>());
+        dk_p.push_back(dks[f].data_ptr<scalar_t>());
+      }
+      scalar_t* dv_p = dvv.data_ptr<scalar_t>();
+      parallel_items(b * h, 2 * short_pair_work(in), [&](int64_t begin, int64_t end) {
+        ShortScratch<scalar_t> ws(lq, lk, /*backward=*/true);
+        for (int64_t item = begin; item < end; ++item)
+          short_backward_pair(pb, gr, item / h, item % h, dq_p, dk_p, dv_p, ws);
+      });
+    });
+  } else {
+    const Inputs bi = blocked_inputs(in);
+    at::Tensor dout_c = dout.contiguous();
+    if (!delta_c.defined()) {
+      delta_c = (dout_c * out.to(in.compute)).sum(-1);
+      if (gacd_c.defined()) delta_c = delta_c + gacd_c * acd_c;
+      delta_c = delta_c.contiguous();
+    }
+    at::Tensor dq = at::empty(bi.q.sizes(), opts);
+    at::Tensor dk = at::empty(bi.k.sizes(), opts);
+    AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_bwd", [&] {
+      const Problem<scalar_t> pb = make_problem<scalar_t>(bi, scale, causal, dropout_p, seed);
+      const RowStats<scalar_t> rs{dout_c.data_ptr<scalar_t>(), lse_c.data_ptr<scalar_t>(),
+                                  delta_c.data_ptr<scalar_t>(), gacd_c.defined() ? gacd_c.data_ptr<scalar_t>() : nullptr};
+      scalar_t* dq_p = dq.data_ptr<scalar_t>();
+      scalar_t* dk_p = dk.data_ptr<scalar_t>();
+      scalar_t* dv_p = dvv.data_ptr<scalar_t>();
+      const int64_t n_nb = cdiv(lk, kBlockN), n_mb = cdiv(lq, kBlockM);
+      // Per item, both passes: two block products to recompute P and dP, then two to accumulate.
+      const int64_t work = 2 * (pb.dqk + dv);
+      parallel_items(b * h * n_nb, work * std::min(kBlockN, lk) * lq, [&](int64_t begin, int64_t end) {
+        Scratch<scalar_t> ws(/*backward=*/true);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t bh = item / n_nb, n0 = (item % n_nb) * kBlockN;
+          dkdv_rows(pb, rs, bh, n0, std::min(kBlockN, lk - n0), dk_p, dv_p, ws);
+        }
+      });
+      parallel_items(b * h * n_mb, work * std::min(kBlockM, lq) * lk, [&](int64_t begin, int64_t end) {
+        Scratch<scalar_t> ws(/*backward=*/true);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t bh = item / n_mb, m0 = (item % n_mb) * kBlockM;
+          dq_rows(pb, rs, bh, m0, std::min(kBlockM, lq - m0), dq_p, ws);
+        }
+      });
+    });
+    if (in.qs.size() == 1) {
+      dqs.push_back(dq);
+      dks.push_back(dk);
+    } else {
+      int64_t d0 = 0;
+      for (const auto& q : in.qs) {
+        const int64_t d = q.size(3);
+        dqs.push_back(dq.narrow(-1, d0, d).contiguous());
+        dks.push_back(dk.narrow(-1, d0, d).contiguous());
+        d0 += d;
+      }
+    }
+  }
+  for (auto& t : dqs) t = t.to(in.dtype);
+  for (auto& t : dks) t = t.to(in.dtype);
+  return {dqs, dks, dvv.to(in.dtype)};
 }
 
 }  // namespace
@@ -477,29 +946,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
     const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed) {
-  const Inputs in = prepare_inputs(q, k, v, key_padding_mask, dom_q, dom_k, dropout_p);
-  const int64_t b = q.size(0), h = q.size(1), lq = q.size(2), dv = v.size(3);
-  auto opts = q.options().dtype(in.compute);
-  at::Tensor out = at::empty({b, h, lq, dv}, opts);
-  at::Tensor lse = at::empty({b, h, lq}, opts);
-  const bool has_domains = in.dom_q.defined();
-  at::Tensor acd = has_domains ? at::empty({b, h, lq}, opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_fwd", [&] {
-    const Problem<scalar_t> pb = make_problem<scalar_t>(in, scale, causal, dropout_p, seed);
-    const int64_t n_mb = cdiv(lq, kBlockM);
-    scalar_t* out_p = out.data_ptr<scalar_t>();
-    scalar_t* lse_p = lse.data_ptr<scalar_t>();
-    scalar_t* acd_p = has_domains ? acd.data_ptr<scalar_t>() : nullptr;
-    const int64_t work = std::min(kBlockM, lq) * pb.lk * (pb.dqk + dv);
-    parallel_items(b * h * n_mb, work, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> ws(/*backward=*/false);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bh = item / n_mb, m0 = (item % n_mb) * kBlockM;
-        forward_rows(pb, bh, m0, std::min(kBlockM, lq - m0), out_p, lse_p, acd_p, ws);
-      }
-    });
-  });
-  return {out.to(q.scalar_type()), lse, acd};
+  const StreamInputs in = prepare_streams({q}, {k}, v, key_padding_mask, dom_q, dom_k, dropout_p, false);
+  return forward_impl(in, scale, causal, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_streams(
+    at::TensorList q, at::TensorList k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dom_q, const std::optional<at::Tensor>& dom_k, double scale, bool causal,
+    double dropout_p, int64_t seed) {
+  const StreamInputs in = prepare_streams(q, k, v, key_padding_mask, dom_q, dom_k, dropout_p, true);
+  return forward_impl(in, scale, causal, dropout_p, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
@@ -507,49 +963,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& grad_acd,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
     const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed) {
-  Inputs in = prepare_inputs(q, k, v, key_padding_mask, dom_q, dom_k, dropout_p);
-  const int64_t b = q.size(0), h = q.size(1), lq = q.size(2), lk = k.size(2), dv = v.size(3);
-  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == b && dout.size(1) == h && dout.size(2) == lq && dout.size(3) == dv,
-              "attn_bwd: dout must have shape (B, H, Lq, DV) = (", b, ", ", h, ", ", lq, ", ", dv, "), got ",
-              dout.sizes());
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "attn_bwd: dout must have q's dtype ", q.scalar_type(),
-              ", got ", dout.scalar_type());
-  at::Tensor dout_c = dout.to(in.compute).contiguous();
-  at::Tensor lse_c = row_input(lse, "lse", q, in.compute);
-  at::Tensor delta_c = row_input(delta, "delta", q, in.compute);
-  // The acd term needs both its gradient and the domains; without either there is none.
-  at::Tensor gacd_c;
-  if (grad_acd.has_value() && in.dom_q.defined()) gacd_c = row_input(*grad_acd, "grad_acd", q, in.compute);
-  at::Tensor dq = at::empty(in.q.sizes(), in.q.options());
-  at::Tensor dk = at::empty(in.k.sizes(), in.k.options());
-  at::Tensor dvv = at::empty(in.v.sizes(), in.v.options());
-  AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_bwd", [&] {
-    const Problem<scalar_t> pb = make_problem<scalar_t>(in, scale, causal, dropout_p, seed);
-    const RowStats<scalar_t> rs{dout_c.data_ptr<scalar_t>(), lse_c.data_ptr<scalar_t>(), delta_c.data_ptr<scalar_t>(),
-                                gacd_c.defined() ? gacd_c.data_ptr<scalar_t>() : nullptr};
-    scalar_t* dq_p = dq.data_ptr<scalar_t>();
-    scalar_t* dk_p = dk.data_ptr<scalar_t>();
-    scalar_t* dv_p = dvv.data_ptr<scalar_t>();
-    const int64_t n_nb = cdiv(lk, kBlockN), n_mb = cdiv(lq, kBlockM);
-    // Per item, both passes: two block products to recompute P and dP, then two to accumulate.
-    const int64_t work = 2 * (pb.dqk + dv);
-    parallel_items(b * h * n_nb, work * std::min(kBlockN, lk) * lq, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> ws(/*backward=*/true);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bh = item / n_nb, n0 = (item % n_nb) * kBlockN;
-        dkdv_rows(pb, rs, bh, n0, std::min(kBlockN, lk - n0), dk_p, dv_p, ws);
-      }
-    });
-    parallel_items(b * h * n_mb, work * std::min(kBlockM, lq) * lk, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> ws(/*backward=*/true);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bh = item / n_mb, m0 = (item % n_mb) * kBlockM;
-        dq_rows(pb, rs, bh, m0, std::min(kBlockM, lq - m0), dq_p, ws);
-      }
-    });
-  });
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dvv.to(dt)};
+  const StreamInputs in = prepare_streams({q}, {k}, v, key_padding_mask, dom_q, dom_k, dropout_p, false);
+  const at::Tensor dout_c = check_dout(dout, in, "dout");
+  auto [dqs, dks, dv] =
+      backward_impl(in, dout_c, at::Tensor(), lse, delta, at::Tensor(), grad_acd, scale, causal, dropout_p, seed);
+  return {dqs[0], dks[0], dv};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> attn_bwd_streams(
+    at::TensorList q, at::TensorList k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
+    const at::Tensor& lse, const std::optional<at::Tensor>& acd, const std::optional<at::Tensor>& grad_acd,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
+    const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed) {
+  const StreamInputs in = prepare_streams(q, k, v, key_padding_mask, dom_q, dom_k, dropout_p, true);
+  const at::Tensor dout_c = check_dout(dout, in, "dout");
+  const at::Tensor out_c = check_dout(out, in, "out");
+  const bool acd_term = grad_acd.has_value() && in.dom_q.defined();
+  TORCH_CHECK(!acd_term || acd.has_value(), "attn_bwd: acd is required with grad_acd and domains");
+  return backward_impl(in, dout_c, out_c, lse, at::Tensor(), acd_term ? *acd : at::Tensor(), grad_acd, scale,
+                       causal, dropout_p, seed);
 }
 
 at::Tensor attn_dropout_rows(int64_t seed, double dropout_p, int64_t lk, int64_t first_row, int64_t num_rows) {

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastattn {
 
@@ -21,6 +22,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
     const at::Tensor& lse, const at::Tensor& delta, const std::optional<at::Tensor>& grad_acd,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
+    const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed);
+
+// The same on a list of score streams (q[f], k[f]) with their own head dims, summed inside one
+// softmax without concatenating them; any layout with a contiguous last dim is read in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_fwd_streams(
+    at::TensorList q, at::TensorList k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& dom_q, const std::optional<at::Tensor>& dom_k, double scale, bool causal,
+    double dropout_p, int64_t seed);
+
+// Gradients of every q[f], k[f] and of v; D_i = rowsum(dout·out) (+ grad_acd·acd) is computed
+// inside (acd is required with grad_acd and domains).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> attn_bwd_streams(
+    at::TensorList q, at::TensorList k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& dout,
+    const at::Tensor& lse, const std::optional<at::Tensor>& acd, const std::optional<at::Tensor>& grad_acd,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dom_q,
     const std::optional<at::Tensor>& dom_k, double scale, bool causal, double dropout_p, int64_t seed);
 

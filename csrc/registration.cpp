@@ -10,6 +10,11 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("attn_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor? grad_acd, "
         "Tensor? key_padding_mask, Tensor? dom_q, Tensor? dom_k, float scale, bool causal, float dropout_p, "
         "int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("attn_fwd_streams(Tensor[] q, Tensor[] k, Tensor v, Tensor? key_padding_mask, Tensor? dom_q, "
+        "Tensor? dom_k, float scale, bool causal, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def("attn_bwd_streams(Tensor[] q, Tensor[] k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor? acd, "
+        "Tensor? grad_acd, Tensor? key_padding_mask, Tensor? dom_q, Tensor? dom_k, float scale, bool causal, "
+        "float dropout_p, int seed) -> (Tensor[], Tensor[], Tensor)");
   m.def("attn_dropout_rows(int seed, float dropout_p, int lk, int first_row, int num_rows) -> Tensor");
   m.def("ce_lse(Tensor hidden, Tensor weight, Tensor? bias, float scale) -> Tensor");
   m.def("ce_bwd(Tensor hidden, Tensor weight, Tensor? bias, float scale, Tensor lse, Tensor coef_p, "
@@ -20,6 +25,8 @@ TORCH_LIBRARY(fastattn, m) {
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attn_fwd", &fastattn::attn_fwd);
   m.impl("attn_bwd", &fastattn::attn_bwd);
+  m.impl("attn_fwd_streams", &fastattn::attn_fwd_streams);
+  m.impl("attn_bwd_streams", &fastattn::attn_bwd_streams);
   m.impl("ce_lse", &fastattn::ce_lse);
   m.impl("ce_bwd", &fastattn::ce_bwd);
   m.impl("topk_items", &fastattn::topk_items);
