@@ -166,7 +166,8 @@ SPEC = ModelSpec(
         # Sun et al. 2019, the official ML-1m run (FeiSun/BERT4Rec run_ml-1m.sh and
         # bert_train/bert_config_ml-1m_64.json): hidden 64, 2 layers, 2 heads, inner 256, dropout 0.2
         # (hidden and attention), max length 200, masked_lm_prob 0.2, batches of 256 sequences,
-        # lr 1e-4; full softmax. The official 400k steps (with warm-up and linear decay, not here) are
+        # lr 1e-4; full softmax (the Beauty run: mask 0.6, max length 50, dropout 0.5). Not here: its
+        # AdamW (decay 0.01), clipping at norm 5, 100 warm-up steps and linear decay over 400k steps —
         # many epochs: Petrov & Macdonald (RecSys 2022) replicate the paper only when training to
         # convergence, so the preset runs 200 epochs (raise --patience to avoid stopping early).
         "paper": {"hidden": 64, "layers": 2, "heads": 2, "inner": 256, "dropout": 0.2, "attn_dropout": 0.2,
