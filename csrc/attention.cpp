@@ -510,19 +510,21 @@ void short_forward_pair(const ShortProblem<T>& pb, int64_t b, int64_t h, T* out,
       }
     }
     std::fill(row + len, row + lk, T(0));
-    if (mx == neg_inf) {  // no visible key: P = 0, and +inf makes the backward's P exactly 0
-      std::fill(row, row + len, T(0));
+    // No visible key: shift by 0 so every 2^(s - shift) is 0 (not NaN) and the sum is 0. A NaN
+    // score is not a maximum but makes the sum NaN, so it still reaches its row's output.
+    const T shift = mx == neg_inf ? T(0) : mx;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      row[j] = exp2_of(row[j] - shift);
+      sum += row[j];
+    }
+    if (sum == T(0)) {  // P = 0, and +inf makes the backward's P exactly 0
       lse[row_id] = std::numeric_limits<T>::infinity();
       if (acd != nullptr) acd[row_id] = T(0);
       continue;
     }
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      row[j] = exp2_of(row[j] - mx);
-      sum += row[j];
-    }
-    lse[row_id] = mx + std::log2(sum);
+    lse[row_id] = shift + std::log2(sum);
     const T inv_l = T(1) / sum;
     if (acd != nullptr) {
       const int64_t dq = pb.dom_q[b * lq + r];

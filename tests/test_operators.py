@@ -114,6 +114,51 @@ def _cpp_attention_backward_kernels() -> list[Args]:
     return cases
 
 
+def _cpp_stream_kernels() -> list[Args]:
+    """attn_fwd_streams cases: one stream; two streams of different head dims with padding and
+    domains; the streams as strided views of one (B, L, 3, H, D) projection, with dropout."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _streams()
+    qa, ka = torch.randn(2, 2, 5, 3, generator=g), torch.randn(2, 2, 5, 3, generator=g)
+    qs, ks, vs = torch.randn(2, 5, 3, 2, 8, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
+    return [([q], [k], v, None, None, None, 0.35, True, 0.0, 0),
+            ([q, qa], [k, ka], v, PAD, DOM, DOM, 0.2, False, 0.0, 0),
+            ([qs], [ks], vs, PAD, None, None, 0.35, True, 0.25, 7)]
+
+
+def _cpp_stream_backward_kernels() -> list[Args]:
+    cases = []
+    for qs, ks, v, pad, dom_q, dom_k, scale, causal, p, seed in _cpp_stream_kernels():
+        out, lse, acd = torch.ops.fastattn.attn_fwd_streams(qs, ks, v, pad, dom_q, dom_k, scale, causal, p, seed)
+        dout = torch.randn_like(out)
+        grad_acd, acd = (torch.randn_like(lse), acd) if dom_q is not None else (None, None)
+        cases.append((qs, ks, v, out, dout, lse, acd, grad_acd, pad, dom_q, dom_k, scale, causal, p, seed))
+    return cases
+
+
+def _stream_attention() -> list[Args]:
+    """fastattn::dif_attention_streams cases (grads through the list streams too)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _streams()
+    qa, ka = (torch.randn(2, 2, 5, 3, generator=g).requires_grad_(True) for _ in range(2))
+    q, k, v = _grad((q, k, v))
+    return [(q, k, v, [], [], None, None, None, None, 0.35, True, 0.0),
+            (q, k, v, [qa], [ka], PAD, DOM, DOM, None, 0.2, False, 0.0),
+            (q, k, v, [qa], [ka], PAD, None, None, torch.tensor(7), 0.35, True, 0.25)]
+
+
+def _stream_attention_backward() -> list[Args]:
+    cases = []
+    for q, k, v, aq, ak, pad, dom_q, dom_k, seed, scale, causal, p in _stream_attention():
+        q, k, v, aq, ak = q.detach(), k.detach(), v.detach(), [t.detach() for t in aq], [t.detach() for t in ak]
+        out, lse, acd = torch.ops.fastattn.dif_attention_streams(q, k, v, aq, ak, pad, dom_q, dom_k, seed, scale,
+                                                                 causal, p)
+        grad_acd, acd = (torch.randn_like(lse), acd) if dom_q is not None else (None, None)
+        cases.append((q, k, v, aq, ak, out, torch.randn_like(out), lse, acd, grad_acd, pad, dom_q, dom_k, seed,
+                      scale, causal, p))
+    return cases
+
+
 # operator name → its argument tuples (built lazily: some need the extension or other ops).
 CASES: dict[str, Callable[[], list[Args]]] = {
     "fastattn::dif_attention": lambda: _attention_forward("cpp"),
@@ -126,6 +171,10 @@ CASES: dict[str, Callable[[], list[Args]]] = {
         (*a, f) for a, f in zip(_ce_backward(torch.float32), (0.0, 0.05))],
     "fastattn::attn_fwd": _cpp_attention_kernels,
     "fastattn::attn_bwd": _cpp_attention_backward_kernels,
+    "fastattn::dif_attention_streams": _stream_attention,
+    "fastattn::dif_attention_streams_backward": _stream_attention_backward,
+    "fastattn::attn_fwd_streams": _cpp_stream_kernels,
+    "fastattn::attn_bwd_streams": _cpp_stream_backward_kernels,
     "fastattn::attn_dropout_rows": lambda: [(3, 0.25, 7, 2**33, 5)],
     "fastattn::ce_lse": _ce_kernels,
     "fastattn::ce_bwd": _ce_backward,

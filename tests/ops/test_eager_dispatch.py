@@ -73,7 +73,7 @@ def test_eager_twin_equals_the_operator_chunked_cross_entropy(monkeypatch: pytes
 # the eager twins skip; the C++ kernels' own operators (fastattn::attn_fwd, ce_lse, …) dispatch in
 # C++ and stay.
 PYTHON_OPERATORS = {f"fastattn::{name}{suffix}" for name in ("dif_attention", "full_item_cross_entropy")
-                    for suffix in ("", "_backward", "_triton", "_triton_backward")}
+                    for suffix in ("", "_backward", "_triton", "_triton_backward", "_streams", "_streams_backward")}
 
 
 def _op_events(fn: Callable[[], object]) -> set[str]:

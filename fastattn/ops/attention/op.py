@@ -4,9 +4,11 @@ Every entry takes the validated streams and returns (out (B,H,Lq,Dv), acd (B,H,L
 
 - "torch": the plain-torch reference (reference.py), differentiable by torch's autograd (to any
   order) and traced op by op by torch.compile;
-- "cpp" / "triton": the fused kernels behind the operators `fastattn::dif_attention` (C++) and
-  `fastattn::dif_attention_triton` (function.py), with the streams concatenated along the head
-  dim ([q | qa_1 | …]) so a kernel sees one QK head dim; autograd splits the gradients back.
+- "cpp": the C++ kernels on the list of score streams, one GEMM per stream, in the layout the
+  streams come in (`cpp.cpp_stream_attention`, operator `fastattn::dif_attention_streams`);
+- "triton": the fused kernels behind the operator `fastattn::dif_attention_triton` (function.py),
+  with the streams concatenated along the head dim ([q | qa_1 | …]) so a kernel sees one QK head
+  dim; autograd splits the gradients back.
   The dropout seed is drawn on the streams' device, as a tensor (no host read). Plain eager
   calls take the operators' autograd.Function twins (no dispatch overhead; ops/eager.py).
 """
@@ -18,8 +20,7 @@ import torch
 
 from . import cpp as _cpp  # noqa: F401  (registers the C++ operators' fake kernels, for tracing)
 from ..eager import eager_call_ok
-from .function import (DIFAttentionEager, DIFAttentionTritonEager, dif_attention_op, dif_attention_triton_op,
-                       draw_seed_tensor)
+from .function import DIFAttentionTritonEager, dif_attention_triton_op, draw_seed_tensor
 from .options import AttentionOptions
 from .reference import dif_attention_reference
 
@@ -51,5 +52,5 @@ def _fused(operator: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 BACKENDS: dict[str, Attention] = {
-    "torch": _torch, "cpp": _fused(dif_attention_op, DIFAttentionEager, "cpp"),
+    "torch": _torch, "cpp": _cpp.cpp_stream_attention,
     "triton": _fused(dif_attention_triton_op, DIFAttentionTritonEager)}
