@@ -15,7 +15,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "ops.h"
 
@@ -41,60 +46,160 @@ inline float uniform_from_bits(uint32_t bits) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// bits[4·i + w] = word w of Philox(key, counter c0 + i) for i in [0, n). Lanes of kPhiloxLanes
-// counters at once, structure of arrays, so the rounds vectorize (the high half of the 32×32
-// products as widening multiplies); one counter at a time costs ~10 dependent multiplies per 4
-// words, which made the RNG the largest part of a short-sequence call with dropout.
+// bits[4·i + w] = word w of Philox(key, counter c0 + i) for i in [0, n), computed for whole
+// blocks of kPhiloxLanes counters: bits must hold 4·(n rounded up to kPhiloxLanes) words. One
+// counter at a time costs ~10 dependent multiplies per 4 words, which made the RNG the largest part
+// of a short-sequence call with dropout; the compiler's own vectorization of the loop below does
+// full 64×64-bit products (~6 ns per counter here), so AVX-512 and AVX2 have intrinsics versions
+// (32×32→64 even/odd products, ~2.4 and ~4 ns), picked at run time. All give the same bits.
 constexpr int64_t kPhiloxLanes = 16;
 
-inline void philox_words(uint32_t k0, uint32_t k1, uint64_t c0, int64_t n, uint32_t* bits) {
+void philox_words_generic(uint32_t k0, uint32_t k1, uint64_t c0, int64_t n, uint32_t* bits) {
   for (int64_t i0 = 0; i0 < n; i0 += kPhiloxLanes) {
     uint32_t x0[kPhiloxLanes], x1[kPhiloxLanes], x2[kPhiloxLanes], x3[kPhiloxLanes];
     for (int64_t i = 0; i < kPhiloxLanes; ++i) {
       const uint64_t c = c0 + static_cast<uint64_t>(i0 + i);
-      x0[i] = static_cast<uint32_t>(c);
-      x1[i] = static_cast<uint32_t>(c >> 32);
-      x2[i] = 0;
-      x3[i] = 0;
+      x0[i] = static_cast<uint32_t>(c); x1[i] = static_cast<uint32_t>(c >> 32); x2[i] = 0; x3[i] = 0;
     }
     uint32_t key0 = k0, key1 = k1;
     for (int round = 0; round < 10; ++round) {
-#pragma omp simd
       for (int64_t i = 0; i < kPhiloxLanes; ++i) {
         const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * x0[i];
         const uint64_t p2 = static_cast<uint64_t>(0xCD9E8D57u) * x2[i];
         const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ x1[i] ^ key0;
         const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ x3[i] ^ key1;
-        x1[i] = static_cast<uint32_t>(p2);
-        x3[i] = static_cast<uint32_t>(p0);
-        x0[i] = n0;
-        x2[i] = n2;
+        x1[i] = static_cast<uint32_t>(p2); x3[i] = static_cast<uint32_t>(p0); x0[i] = n0; x2[i] = n2;
       }
-      key0 += 0x9E3779B9u;
-      key1 += 0xBB67AE85u;
+      key0 += 0x9E3779B9u; key1 += 0xBB67AE85u;
     }
-    const int64_t m = std::min(kPhiloxLanes, n - i0);
-    for (int64_t i = 0; i < m; ++i) {
+    for (int64_t i = 0; i < kPhiloxLanes; ++i) {
       uint32_t* o = bits + 4 * (i0 + i);
-      o[0] = x0[i];
-      o[1] = x1[i];
-      o[2] = x2[i];
-      o[3] = x3[i];
+      o[0] = x0[i]; o[1] = x1[i]; o[2] = x2[i]; o[3] = x3[i];
     }
   }
 }
 
-// keep[c] for keys c in [n0, n0 + bn) of flat row `row` (bits: scratch of >= bn + 8 + 4·kPhiloxLanes words).
-inline void dropout_keep_row(uint32_t k0, uint32_t k1, int64_t row, int64_t lk, float p, int64_t n0, int64_t bn,
-                             uint32_t* bits, uint8_t* keep) {
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTATTN_X86_DISPATCH 1
+__attribute__((target("avx512f"), noinline)) void philox_words_avx512(uint32_t k0, uint32_t k1, uint64_t c0,
+                                                                     int64_t n, uint32_t* bits) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m2 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i step_lo = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i step_hi = _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15);
+  const __mmask16 odd = 0xAAAA;
+  for (int64_t i0 = 0; i0 < n; i0 += 16) {
+    const __m512i base = _mm512_set1_epi64(static_cast<long long>(c0 + static_cast<uint64_t>(i0)));
+    const __m512i ca = _mm512_add_epi64(base, step_lo), cb = _mm512_add_epi64(base, step_hi);
+    __m512i x0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(ca)), _mm512_cvtepi64_epi32(cb), 1);
+    __m512i x1 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srli_epi64(ca, 32))),
+                                    _mm512_cvtepi64_epi32(_mm512_srli_epi64(cb, 32)), 1);
+    __m512i x2 = _mm512_setzero_si512(), x3 = _mm512_setzero_si512();
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      const __m512i e0 = _mm512_mul_epu32(x0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
+      const __m512i e2 = _mm512_mul_epu32(x2, m2), o2 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m2);
+      const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e0, 32), o0);
+      const __m512i lo0 = _mm512_mask_blend_epi32(odd, e0, _mm512_slli_epi64(o0, 32));
+      const __m512i hi2 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e2, 32), o2);
+      const __m512i lo2 = _mm512_mask_blend_epi32(odd, e2, _mm512_slli_epi64(o2, 32));
+      const __m512i n0 = _mm512_ternarylogic_epi32(hi2, x1, _mm512_set1_epi32(static_cast<int>(key0)), 0x96);
+      const __m512i n2 = _mm512_ternarylogic_epi32(hi0, x3, _mm512_set1_epi32(static_cast<int>(key1)), 0x96);
+      x1 = lo2; x3 = lo0; x0 = n0; x2 = n2;
+      key0 += 0x9E3779B9u; key1 += 0xBB67AE85u;
+    }
+    // x0..x3 (word w of counters 0..15) → 16 counters of 4 consecutive words
+    const __m512i a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
+    const __m512i c = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
+    const __m512i r0 = _mm512_unpacklo_epi64(a, b), r1 = _mm512_unpackhi_epi64(a, b);
+    const __m512i r2 = _mm512_unpacklo_epi64(c, d), r3 = _mm512_unpackhi_epi64(c, d);
+    const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
+    uint32_t* o = bits + 4 * i0;
+    _mm512_storeu_si512(o, _mm512_shuffle_i32x4(t0, t1, 0x88));
+    _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+    _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+    _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+  }
+}
+
+__attribute__((target("avx2"), noinline)) void philox_words_avx2(uint32_t k0, uint32_t k1, uint64_t c0, int64_t n,
+                                                                 uint32_t* bits) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m2 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    alignas(32) uint32_t lo[8], hi[8];
+    for (int i = 0; i < 8; ++i) {
+      const uint64_t c = c0 + static_cast<uint64_t>(i0 + i);
+      lo[i] = static_cast<uint32_t>(c);
+      hi[i] = static_cast<uint32_t>(c >> 32);
+    }
+    __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+    __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+    __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      const __m256i e0 = _mm256_mul_epu32(x0, m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0, 32), m0);
+      const __m256i e2 = _mm256_mul_epu32(x2, m2), o2 = _mm256_mul_epu32(_mm256_srli_epi64(x2, 32), m2);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+      const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+      const __m256i hi2 = _mm256_blend_epi32(_mm256_srli_epi64(e2, 32), o2, 0xAA);
+      const __m256i lo2 = _mm256_blend_epi32(e2, _mm256_slli_epi64(o2, 32), 0xAA);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi2, x1), _mm256_set1_epi32(static_cast<int>(key0)));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(key1)));
+      x1 = lo2; x3 = lo0; x0 = n0; x2 = n2;
+      key0 += 0x9E3779B9u; key1 += 0xBB67AE85u;
+    }
+    const __m256i a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
+    const __m256i c = _mm256_unpackhi_epi32(x0, x1), d = _mm256_unpackhi_epi32(x2, x3);
+    const __m256i r0 = _mm256_unpacklo_epi64(a, b), r1 = _mm256_unpackhi_epi64(a, b);
+    const __m256i r2 = _mm256_unpacklo_epi64(c, d), r3 = _mm256_unpackhi_epi64(c, d);
+    // 128-bit lane 0 of r_g = group g, lane 1 = group 4 + g
+    uint32_t* o = bits + 4 * i0;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(r0, r1, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_permute2x128_si256(r2, r3, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm256_permute2x128_si256(r0, r1, 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 24), _mm256_permute2x128_si256(r2, r3, 0x31));
+  }
+}
+#endif
+
+inline void philox_words(uint32_t k0, uint32_t k1, uint64_t c0, int64_t n, uint32_t* bits) {
+#ifdef FASTATTN_X86_DISPATCH
+  static const int isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+  if (isa == 2) {  // a tail of <= 8 counters (most rows of a short causal call) in 8 lanes, not 16
+    const int64_t head = n % 16 != 0 && n % 16 <= 8 ? n - n % 16 : n;
+    if (head > 0) philox_words_avx512(k0, k1, c0, head, bits);
+    if (head < n) philox_words_avx2(k0, k1, c0 + static_cast<uint64_t>(head), n - head, bits + 4 * head);
+    return;
+  }
+  if (isa == 1) return philox_words_avx2(k0, k1, c0, n, bits);
+#endif
+  philox_words_generic(k0, k1, c0, n, bits);
+}
+
+// The random words of keys [n0, n0 + bn) of flat row `row`: the returned pointer's [c] is key
+// n0 + c's (bits: scratch of philox_scratch_words(bn) words).
+inline const uint32_t* dropout_row_bits(uint32_t k0, uint32_t k1, int64_t row, int64_t lk, int64_t n0, int64_t bn,
+                                        uint32_t* bits) {
   const int64_t groups = (lk + 3) / 4, g0 = n0 / 4, g1 = (n0 + bn + 3) / 4;
   philox_words(k0, k1, static_cast<uint64_t>(row) * static_cast<uint64_t>(groups) + static_cast<uint64_t>(g0),
                g1 - g0, bits);
-  const uint32_t* first = bits + (n0 - 4 * g0);
-#pragma omp simd
-  for (int64_t c = 0; c < bn; ++c) keep[c] = uniform_from_bits(first[c]) >= p;
+  return bits + (n0 - 4 * g0);
 }
 
+// Whether the probability whose random word is `bits` survives dropout with probability p.
+inline bool kept(uint32_t bits, float p) { return uniform_from_bits(bits) >= p; }
+
+// keep[c] for keys c in [n0, n0 + bn) of flat row `row`.
+inline void dropout_keep_row(uint32_t k0, uint32_t k1, int64_t row, int64_t lk, float p, int64_t n0, int64_t bn,
+                             uint32_t* bits, uint8_t* keep) {
+  const uint32_t* first = dropout_row_bits(k0, k1, row, lk, n0, bn, bits);
+#pragma omp simd
+  for (int64_t c = 0; c < bn; ++c) keep[c] = kept(first[c], p);
+}
+
+// Words of `bits` for dropout_keep_row over bn keys: the groups it spans, rounded up to whole blocks.
 inline int64_t philox_scratch_words(int64_t bn) { return 4 * ((bn + 3) / 4 + 1 + kPhiloxLanes); }
 
 // keep[r·bn + c] = 1 iff the probability (flat row row0 + r, key n0 + c) survives dropout; bn <= kBlockN.
@@ -460,10 +565,9 @@ struct ShortProblem {
 template <typename T>
 struct ShortScratch {
   std::vector<T> s, dp;
-  std::vector<uint32_t> bits;
-  std::vector<uint8_t> keep;
+  std::vector<uint32_t> bits;  // one row's dropout words
   ShortScratch(int64_t lq, int64_t lk, bool backward)
-      : s(lq * lk), dp(backward ? lq * lk : 0), bits(philox_scratch_words(lk)), keep(lk) {}
+      : s(lq * lk), dp(backward ? lq * lk : 0), bits(philox_scratch_words(lk)) {}
 };
 
 // s (Lq × Lk, dense) = Σ_f Q_f K_fᵀ of pair (b, h): raw dot products, one GEMM per stream.
@@ -535,10 +639,10 @@ void short_forward_pair(const ShortProblem<T>& pb, int64_t b, int64_t h, T* out,
     }
     const T f = inv_l * keep_scale;
     if (dropout) {
-      uint8_t* keep = ws.keep.data();
-      dropout_keep_row(pb.k0, pb.k1, row_id, lk, pb.dropout_p, 0, len, ws.bits.data(), keep);
+      const uint32_t* bits = dropout_row_bits(pb.k0, pb.k1, row_id, lk, 0, len, ws.bits.data());
+      const float p = pb.dropout_p;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) row[j] = keep[j] ? row[j] * f : T(0);
+      for (int64_t j = 0; j < len; ++j) row[j] = kept(bits[j], p) ? row[j] * f : T(0);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) row[j] *= f;
@@ -596,16 +700,25 @@ void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int
       delta = dot + (gr.gacd != nullptr && gr.acd != nullptr ? g * gr.acd[row_id] : T(0));
     }
     const int64_t dq = dk != nullptr ? pb.dom_q[b * lq + r] : 0;
-    const uint8_t* keep = ws.keep.data();
-    if (dropout) dropout_keep_row(pb.k0, pb.k1, row_id, lk, pb.dropout_p, 0, len, ws.bits.data(), ws.keep.data());
+    if (dropout) {
+      const uint32_t* bits = dropout_row_bits(pb.k0, pb.k1, row_id, lk, 0, len, ws.bits.data());
+      const float pd = pb.dropout_p;
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const bool visible = pad == nullptr || !pad[j];
-      const T p = visible ? exp2_of(srow[j] * qs - lse) : T(0);
-      const T f = dropout ? (keep[j] ? inv_keep : T(0)) : T(1);
-      const T dpj = dprow[j] * f + (dk != nullptr && dk[j] != dq ? g : T(0));
-      srow[j] = p * (dpj - delta);
-      dprow[j] = p * f;
+      for (int64_t j = 0; j < len; ++j) {
+        const T f = kept(bits[j], pd) ? inv_keep : T(0);
+        const T p = (pad == nullptr || !pad[j]) ? exp2_of(srow[j] * qs - lse) : T(0);
+        const T dpj = dprow[j] * f + (dk != nullptr && dk[j] != dq ? g : T(0));
+        srow[j] = p * (dpj - delta);
+        dprow[j] = p * f;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const T p = (pad == nullptr || !pad[j]) ? exp2_of(srow[j] * qs - lse) : T(0);
+        const T dpj = dprow[j] + (dk != nullptr && dk[j] != dq ? g : T(0));
+        srow[j] = p * (dpj - delta);
+        dprow[j] = p;
+      }
     }
   }
   gemm_ld<T>(true, false, lk, pb.dv, lq, T(1), dp, lk, dout, gr.dout.sl, T(0), dv + bh * lk * pb.dv, pb.dv);
@@ -614,6 +727,62 @@ void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int
     const View<T>& k = pb.ks[f];
     gemm_ld<T>(false, false, lq, q.d, lk, pb.scale, s, lk, k.at(b, h), k.sl, T(0), dqs[f] + bh * lq * q.d, q.d);
     gemm_ld<T>(true, false, lk, q.d, lq, pb.scale, s, lk, q.at(b, h), q.sl, T(0), dks[f] + bh * lk * q.d, q.d);
+  }
+}
+
+// Items [begin, end) (item = b·H + h) with one scratch.
+template <typename T>
+void short_forward_items(const ShortProblem<T>& pb, int64_t begin, int64_t end, T* out, T* lse, T* acd) {
+  ShortScratch<T> ws(pb.lq, pb.lk, /*backward=*/false);
+  for (int64_t item = begin; item < end; ++item)
+    short_forward_pair(pb, item / pb.heads, item % pb.heads, out, lse, acd, ws);
+}
+
+template <typename T>
+void short_backward_items(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int64_t begin, int64_t end,
+                          const std::vector<T*>& dqs, const std::vector<T*>& dks, T* dv) {
+  ShortScratch<T> ws(pb.lq, pb.lk, /*backward=*/true);
+  for (int64_t item = begin; item < end; ++item)
+    short_backward_pair(pb, gr, item / pb.heads, item % pb.heads, dqs, dks, dv, ws);
+}
+
+// float32 items compiled for AVX-512, AVX2 and baseline x86-64, the best picked once at load time
+// (an ifunc): the build flags (setup.py, -O3 only) target baseline x86-64, whose 4-lane SSE left the
+// row loops (exp2, masks, the Philox lanes of dropout) a large part of a short-sequence call.
+// `flatten` inlines the loops' helpers into each clone so they get its ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTATTN_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#else
+#define FASTATTN_SIMD_CLONES
+#endif
+
+FASTATTN_SIMD_CLONES void short_forward_items_f32(const ShortProblem<float>& pb, int64_t begin, int64_t end,
+                                                  float* out, float* lse, float* acd) {
+  short_forward_items<float>(pb, begin, end, out, lse, acd);
+}
+
+FASTATTN_SIMD_CLONES void short_backward_items_f32(const ShortProblem<float>& pb, const ShortGrads<float>& gr,
+                                                   int64_t begin, int64_t end, const std::vector<float*>& dqs,
+                                                   const std::vector<float*>& dks, float* dv) {
+  short_backward_items<float>(pb, gr, begin, end, dqs, dks, dv);
+}
+
+template <typename T>
+void run_short_forward(const ShortProblem<T>& pb, int64_t begin, int64_t end, T* out, T* lse, T* acd) {
+  if constexpr (std::is_same_v<T, float>) {
+    short_forward_items_f32(pb, begin, end, out, lse, acd);
+  } else {
+    short_forward_items<T>(pb, begin, end, out, lse, acd);
+  }
+}
+
+template <typename T>
+void run_short_backward(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int64_t begin, int64_t end,
+                        const std::vector<T*>& dqs, const std::vector<T*>& dks, T* dv) {
+  if constexpr (std::is_same_v<T, float>) {
+    short_backward_items_f32(pb, gr, begin, end, dqs, dks, dv);
+  } else {
+    short_backward_items<T>(pb, gr, begin, end, dqs, dks, dv);
   }
 }
 
@@ -821,9 +990,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const StreamInputs& 
       scalar_t* lse_p = lse.data_ptr<scalar_t>();
       scalar_t* acd_p = has_domains ? acd.data_ptr<scalar_t>() : nullptr;
       parallel_items(b * h, short_pair_work(in), [&](int64_t begin, int64_t end) {
-        ShortScratch<scalar_t> ws(in.lq, in.lk, /*backward=*/false);
-        for (int64_t item = begin; item < end; ++item)
-          short_forward_pair(pb, item / h, item % h, out_p, lse_p, acd_p, ws);
+        run_short_forward(pb, begin, end, out_p, lse_p, acd_p);
       });
     });
   } else {
@@ -884,9 +1051,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backwar
       }
       scalar_t* dv_p = dvv.data_ptr<scalar_t>();
       parallel_items(b * h, 2 * short_pair_work(in), [&](int64_t begin, int64_t end) {
-        ShortScratch<scalar_t> ws(lq, lk, /*backward=*/true);
-        for (int64_t item = begin; item < end; ++item)
-          short_backward_pair(pb, gr, item / h, item % h, dq_p, dk_p, dv_p, ws);
+        run_short_backward(pb, gr, begin, end, dq_p, dk_p, dv_p);
       });
     });
   } else {
@@ -901,8 +1066,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> backwar
     at::Tensor dk = at::empty(bi.k.sizes(), opts);
     AT_DISPATCH_FLOATING_TYPES(in.compute, "attn_bwd", [&] {
       const Problem<scalar_t> pb = make_problem<scalar_t>(bi, scale, causal, dropout_p, seed);
-      const RowStats<scalar_t> rs{dout_c.data_ptr<scalar_t>(), lse_c.data_ptr<scalar_t>(),
-                                  delta_c.data_ptr<scalar_t>(), gacd_c.defined() ? gacd_c.data_ptr<scalar_t>() : nullptr};
+      const RowStats<scalar_t> rs{dout_c.data_ptr<scalar_t>(), lse_c.data_ptr<scalar_t>(), delta_c.data_ptr<scalar_t>(),
+                                  gacd_c.defined() ? gacd_c.data_ptr<scalar_t>() : nullptr};
       scalar_t* dq_p = dq.data_ptr<scalar_t>();
       scalar_t* dk_p = dk.data_ptr<scalar_t>();
       scalar_t* dv_p = dvv.data_ptr<scalar_t>();
