@@ -526,13 +526,16 @@ void parallel_items(int64_t n, int64_t item_work, const F& fn) {
 
 // ------------------------------------------------------------------ short sequences
 // Up to kShortMaxScores scores per (batch, head), a work item is a whole (batch, head) and a
-// task several of them: the Lq×Lk score matrix stays in L2, the softmax is exact (one pass, no
+// task several of them: the Lq×Lk score matrix stays in cache, the softmax is exact (one pass, no
 // online rescaling), each score stream adds its own GEMM into the same scores (no concatenated
 // copy of the streams), operands are read through their strides (no copy of the (B, L, 3, H, D)
 // projections' views), and the backward computes P, dP and dS once for dQ, dK and dV together
-// while they are in cache (the blocked path recomputes them in each of its two passes).
-// 256×256 fp32 scores are 256 KiB; the backward holds two such matrices (P·dropout and dS).
-constexpr int64_t kShortMaxScores = 256 * 256;
+// (the blocked path recomputes them in each of its two passes) with whole-matrix GEMMs.
+// Crossover against the blocked path, fwd+bwd fp32 on the 2-core Xeon (docs/benchmarks.md): the
+// whole-matrix path is 1.75× faster at L = 512 and 1.3× at L = 1024 (1 thread; 1.45× and 1.17× on
+// 2), so it takes every self attention up to L = 1024. Its scratch is one (forward) or two
+// (backward) Lq×Lk matrices per thread: at most 4 and 8 MiB in fp32, not torch allocations.
+constexpr int64_t kShortMaxScores = 1024 * 1024;
 
 // A (B, H, L, D) operand with a contiguous last dim; rows sl elements apart.
 template <typename T>
