@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -567,10 +569,26 @@ struct ShortProblem {
 
 template <typename T>
 struct ShortScratch {
-  std::vector<T> s, dp;
-  std::vector<uint32_t> bits;  // one row's dropout words
+  // 64-byte aligned: BLAS may take another summation order for another alignment of an operand,
+  // and the scratch of a task must not make the result depend on which thread ran it.
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  template <typename U>
+  static std::unique_ptr<U[], Free> aligned(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(U) + 63) / 64 * 64;
+    U* p = static_cast<U*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "attn: cannot allocate ", bytes, " bytes of scratch");
+    return std::unique_ptr<U[], Free>(p);
+  }
+  std::unique_ptr<T[], Free> s_, dp_;
+  std::unique_ptr<uint32_t[], Free> bits_;  // one row's dropout words
   ShortScratch(int64_t lq, int64_t lk, bool backward)
-      : s(lq * lk), dp(backward ? lq * lk : 0), bits(philox_scratch_words(lk)) {}
+      : s_(aligned<T>(lq * lk)), dp_(backward ? aligned<T>(lq * lk) : nullptr),
+        bits_(aligned<uint32_t>(philox_scratch_words(lk))) {}
+  T* s() { return s_.get(); }
+  T* dp() { return dp_.get(); }
+  uint32_t* bits() { return bits_.get(); }
 };
 
 // s (Lq × Lk, dense) = Σ_f Q_f K_fᵀ of pair (b, h): raw dot products, one GEMM per stream.
@@ -589,7 +607,7 @@ template <typename T>
 void short_forward_pair(const ShortProblem<T>& pb, int64_t b, int64_t h, T* out, T* lse, T* acd,
                         ShortScratch<T>& ws) {
   const int64_t lq = pb.lq, lk = pb.lk, bh = b * pb.heads + h;
-  T* s = ws.s.data();
+  T* s = ws.s();
   short_scores(pb, b, h, s);
   const bool* pad = pb.pad != nullptr ? pb.pad + b * lk : nullptr;
   const int64_t* dk = pb.dom_k != nullptr ? pb.dom_k + b * lk : nullptr;
@@ -642,7 +660,7 @@ void short_forward_pair(const ShortProblem<T>& pb, int64_t b, int64_t h, T* out,
     }
     const T f = inv_l * keep_scale;
     if (dropout) {
-      const uint32_t* bits = dropout_row_bits(pb.k0, pb.k1, row_id, lk, 0, len, ws.bits.data());
+      const uint32_t* bits = dropout_row_bits(pb.k0, pb.k1, row_id, lk, 0, len, ws.bits());
       const float p = pb.dropout_p;
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) row[j] = kept(bits[j], p) ? row[j] * f : T(0);
@@ -670,8 +688,8 @@ template <typename T>
 void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int64_t b, int64_t h,
                          const std::vector<T*>& dqs, const std::vector<T*>& dks, T* dv, ShortScratch<T>& ws) {
   const int64_t lq = pb.lq, lk = pb.lk, bh = b * pb.heads + h;
-  T* s = ws.s.data();
-  T* dp = ws.dp.data();
+  T* s = ws.s();
+  T* dp = ws.dp();
   short_scores(pb, b, h, s);
   const T* dout = gr.dout.at(b, h);
   gemm_ld<T>(false, true, lq, lk, pb.dv, T(1), dout, gr.dout.sl, pb.v.at(b, h), pb.v.sl, T(0), dp, lk);
@@ -679,7 +697,10 @@ void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int
   const int64_t* dk = (gr.gacd != nullptr && pb.dom_k != nullptr) ? pb.dom_k + b * lk : nullptr;
   const bool dropout = pb.dropout_p > 0.0f;
   const T inv_keep = dropout ? T(1) / (T(1) - T(pb.dropout_p)) : T(1);
-  const T qs = pb.qk_scale;
+  // dS carries the scale of dQ = scale·dS K and dK = scale·dSᵀ Q, so those GEMMs run with alpha = 1:
+  // with alpha != 1, MKL's sgemm rounded dK differently inside and outside a parallel region, which
+  // made the result depend on the thread count.
+  const T qs = pb.qk_scale, sc = pb.scale;
   const T* out = gr.delta == nullptr ? gr.out.at(b, h) : nullptr;
   for (int64_t r = 0; r < lq; ++r) {
     T* srow = s + r * lk;
@@ -704,14 +725,14 @@ void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int
     }
     const int64_t dq = dk != nullptr ? pb.dom_q[b * lq + r] : 0;
     if (dropout) {
-      const uint32_t* bits = dropout_row_bits(pb.k0, pb.k1, row_id, lk, 0, len, ws.bits.data());
+      const uint32_t* bits = dropout_row_bits(pb.k0, pb.k1, row_id, lk, 0, len, ws.bits());
       const float pd = pb.dropout_p;
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) {
         const T f = kept(bits[j], pd) ? inv_keep : T(0);
         const T p = (pad == nullptr || !pad[j]) ? exp2_of(srow[j] * qs - lse) : T(0);
         const T dpj = dprow[j] * f + (dk != nullptr && dk[j] != dq ? g : T(0));
-        srow[j] = p * (dpj - delta);
+        srow[j] = p * (dpj - delta) * sc;
         dprow[j] = p * f;
       }
     } else {
@@ -719,7 +740,7 @@ void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int
       for (int64_t j = 0; j < len; ++j) {
         const T p = (pad == nullptr || !pad[j]) ? exp2_of(srow[j] * qs - lse) : T(0);
         const T dpj = dprow[j] + (dk != nullptr && dk[j] != dq ? g : T(0));
-        srow[j] = p * (dpj - delta);
+        srow[j] = p * (dpj - delta) * sc;
         dprow[j] = p;
       }
     }
@@ -728,8 +749,8 @@ void short_backward_pair(const ShortProblem<T>& pb, const ShortGrads<T>& gr, int
   for (size_t f = 0; f < pb.qs.size(); ++f) {
     const View<T>& q = pb.qs[f];
     const View<T>& k = pb.ks[f];
-    gemm_ld<T>(false, false, lq, q.d, lk, pb.scale, s, lk, k.at(b, h), k.sl, T(0), dqs[f] + bh * lq * q.d, q.d);
-    gemm_ld<T>(true, false, lk, q.d, lq, pb.scale, s, lk, q.at(b, h), q.sl, T(0), dks[f] + bh * lk * q.d, q.d);
+    gemm_ld<T>(false, false, lq, q.d, lk, T(1), s, lk, k.at(b, h), k.sl, T(0), dqs[f] + bh * lq * q.d, q.d);
+    gemm_ld<T>(true, false, lk, q.d, lq, T(1), s, lk, q.at(b, h), q.sl, T(0), dks[f] + bh * lk * q.d, q.d);
   }
 }
 
