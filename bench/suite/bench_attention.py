@@ -37,7 +37,7 @@ from _common import COMPILE_FAILURE, COMPILE_MODE_SKIP, COMPILE_MODES, MODES, be
 
 DK, DA, HEADS = 32, 8, 2
 SCALE = 1.0 / math.sqrt(DK)  # DIF-SR's scale: 1/sqrt of the item head dim only, not of Dk+Da
-SEQ_LENS = sweep(full=(50, 200, 1024, 2048, 4096), quick=(50, 200, 512), tiny=(7, 33))
+SEQ_LENS = sweep(full=(20, 50, 128, 200, 1024, 2048, 4096), quick=(20, 50, 200, 512), tiny=(7, 33))
 # "item+attr": DIF-SR's item stream plus one attribute score stream; "item": plain multi-head
 # attention (SASRec), where SDPA needs no concatenation.
 STREAMS = ("item+attr", "item")

@@ -31,13 +31,20 @@ outside the timed region, and every round trains on it again.
   are full (cut to their last L items) and the rest padded; every position that has a next
   item is a target. V = the catalog size (num_items).
 
-Sizes (env FASTATTN_BENCH_SIZE, see bench/suite/_common.py): full L ∈ {50, 200}, B = 256, V = 12,101
-(Amazon Beauty's catalog, as bench_integrations.py), 2,000 users; quick L = 50, B = 64, V = 500,
-512 users; tiny L = 8, B = 8, V = 100, 64 users (every case runs, in seconds). Users beyond the
-batch only feed MQSA-TED's teacher. Full is sized for a GPU or many cores: on one CPU thread a
-MAN step at L=200 alone takes most of a minute (its sampled softmax gathers an N×100×D block
-of negatives; three encoders and 16-head prototype attention), so the file takes (estimated)
-well over half an hour there.
+Sizes (env FASTATTN_BENCH_SIZE, see bench/suite/_common.py): full L ∈ {20, 50, 200}, B = 256,
+V = 12,101 (Amazon Beauty's catalog, as bench_integrations.py), 2,000 users; quick L ∈ {20, 50},
+B = 64, V = 500, 512 users; tiny L = 8, B = 8, V = 100, 64 users (every case runs, in seconds).
+Users beyond the batch only feed MQSA-TED's teacher. Full is sized for a GPU or many cores: on one
+CPU thread a MAN step at L=200 alone takes most of a minute (its sampled softmax gathers an
+N×100×D block of negatives; three encoders and 16-head prototype attention), so the file takes
+(estimated) well over half an hour there.
+
+CPU threads (`test_model_train_step`, full and quick sizes): each case runs with 1 and with 2
+torch threads (`torch.set_num_threads`, restored afterwards), since which side wins can move
+with the thread count; a count above the usable cores skips with the reason, and on CUDA only
+the 1-thread case runs (the host threads barely matter there). Groups "model NAME L=L threads=T"
+on CPU ("model NAME L=L" on CUDA); extra_info "threads"; the op of a T > 1 case is
+"train_step_NAME_Tthreads", so the plots against L keep one line per thread count.
 
 Timing: one untimed warm-up step (Adam's state is created there, Triton compiles there), then
 the peak memory of one step (extra_info peak_mem_mb: the step's working memory above what the
@@ -55,11 +62,14 @@ Lengths: L ∈ {50, 200} at full and quick size, L = 8 at tiny. Group "model NAM
 the reference of the group is "eager", so its speed-up column is eager time / compiled time.
 
 Run: python -m pytest bench/suite/bench_models.py --benchmark-only   (see bench/README.md)
-     FASTATTN_BENCH_SIZE=quick OMP_NUM_THREADS=1 python -m pytest bench/suite/bench_models.py --benchmark-only
+     FASTATTN_BENCH_SIZE=quick python -m pytest bench/suite/bench_models.py --benchmark-only -k "threads=1"
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from typing import Iterator
 
 import pytest
 import torch
@@ -72,7 +82,8 @@ from fastattn.training_step import TrainingStep
 
 MODEL_NAMES = ("sasrec", "difsr", "mqsa_ted", "man", "autocdsr", "autocdsr_plus")
 PROVIDERS = {"fastattn": "auto", "torch": "torch"}  # provider label → the models' `backend`
-LENGTHS = sweep(full=(50, 200), quick=(50,), tiny=(8,))
+LENGTHS = sweep(full=(20, 50, 200), quick=(20, 50), tiny=(8,))
+THREADS = sweep(full=(1, 2), quick=(1, 2), tiny=(1,))  # CPU torch threads of test_model_train_step
 BATCH = sweep(full=(256,), quick=(64,), tiny=(8,))[0]
 ITEMS = sweep(full=(12_101,), quick=(500,), tiny=(100,))[0]
 USERS = sweep(full=(2_000,), quick=(512,), tiny=(64,))[0]  # >= BATCH; the rest feed MQSA-TED's teacher
@@ -111,19 +122,41 @@ def _model(name: str, backend: str, length: int, dataset: SequenceDataset, train
     return model
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int, device: torch.device) -> Iterator[None]:
+    """Run the block with `threads` torch CPU threads (skips what the machine or device cannot
+    take), then restore the previous count."""
+    if device.type != "cpu" and threads != 1:
+        pytest.skip(f"threads={threads}: the thread sweep is a CPU one (on {device.type} only threads=1 runs)")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > usable:
+        pytest.skip(f"threads={threads} needs {threads} usable cores, this process has {usable}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=lambda v: f"threads={v}")
 @pytest.mark.parametrize("length", LENGTHS, ids=lambda v: f"L={v}")
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_model_train_step(benchmark: BenchmarkFixture, bench_device: torch.device, name: str, provider: str,
-                          length: int) -> None:
-    dataset, train, batch = _training_data(length)
-    model = _model(name, PROVIDERS[provider], length, dataset, train, bench_device)
-    batch = batch.to(bench_device)
-    # fused Adam, as the training command (one kernel over all parameters on CPU and CUDA)
-    step = training_step(model, lambda: model.losses(batch)["loss"], bench_device,
-                         fused_adam=bench_device.type in ("cpu", "cuda"))
-    time_training_step(benchmark, step, bench_device, f"model {name} L={length}",
-          {"op": f"train_step_{name}", "provider": provider, "L": length, "V": dataset.num_items, "B": BATCH})
+                          length: int, threads: int) -> None:
+    with torch_threads(threads, bench_device):
+        dataset, train, batch = _training_data(length)
+        model = _model(name, PROVIDERS[provider], length, dataset, train, bench_device)
+        batch = batch.to(bench_device)
+        # fused Adam, as the training command (one kernel over all parameters on CPU and CUDA)
+        step = training_step(model, lambda: model.losses(batch)["loss"], bench_device,
+                             fused_adam=bench_device.type in ("cpu", "cuda"))
+        cpu = bench_device.type == "cpu"
+        time_training_step(
+            benchmark, step, bench_device, f"model {name} L={length}" + (f" threads={threads}" if cpu else ""),
+            {"op": f"train_step_{name}" + (f"_{threads}threads" if threads != 1 else ""), "provider": provider,
+             "L": length, "V": dataset.num_items, "B": BATCH, "threads": threads if cpu else None})
 
 
 @pytest.mark.parametrize("length", COMPILE_LENGTHS, ids=lambda v: f"L={v}")
