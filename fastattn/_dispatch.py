@@ -67,6 +67,11 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], extra_reason:
     "auto": Triton for CUDA tensors, the C++ kernels for CPU tensors (built on first use), else
     the torch implementation. extra_reason: an op-specific reason the Triton kernels cannot
     take these inputs (e.g. a head dim too wide), or None.
+
+    No size enters the choice: on a CPU the C++ kernels measured faster than the torch ones at
+    every size of every op (attention L 1–2048 with 1 and 2 threads, cross-entropy and top-k at
+    every catalog size; docs/benchmarks.md, "backend="auto" on a CPU: the crossover per op").
+    An op that loses somewhere gets its measured crossover here, never a silent slow path.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
