@@ -1,11 +1,16 @@
 // Fused decoupled attention on CPU: the algorithm of the Triton kernels
-// (fastattn/ops/attention/triton_fwd.py and triton_bwd.py) on blocks of queries × keys.
+// (fastattn/ops/attention/triton_fwd.py and triton_bwd.py), on two paths:
 //
-// Work items are (batch·head, query block) in the forward and the dQ pass and (batch·head,
-// key block) in the dK/dV pass, spread over threads with at::parallel_for; each item owns the
-// rows it writes, so there are no atomics and the result does not depend on the thread count.
-// Block products go to BLAS (the sgemm_/dgemm_ that torch links, on the raw arrays); the softmax,
-// masking, dropout and a_cd work is done in plain loops over contiguous rows that the compiler vectorizes.
+// - up to Lq·Lk = kShortMaxScores ("short sequences", below): a work item is a whole
+//   (batch·head), its score matrix built by one GEMM per score stream straight from the
+//   (possibly strided) inputs, an exact softmax, and one backward pass for dQ, dK and dV;
+// - above it, blocks of queries × keys: work items are (batch·head, query block) in the forward
+//   and the dQ pass and (batch·head, key block) in the dK/dV pass, on the concatenated streams.
+//
+// Items are spread over threads with at::parallel_for; each owns the rows it writes, so there
+// are no atomics and the result does not depend on the thread count. Products go to BLAS (the
+// sgemm_/dgemm_ that torch links, on the raw arrays); the softmax, masking, dropout and a_cd
+// work is done in plain loops over contiguous rows that the compiler vectorizes.
 // Scores are kept in base 2 (as in Triton): s = scale·log2(e)·q·k, P = 2^(s − lse).
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
