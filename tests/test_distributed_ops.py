@@ -22,7 +22,9 @@ import torch.multiprocessing as mp
 
 import fastattn
 from fastattn import SoftTarget
-from fastattn.distributed import ItemShard, gather_rows, shard_rows, vocab_parallel_cross_entropy, vocab_parallel_topk
+from fastattn.distributed import (ItemShard, gather_rows, shard_rows, sharded_embedding, vocab_parallel_cross_entropy,
+                                  vocab_parallel_topk)
+from fastattn.distributed.collectives import gather_from_shards
 
 F64 = torch.float64
 GROUP_TIMEOUT_S = 150
@@ -258,13 +260,78 @@ def _suite(rank: int, world: int) -> None:
     _check_ce(ItemShard(7, rank, world), _data(7, 3, 0, seed=9), torch.zeros(0, dtype=torch.int64))
 
 
-SUITES: dict[str, Callable[[int, int], None]] = {"suite": _suite}
+def _rank_batch(rank: int, num_items: int, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s ids (left padded with 0, repeats included) and a fixed cotangent for them."""
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(1, num_items + 1, shape, generator=g)
+    ids[:, : rank + 1] = 0  # padding, a different amount per rank
+    ids[0, -1] = ids[1, -1]  # a repeated item
+    return ids, torch.randn(*shape, 3, generator=g, dtype=F64)
+
+
+def _lookup_cases(rank: int, world: int, num_items: int) -> None:
+    """sharded_embedding equals F.embedding on the whole table, and the table shard's gradient
+    equals that of one process doing every rank's lookups; composed with gather_from_shards and
+    vocab_parallel_cross_entropy (the --item-shards training step), the replicated loss and the
+    gradients summed over ranks equal one process's on the concatenated batch."""
+    shape = (3, 5)
+    shard = ItemShard(num_items, rank, world)
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(num_items + 1, 3, generator=g, dtype=F64)
+    table[0] = 0.0  # the padding row
+    mix = torch.randn(3, 3, generator=g, dtype=F64)  # a stand-in for the encoder: shared parameters
+    batches = [_rank_batch(r, num_items, shape) for r in range(world)]
+    ids, cotangent = batches[rank]
+    for lookup in ("dense", "unique"):
+        # lookups only: forward values and the shard's gradient
+        ref_table = table.clone().requires_grad_()
+        sum(((torch.nn.functional.embedding(i, ref_table) * c).sum() for i, c in batches)).backward()
+        weight = shard_rows(table[1:], shard).requires_grad_()
+        got = sharded_embedding(ids, weight, shard=shard, lookup=lookup)
+        torch.testing.assert_close(got, table[ids], **TOL)
+        (got * cotangent).sum().backward()
+        torch.testing.assert_close(weight.grad, shard_rows(ref_table.grad[1:], shard), **TOL)
+        # the training step: local encoder, gathered rows, replicated vocab-parallel loss
+        targets = [torch.where(i > 0, (i * 3) % num_items, -100) for i, _ in batches]  # item rows 0..V-1
+        ref_table, ref_mix = table.clone().requires_grad_(), mix.clone().requires_grad_()
+        ref_rows = torch.cat([torch.nn.functional.embedding(i, ref_table) @ ref_mix for i, _ in batches])
+        ref_loss = fastattn.full_item_cross_entropy(ref_rows.reshape(-1, 3), ref_table[1:], torch.cat(targets).reshape(-1),
+                                                    backend="torch")
+        ref_loss.backward()
+        weight, my_mix = shard_rows(table[1:], shard).requires_grad_(), mix.clone().requires_grad_()
+        rows = sharded_embedding(ids, weight, shard=shard, lookup=lookup) @ my_mix
+        every = gather_from_shards(rows, None).reshape(-1, 3)
+        every_target = torch.stack(targets).reshape(-1)
+        loss = vocab_parallel_cross_entropy(every, weight, every_target, shard=shard)
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss, **TOL)
+        torch.testing.assert_close(weight.grad, shard_rows(ref_table.grad[1:], shard), **TOL)
+        mix_grad = my_mix.grad.clone()
+        dist.all_reduce(mix_grad)  # what DistributedDataParallel sums for a replicated loss
+        torch.testing.assert_close(mix_grad, ref_mix.grad, **TOL)
+    bad = ids.clone()
+    bad[0, 0] = num_items + 1
+    with pytest.raises(ValueError, match=f"ids must lie in 0..{num_items}"):
+        sharded_embedding(bad, shard_rows(table[1:], shard), shard=shard)
+
+
+def _lookup_suite(rank: int, world: int) -> None:
+    for num_items in ((9, 1) if world == 2 else (2, 10)):  # V = 1 or 2 < W: a rank holds no row
+        _lookup_cases(rank, world, num_items)
+
+
+SUITES: dict[str, Callable[[int, int], None]] = {"suite": _suite, "lookup": _lookup_suite}
 
 
 # ------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_ops_on_gloo_ranks(world: int) -> None:
     _run_group(world, "suite")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_lookup_and_training_step_on_gloo_ranks(world: int) -> None:
+    _run_group(world, "lookup")
 
 
 def test_single_process_group_equals_the_whole_table_ops() -> None:

@@ -9,6 +9,8 @@ process group (any initialised group; NCCL and gloo), results equal to the singl
   smoothing, temperature, bias, ignore_index) with O(N) forward communication and the dH
   all-reduce backward; dE stays on its rank.
 - `vocab_parallel_topk(hidden, item_weight_shard, k, shard=...)`: equals `fastattn.topk_items`.
+- `sharded_embedding(ids, item_weight_shard, shard=...)`: each rank's own ids looked up in the
+  sharded table (all ranks' ids exchanged; "dense" or "unique" exchange), exact gradients.
 
 Layering: beside fastattn.functional (uses it and torch.distributed only). The math and the
 communication are in docs/distributed.md.
@@ -16,7 +18,9 @@ communication are in docs/distributed.md.
 from __future__ import annotations
 
 from .cross_entropy import vocab_parallel_cross_entropy
+from .embedding import sharded_embedding
 from .shard import ItemShard, gather_rows, shard_rows
 from .topk import vocab_parallel_topk
 
-__all__ = ["ItemShard", "gather_rows", "shard_rows", "vocab_parallel_cross_entropy", "vocab_parallel_topk"]
+__all__ = ["ItemShard", "gather_rows", "shard_rows", "sharded_embedding", "vocab_parallel_cross_entropy",
+           "vocab_parallel_topk"]

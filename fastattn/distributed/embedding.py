@@ -1,0 +1,122 @@
+"""The input side of a row-sharded item table: looking up item ids that live on other ranks.
+
+In data-parallel training with the item table split by rows (`ItemShard`), each rank embeds ITS
+OWN batch, whose ids fall in every shard. Two exchanges give every rank E[ids] exactly:
+
+- ``"dense"``: the ids of all ranks are all-gathered ((W·n,) int64); each rank writes the rows
+  of its shard for ALL of them into a (W·n, D) buffer (zeros elsewhere), one all-reduce sums the
+  buffers, and each rank keeps its own n rows. Backward: the (n, D) gradients are all-gathered and
+  each rank adds the rows that fall in its shard into its gradient. Payload W·n·D both ways, no
+  data-dependent size (no host sync on a GPU).
+- ``"unique"``: the same all-gather of ids, then U = the distinct ids of the whole step; the
+  (|U|, D) buffer is all-reduced (each row is written by its owner only, so the sum is an
+  all-gather of the needed rows); backward, the (|U|, D) gradient sums of every rank are
+  all-reduced and each owner keeps its rows. Payload |U|·D ≤ W·n·D: padding (id 0) and repeated
+  items are sent once. `torch.unique` has a data-dependent size: one host sync per step on a GPU.
+
+bench/studies/sharded_lookup.py measures both (bytes and time); docs/distributed.md has the
+numbers and the choice. Both are exact: the forward is a copy, the backward a sum of the very
+terms one process's `torch.nn.functional.embedding` backward adds.
+
+Id 0 is the padding item: it has no row in the shards and embeds to zeros (the padding row of
+the models' tables is zero and never trained). Ids 1..V map to shard rows of `ItemShard(V, ...)`
+as id − 1 − start.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .collectives import _record, all_gather_tensor, group_rank, group_size
+from .shard import ItemShard, _check_shard_type
+
+__all__ = ["LOOKUPS", "sharded_embedding"]
+
+LOOKUPS = ("dense", "unique")
+
+
+def _owned(ids: torch.Tensor, shard: ItemShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of the ids whose rows this shard holds, their shard rows (0 elsewhere))."""
+    rows = ids - 1 - shard.start
+    inside = (ids >= 1) & (rows >= 0) & (rows < shard.size)
+    return inside, torch.where(inside, rows, torch.zeros_like(rows))
+
+
+def _all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    _record("all_reduce", x, group_size(group))
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class _ShardedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor, shard: ItemShard,
+                group: Optional[dist.ProcessGroup], lookup: str) -> torch.Tensor:
+        n, dim = ids.numel(), weight.shape[1]
+        rank = group_rank(group)
+        every = torch.cat(all_gather_tensor(ids.reshape(-1), group))  # (W·n,)
+        keys = every if lookup == "dense" else torch.unique(every, return_inverse=True)
+        if lookup == "dense":
+            wanted, mine = every, slice(rank * n, (rank + 1) * n)
+            local = None
+        else:
+            wanted, inverse = keys  # type: ignore[misc]
+            local = inverse[rank * n:(rank + 1) * n]
+            mine = local
+        inside, rows = _owned(wanted, shard)
+        buffer = torch.where(inside.unsqueeze(1), weight[rows] if shard.size else
+                             torch.zeros(wanted.numel(), dim, dtype=weight.dtype, device=weight.device),
+                             torch.zeros((), dtype=weight.dtype, device=weight.device))
+        buffer = _all_reduce(buffer.contiguous(), group)
+        ctx.save_for_backward(inside, rows, *(() if local is None else (local,)))
+        ctx.meta = (shard, group, lookup, rank, n, weight.shape)
+        return buffer[mine].reshape(*ids.shape, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None, None]:
+        shard, group, lookup, rank, n, shape = ctx.meta
+        inside, rows, *local = ctx.saved_tensors
+        grad = grad.reshape(n, shape[1]).contiguous()
+        if lookup == "dense":
+            wanted_grad = torch.cat(all_gather_tensor(grad, group))  # (W·n, D): every rank's rows
+        else:
+            wanted_grad = torch.zeros(rows.numel(), shape[1], dtype=grad.dtype, device=grad.device)
+            wanted_grad.index_add_(0, local[0], grad)
+            wanted_grad = _all_reduce(wanted_grad, group)
+        weight_grad = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+        if shape[0] == 0:  # an empty shard (V < W) still joined the collectives above
+            return weight_grad, None, None, None, None
+        keep = inside.unsqueeze(1).to(grad.dtype)
+        weight_grad.index_add_(0, rows, wanted_grad * keep)  # rows of other shards add 0 at row 0
+        return weight_grad, None, None, None, None
+
+
+def sharded_embedding(ids: torch.Tensor, item_weight_shard: torch.Tensor, *, shard: ItemShard,
+                      group: Optional[dist.ProcessGroup] = None, lookup: str = "dense") -> torch.Tensor:
+    """E[ids] for this rank's `ids` (any shape, int64, 0 = padding → zeros, 1..V = items) from a
+    table whose item rows 1..V are split by `shard` = ItemShard(V, rank, W): `item_weight_shard`
+    (V_r, D) holds items start+1 .. stop. Returns (*ids.shape, D); its backward gives
+    `item_weight_shard` the exact gradient of every rank's lookups of its rows.
+
+    A collective: every rank of `group` calls it with ids of the SAME shape (pad a short share)
+    and the same `lookup` ("dense" | "unique", module docstring)."""
+    shard = _check_shard_type(shard)
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+        raise TypeError("ids must be an int64 tensor of item ids (0 = padding)")
+    if not isinstance(item_weight_shard, torch.Tensor) or item_weight_shard.dim() != 2 \
+            or item_weight_shard.shape[0] != shard.size:
+        raise ValueError(f"item_weight_shard must be ({shard.size}, D) for {shard}, got "
+                         f"{tuple(getattr(item_weight_shard, 'shape', ()))}")
+    if ids.device != item_weight_shard.device:
+        raise ValueError(f"ids are on {ids.device} but item_weight_shard is on {item_weight_shard.device}")
+    message = f"ids must lie in 0..{shard.num_items} (0 = padding, 1..V = items)"
+    if ids.device.type == "cpu":
+        if ids.numel() and not bool(((ids >= 0) & (ids <= shard.num_items)).all()):
+            raise ValueError(message)
+    else:  # no host sync on a device
+        torch._assert_async(((ids >= 0) & (ids <= shard.num_items)).all(), message)
+    return _ShardedLookup.apply(item_weight_shard, ids, shard, group, lookup)
