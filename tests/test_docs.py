@@ -241,7 +241,7 @@ def test_cli_validation_is_real(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AssertionError, match="exit code 2"):
         _validate_cli(["train", "--model", "sasrec", "--lr", "-1"], monkeypatch)
     with pytest.raises(AssertionError, match="exit code 2"):
-        _validate_cli(["train", "--model", "bert4rec"], monkeypatch)
+        _validate_cli(["train", "--model", "gru4rec"], monkeypatch)  # not a built-in model
     with pytest.raises(AssertionError, match="exit code 2"):
         _validate_cli(["train", "--model", "sasrec", "--fusion", "gate"], monkeypatch)  # a DIF-SR flag
 
