@@ -36,3 +36,27 @@ def test_cpp_needs_cpu_tensors() -> None:
     q = torch.randn(1, 1, 4, 8, device="meta")
     with pytest.raises(fastattn.BackendUnavailable, match="run on CPU tensors"):
         fastattn.dif_attention(q, q, q, backend="cpp")
+
+
+def test_a_prebuilt_extension_older_than_its_sources_is_not_loaded(tmp_path, monkeypatch) -> None:
+    """`pip install -e .` builds fastattn._C once; after a pull that changes csrc/ it would register
+    the old operators (an import error at best), so the loader builds from the sources instead."""
+    import importlib.machinery
+    import os
+
+    so = tmp_path / "_C.so"
+    so.write_bytes(b"")
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    for name in (*cpp_extension.SOURCES, "ops.h"):
+        (csrc / name).write_text("")
+    spec = importlib.machinery.ModuleSpec("fastattn._C", None, origin=str(so))
+    monkeypatch.setattr(cpp_extension.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(cpp_extension, "CSRC", csrc)
+    os.utime(so, (1_000, 1_000))
+    assert cpp_extension._prebuilt_is_stale()  # sources newer than the build
+    os.utime(so, (4_000_000_000, 4_000_000_000))
+    assert not cpp_extension._prebuilt_is_stale()
+    monkeypatch.setattr(cpp_extension, "CSRC", tmp_path / "no-sources")  # an installed wheel: no csrc/
+    os.utime(so, (1_000, 1_000))
+    assert not cpp_extension._prebuilt_is_stale()

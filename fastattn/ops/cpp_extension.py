@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -24,12 +25,24 @@ def build_directory() -> Path:
     return Path(root) / f"torch_extensions-{torch.__version__}"
 
 
+def _prebuilt_is_stale() -> bool:
+    """True when fastattn._C (built by `pip install -e .`) is older than a source next to it: a
+    checkout whose csrc/ changed since the install (a pull, an edit). Loading it would register
+    yesterday's operators; the just-in-time build from csrc/ is used instead."""
+    spec = importlib.util.find_spec("fastattn._C")
+    if spec is None or spec.origin is None:
+        return False
+    sources = [CSRC / s for s in (*SOURCES, "ops.h")]
+    newest = max((p.stat().st_mtime for p in sources if p.exists()), default=0.0)
+    return newest > Path(spec.origin).stat().st_mtime
+
+
 @functools.lru_cache(maxsize=None)
 def cpp_unavailable_reason() -> Optional[str]:
     """None once the operators are registered (loading them if needed), else why they cannot be."""
     if os.environ.get("FASTATTN_DISABLE_CPP", "0") not in ("", "0"):
         return "FASTATTN_DISABLE_CPP is set"
-    if not os.environ.get("FASTATTN_CSRC"):
+    if not os.environ.get("FASTATTN_CSRC") and not _prebuilt_is_stale():
         try:
             importlib.import_module("fastattn._C")
             return None
