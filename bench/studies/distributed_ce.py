@@ -35,7 +35,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -119,11 +119,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         plain_times, plain_loss = _timed(plain, args.steps)
         result["baseline"] = {"step_s": plain_times, "step_median_s": statistics.median(plain_times),
                               "loss": plain_loss}
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, result)
-    if rank == 0:
-        Path(out).write_text(json.dumps(everyone))
-    dist.destroy_process_group()
+    finish_rank(result, world, out)
 
 
 def _free_port() -> int:
@@ -132,12 +128,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_world(world: int, args: argparse.Namespace, rank_fn: Optional[Callable[..., None]] = None
+              ) -> list[dict[str, Any]]:
+    """Spawn `world` ranks of rank_fn(rank, world, port, args, out) (default: this study's `_rank`);
+    returns the list rank 0 wrote to `out` as JSON (every rank's result)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ranks.json")
-        mp.start_processes(_rank, args=(world, _free_port(), args, out), nprocs=world, join=True,
+        mp.start_processes(rank_fn or _rank, args=(world, _free_port(), args, out), nprocs=world, join=True,
                            start_method="spawn")
         return json.loads(Path(out).read_text())
+
+
+def finish_rank(result: dict[str, Any], world: int, out: str) -> None:
+    """All-gather every rank's `result`, rank 0 writes the list to `out`; closes the group."""
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, result)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(everyone))
+    dist.destroy_process_group()
+
+
+def write_outputs(out: str | None, machine: dict[str, Any], args: argparse.Namespace,
+                  runs: dict[int, list[dict[str, Any]]], report: str) -> None:
+    """Print the report; with --out, write OUT.json (machine, args, runs) and OUT.md."""
+    print(report)
+    if out:
+        Path(out + ".json").write_text(json.dumps({"machine": machine, "args": vars(args),
+                                                   "runs": {str(w): r for w, r in runs.items()}}, indent=1))
+        Path(out + ".md").write_text(report)
 
 
 def _markdown(runs: dict[int, list[dict[str, Any]]], args: argparse.Namespace, machine: dict[str, Any]) -> str:
@@ -184,12 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[world] = run_world(world, args)
         print(f"W={world}: " + ", ".join(f"rank {r['rank']} {r['step_median_s']:.2f} s, loss {r['loss']:.6f}"
                                          for r in runs[world]), flush=True)
-    report = _markdown(runs, args, machine)
-    print(report)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"machine": machine, "args": vars(args),
-                                                        "runs": {str(w): r for w, r in runs.items()}}, indent=1))
-        Path(args.out + ".md").write_text(report)
+    write_outputs(args.out, machine, args, runs, _markdown(runs, args, machine))
     return 0
 
 

@@ -15,11 +15,9 @@ collective's payload (count_traffic) and the bytes a rank sends with ring algori
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,13 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench" / "suite"))
 sys.path.insert(0, str(REPO / "bench" / "studies"))
 from _common import describe_machine, machine_description  # noqa: E402
-from distributed_ce import _free_port, _sent_bytes, _table_rows, _timed  # noqa: E402
+from distributed_ce import _sent_bytes, _table_rows, _timed, finish_rank, run_world, write_outputs  # noqa: E402
 
 from fastattn.distributed import ItemShard, sharded_embedding  # noqa: E402
 from fastattn.distributed.collectives import count_traffic  # noqa: E402
@@ -77,19 +74,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         with count_traffic() as log:
             step()
         result[lookup] = {"step_s": times, "step_median_s": statistics.median(times), **_sent_bytes(log)}
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, result)
-    if rank == 0:
-        Path(out).write_text(json.dumps(everyone))
-    dist.destroy_process_group()
-
-
-def run_world(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "ranks.json")
-        mp.start_processes(_rank, args=(world, _free_port(), args, out), nprocs=world, join=True,
-                           start_method="spawn")
-        return json.loads(Path(out).read_text())
+    finish_rank(result, world, out)
 
 
 def _markdown(runs: dict[int, list[dict[str, Any]]], args: argparse.Namespace, machine: dict[str, Any]) -> str:
@@ -123,13 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
     machine = machine_description()
-    runs = {int(w): run_world(int(w), args) for w in args.worlds.split(",")}
-    report = _markdown(runs, args, machine)
-    print(report)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"machine": machine, "args": vars(args),
-                                                        "runs": {str(w): r for w, r in runs.items()}}, indent=1))
-        Path(args.out + ".md").write_text(report)
+    runs = {int(w): run_world(int(w), args, _rank) for w in args.worlds.split(",")}
+    write_outputs(args.out, machine, args, runs, _markdown(runs, args, machine))
     return 0
 
 
