@@ -105,6 +105,8 @@ _LOOP_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("device", str, "cpu, cuda or cuda:N"),
     ("backend", str, "kernel backend: auto | triton | cpp | torch"),
     ("out", str, "output directory (default runs/MODEL-DATA)"),
+    ("item-shards", int, "under torchrun: split the item table by rows over this many processes (1 = "
+                         "replicated; otherwise the number of processes; sasrec with --loss ce)"),
 )
 
 

@@ -309,12 +309,15 @@ def check_same_run(saved: Mapping[str, Any], now: Mapping[str, Any], mutable: fr
 
 def save_checkpoint(path: Path, config: dict[str, Any], progress: Mapping[str, Any], model: SequentialRecommender,
                     optimizer: torch.optim.Optimizer, device: torch.device, dataset: str,
-                    identity: dict[str, Any]) -> None:
+                    identity: dict[str, Any], states: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
+                    ) -> None:
     """Write a format-1 checkpoint atomically: the saved `config` (TrainConfig.to_dict), `progress`
     (epoch, best, history, train_seconds), the model's and optimizer's state, torch's RNG state
-    (and CUDA's on a GPU), the data set's summary line and identity (`data_identity`)."""
+    (and CUDA's on a GPU), the data set's summary line and identity (`data_identity`). `states`:
+    the (model, optimizer) state dicts, when they were gathered already (an item-sharded run)."""
+    model_state, optimizer_state = states if states is not None else (model.state_dict(), optimizer.state_dict())
     atomic_save({"format": CHECKPOINT_FORMAT, "config": config, "epoch": progress["epoch"],
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": progress["best"],
+                 "model": model_state, "optimizer": optimizer_state, "best": progress["best"],
                  "history": progress["history"], "train_seconds": progress["train_seconds"],
                  "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,

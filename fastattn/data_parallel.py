@@ -74,6 +74,9 @@ class Group:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    # --item-shards: the model's item table is split over the processes (`shard_item_table`); the
+    # loss is then the global batch's on every process (see `share` and `wrap`)
+    item_sharded: bool = False
     # the DistributedDataParallel wrappers made by `wrap`, released by `launch` (see `_release`)
     wrapped: list[torch.nn.Module] = field(default_factory=list, compare=False, repr=False)
 
@@ -100,9 +103,25 @@ class Group:
         if not self.parallel:
             return batch, None
         per_row = (batch.targets != 0).sum(1)  # a CPU tensor: counting reads no device
+        if self.item_sharded:
+            return self._equal_share(batch, per_row)
         mine, index = self.take(batch)
         if index.numel() == 0:
             return select_rows(batch, torch.zeros(1, dtype=torch.int64)), 0.0
+        return mine, int(per_row[index].sum()) / max(1, int(per_row.sum()))
+
+    def _equal_share(self, batch: TrainBatch, per_row: torch.Tensor) -> tuple[TrainBatch, float]:
+        """With the item table split: ⌈B/W⌉ rows on every process (the sharded lookup and the loss's
+        all-gather need equal shapes), rows rank, rank+W, ... then copies of row 0 without targets."""
+        n = int(batch.items.shape[0])
+        index = torch.arange(self.rank, n, self.world, dtype=torch.int64)
+        rows = -(-n // self.world)
+        padded = torch.cat([index, torch.zeros(rows - index.numel(), dtype=torch.int64)])
+        mine = select_rows(batch, padded)
+        if index.numel() < rows:
+            targets = mine.targets.clone()
+            targets[index.numel():] = 0
+            mine = dataclasses.replace(mine, targets=targets)
         return mine, int(per_row[index].sum()) / max(1, int(per_row.sum()))
 
     def reduce_sums(self, sums: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,13 +171,85 @@ class Group:
             return terms
         from torch.nn.parallel import DistributedDataParallel
 
+        module = LossTerms(model, terms)
+        if self.item_sharded:  # each process's own rows of the table: not DDP's to broadcast or average
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, [f"model.{name}" for name, p in model.named_parameters() if _is_item_shard(model, p)])
         # device_ids=None: batches are already on the device (DDP would rebuild the dataclasses)
-        wrapper = DistributedDataParallel(LossTerms(model, terms), device_ids=None, static_graph=True)
+        wrapper = DistributedDataParallel(module, device_ids=None, static_graph=True)
+        if self.item_sharded:
+            # the loss is the global batch's on every process, so each process's gradient of the
+            # shared parameters is its rows' part of the whole: summed, not averaged
+            wrapper.register_comm_hook(None, _sum_gradients)
         self.wrapped.append(wrapper)
         return wrapper
 
+    def loss_scale(self, share: Optional[float]) -> Optional[float]:
+        """What the step multiplies the loss by before the backward: W·n_r/N when each process's
+        loss is the mean over its own targets (DDP averages), none with the item table split (the
+        loss is already the global mean on every process) or for a single process."""
+        if share is None or self.item_sharded:
+            return None
+        return share * self.world
+
 
 SINGLE = Group()
+
+
+def _sum_gradients(state, bucket):  # type: ignore[no-untyped-def]
+    """DDP communication hook: all-reduce SUM of a gradient bucket (the default hook averages)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+# DDP compares the annotations with the real classes; this module's annotations are strings
+_sum_gradients.__annotations__ = {"state": object, "bucket": dist.GradBucket,
+                                  "return": torch.futures.Future[torch.Tensor]}
+
+
+def _is_item_shard(model: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    from .distributed.embedding import ShardedItemEmbedding
+
+    table = getattr(model, "item_embedding", None)
+    return isinstance(table, ShardedItemEmbedding) and param is table.weight
+
+
+def shard_item_table(model: torch.nn.Module, group: Group, backend: str) -> None:
+    """Replace `model.item_embedding` (an Embedding(V + 1, D) with padding row 0) by this process's
+    `ShardedItemEmbedding` rows (`--item-shards`), before the optimizer is built. The lookup
+    exchange: "unique" on gloo (fewer bytes, measured), "dense" on NCCL (no host sync)."""
+    from .distributed import ItemShard
+    from .distributed.embedding import ShardedItemEmbedding
+
+    table = model.item_embedding
+    shard = ItemShard(table.weight.shape[0] - 1, group.rank, group.world)
+    lookup = "unique" if torch.device(group.device).type == "cpu" else "dense"
+    model.item_embedding = ShardedItemEmbedding(table.weight, shard, None, lookup, backend)
+
+
+def whole_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with the item shard's per-row state (Adam's moments) gathered into the
+    whole table's (V + 1, ...), row 0 zero: what one process's optimizer holds (a collective)."""
+    state = optimizer.state_dict()
+    return _map_item_state(model, state, lambda table, v: table.whole_state(v))
+
+
+def shard_optimizer_state(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `whole_optimizer_state`: this process's rows of a whole-table optimizer state."""
+    return _map_item_state(model, state, lambda table, v: table.shard_state(v))
+
+
+def _map_item_state(model: torch.nn.Module, state: dict[str, Any], change: Callable[[Any, torch.Tensor], torch.Tensor]
+                    ) -> dict[str, Any]:
+    params = list(model.parameters())
+    where = [i for i, p in enumerate(params) if _is_item_shard(model, p)]
+    if not where:
+        return state
+    index, table = where[0], model.item_embedding
+    per_param = dict(state["state"])
+    if index in per_param:
+        per_param[index] = {k: change(table, v) if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                            for k, v in per_param[index].items()}
+    return {**state, "state": per_param}
 
 
 def select_rows(batch: Batch, index: torch.Tensor) -> Batch:

@@ -40,7 +40,8 @@ from .checkpoints import (CHECKPOINT, LOCK, _check_data, _load_weights, _one_lin
                           claim_out, data_identity, save_checkpoint)
 from .data import (EvalSet, SequenceDataset, Splits, eval_batches, load_dataset, num_train_batches, split_dataset,
                    train_batches)
-from .data_parallel import SINGLE, Group, launch
+from .data_parallel import (SINGLE, Group, launch, shard_item_table, shard_optimizer_state,
+                            whole_optimizer_state)
 from .evaluation import DEFAULT_KS, SAMPLED_NEGATIVES, evaluate_model
 from .models.base import SequentialRecommender
 from .models.registry import MODELS
@@ -154,6 +155,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     config.validate()
     out = Path(config.out)
     with launch(config.device) as (group, device):
+        group = _item_sharding(config, group)
         if not group.main:
             log = warn = _silent
         with claim_out(out) if group.main else contextlib.nullcontext():
@@ -171,6 +173,16 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
             return _finish(run)
 
 
+def _item_sharding(config: TrainConfig, group: Group) -> Group:
+    """`group` marked item-sharded for --item-shards N > 1, which must be the number of processes."""
+    if config.item_shards == 1:
+        return group
+    if config.item_shards != group.world:
+        raise ValueError(f"--item-shards {config.item_shards} must equal the number of processes: start the run "
+                         f"with torchrun --nproc-per-node {config.item_shards} (this run has {group.world})")
+    return dataclasses.replace(group, item_sharded=True)
+
+
 def _silent(message: str) -> None:
     """The log and warnings of the processes other than rank 0."""
 
@@ -186,11 +198,15 @@ def _start(config: TrainConfig, state: Optional[dict[str, Any]], out: Path, log:
     model = build_model(config, dataset).to(device)
     if MODELS[config.model].prepare is not None:
         MODELS[config.model].prepare(model, splits.train)
+    if group.item_sharded:  # before the optimizer: it holds this process's rows only
+        shard_item_table(model, group, config.backend)
     # fused: one kernel over all parameters (CPU and CUDA), the per-step overhead of small batches
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
     run = _Run(config, out, device, dataset, splits, identity, model, optimizer, log, group)
     if state is not None:
+        if group.item_sharded:  # checkpoints hold the whole table's optimizer state
+            state = {**state, "optimizer": shard_optimizer_state(model, state["optimizer"])}
         _restore(state, model, optimizer, device, run.checkpoint)
         run.history, run.best, run.train_seconds, run.epoch = (state["history"], state["best"],
                                                                state["train_seconds"], state["epoch"])
@@ -230,10 +246,13 @@ def _run_epoch(run: _Run, step: TrainingStep, epoch: int) -> None:
             f"valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}{'  *' if improved else ''}  "
             f"train {epoch_seconds:.1f} s  eval {eval_seconds:.1f} s")
     run.epoch = epoch
+    whole = None
+    if run.group.item_sharded:  # gathering the table's rows is a collective: every process takes part
+        whole = (run.model.state_dict(), whole_optimizer_state(run.model, run.optimizer))
     if run.group.main:  # the others wait below until the checkpoint is in place
         with _writing(run.out):
             save_checkpoint(run.checkpoint, config.to_dict(), run.progress(), run.model, run.optimizer, run.device,
-                            run.dataset.summary(), run.identity)
+                            run.dataset.summary(), run.identity, whole)
     run.group.barrier()
 
 
@@ -285,7 +304,7 @@ def _train_epoch(train_step: TrainingStep, train_split: SequenceDataset, config:
         for step, batch in enumerate(bar, 1):
             batch, share = group.share(batch)
             batch = batch.to(device)
-            losses = train_step(batch, None if share is None else share * group.world)
+            losses = train_step(batch, group.loss_scale(share))
             rows += int(batch.items.shape[0])
             for key, value in losses.items():
                 value = value.detach().to(torch.float64)

@@ -35,7 +35,10 @@ from .models.spec import ModelSpec
 LOOP_OWNED = ("max_len", "backend")
 # options a resumed run may change (the rest must equal the checkpoint's)
 RESUME_MUTABLE = frozenset({"epochs", "device", "progress", "out", "patience", "track_test", "exclude_history",
-                            "compile"})
+                            "compile", "item_shards"})
+# models whose item table may be split over processes (--item-shards): the table is their input
+# embedding and their full-softmax output, and nothing else reads its rows
+ITEM_SHARDED_MODELS = {"sasrec": ("loss", "ce")}
 
 
 @dataclass
@@ -65,6 +68,7 @@ class TrainConfig:
     exclude_history: bool = True
     progress: bool = True
     compile: bool = False  # torch.compile the training step (fastattn.training_step)
+    item_shards: int = 1  # under torchrun: the item table split by rows over the processes
     model_config: Any = None
 
     @property
@@ -91,6 +95,14 @@ class TrainConfig:
         elif not isinstance(self.model_config, spec.config_cls):
             raise ValueError(f"model_config must be a {spec.config_cls.__name__} for model {self.model!r}, "
                              f"got {type(self.model_config).__name__}")
+        if self.item_shards > 1:
+            need = ITEM_SHARDED_MODELS.get(self.model)
+            if need is None or getattr(self.model_config, need[0]) != need[1]:
+                allowed = ", ".join(f"{m} with --{k} {v}" for m, (k, v) in ITEM_SHARDED_MODELS.items())
+                raise ValueError(f"--item-shards {self.item_shards}: the item table can be split for {allowed} "
+                                 f"only, not {self.model} {self.model_options}")
+            if self.sampled_eval:
+                raise ValueError("--item-shards with --sampled-eval is not supported yet (full ranking only)")
 
     def validate_options(self) -> None:
         """Everything but the model's own options: model and preset names, data, out, loop, device, backend."""
@@ -125,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
         if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not _is_int(self.item_shards) or self.item_shards < 1:
+            raise ValueError(f"--item-shards must be a positive integer, got {self.item_shards!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"--compile takes no value (True or False in a config), got {self.compile!r}")
         if self.batch_unit not in BATCH_UNITS:

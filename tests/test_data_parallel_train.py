@@ -128,6 +128,42 @@ def test_sasrec_with_an_uneven_last_batch(tmp_path: Path) -> None:
     assert_same_run(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
 
 
+def test_item_shards_train_sasrec_as_one_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--item-shards 2: the item table split by rows over the two processes (sharded lookup,
+    vocab-parallel loss over the gathered rows) gives one process's losses and metrics; batches of
+    23 sequences, so the last has one row and process 1 pads its share with a row without targets.
+    The checkpoint holds the whole table and evaluates in one process to the same metrics; a run
+    cut after epoch 1 resumes with one process (whole optimizer state re-sharded and back)."""
+    args = ["--model", "sasrec", "--epochs", "2", *SMALL, *EXACT, "--batch-unit", "sequences", "--batch-size", "23"]
+    torchrun(*args, "--item-shards", "2", "--out", str(tmp_path / "two"))
+    one_process(*args, "--out", str(tmp_path / "one"))
+    assert_same_run(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    assert two["model"]["item_embedding.weight"].shape == one["model"]["item_embedding.weight"].shape
+    moments = [k for k, v in one["optimizer"]["state"][0].items() if v.dim() == 2]
+    assert moments and all(two["optimizer"]["state"][0][k].shape == one["optimizer"]["state"][0][k].shape
+                           for k in moments)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "two" / "checkpoint.pt"), "--json"]) == 0
+    printed = capsys.readouterr().out
+    again, want = json.loads(printed[printed.index("{"):]), metrics(tmp_path / "two")
+    assert all(abs(again["test"][k] - want["test"][k]) <= TOL for k in want["test"])
+    # one epoch with one process, the second with the table split: the uninterrupted run
+    one_process(*args[:2], "--epochs", "1", *args[4:], "--out", str(tmp_path / "cut"))
+    torchrun("--resume", "--out", str(tmp_path / "cut"), "--epochs", "2", "--item-shards", "2", "--no-progress")
+    assert_same_run(metrics(tmp_path / "cut"), metrics(tmp_path / "one"))
+
+
+def test_item_shards_errors_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for extra, message in ((["--model", "difsr"], "--item-shards 2: the item table can be split for sasrec"),
+                           (["--model", "sasrec"], "--item-shards 2 must equal the number of processes"),
+                           (["--model", "sasrec", "--item-shards", "0"], "--item-shards must be a positive integer")):
+        flags = ["--item-shards", "2", *extra] if "--item-shards" not in extra else extra
+        assert main(["train", *flags, *SMALL, "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model, extra", [
     ("autocdsr", []),  # Pareto weights: autograd.grad between DDP's forward and backward
     ("man", ["--num-negatives", "20"]),  # sampled negatives

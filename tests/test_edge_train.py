@@ -60,7 +60,7 @@ _BAD_TRAIN = [
     ("attribute-dim", "0", "difsr"), ("attribute-dim", "1.5", "difsr"), ("aap-weight", "inf", "difsr"),
     ("aap-weight", "-1", "difsr"), ("fusion", "mean", "difsr"), ("loss", "hinge", "sasrec"),
     ("loss", "bce", "bert4rec"), ("mask-prob", "0", "bert4rec"), ("mask-prob", "1", "bert4rec"),
-    ("tau", "0", "sasrec"),
+    ("tau", "0", "sasrec"), ("item-shards", "0", "sasrec"), ("item-shards", "2", "difsr"),
     ("long-query-len", "0", "mqsa_ted"), ("alpha", "1.5", "mqsa_ted"), ("alpha", "nan", "mqsa_ted"),
     ("tau", "0", "mqsa_ted"), ("tau", "nan", "mqsa_ted"), ("kd-weight", "-1", "mqsa_ted"),
     ("num-prototypes", "0", "man"), ("num-negatives", "-1", "man"), ("proto-weight", "nan", "man"),

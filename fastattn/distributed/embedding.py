@@ -32,7 +32,7 @@ import torch.distributed as dist
 from .collectives import _record, all_gather_tensor, group_rank, group_size
 from .shard import ItemShard, _check_shard_type
 
-__all__ = ["LOOKUPS", "sharded_embedding"]
+__all__ = ["LOOKUPS", "ShardedItemEmbedding", "sharded_embedding"]
 
 LOOKUPS = ("dense", "unique")
 
@@ -120,3 +120,91 @@ def sharded_embedding(ids: torch.Tensor, item_weight_shard: torch.Tensor, *, sha
     else:  # no host sync on a device
         torch._assert_async(((ids >= 0) & (ids <= shard.num_items)).all(), message)
     return _ShardedLookup.apply(item_weight_shard, ids, shard, group, lookup)
+
+
+class ShardedItemEmbedding(torch.nn.Module):
+    """A model's item table `torch.nn.Embedding(V + 1, D, padding_idx=0)` with its item rows split
+    over the ranks of `group` (`--item-shards`): `weight` is this rank's rows (V_r, D) of items
+    start+1 .. stop; the padding row is zero and not stored.
+
+    - training: forward(ids) = `sharded_embedding` (a collective: equal id shapes on every rank);
+      `cross_entropy(rows, targets)` = the mean full-catalog cross-entropy of EVERY rank's rows
+      (all-gathered; the same loss on every rank, exact gradients for each rank's rows and shard).
+    - eval mode: the whole table is gathered once when `.eval()` is called (every rank calls it
+      together) and forward / `full_weight()` read it locally, so ranks may score different rows.
+    - state_dict: the whole (V + 1, D) table under `weight` (gathered: a collective), so a
+      checkpoint is the single-process model's; load_state_dict takes a whole table and keeps
+      this rank's rows.
+    """
+
+    def __init__(self, table: torch.Tensor, shard: ItemShard, group: Optional[dist.ProcessGroup] = None,
+                 lookup: str = "dense", backend: str = "auto") -> None:
+        super().__init__()
+        if lookup not in LOOKUPS:
+            raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+        if table.dim() != 2 or table.shape[0] != shard.num_items + 1:
+            raise ValueError(f"table must be ({shard.num_items + 1}, D) (padding row + items), got {tuple(table.shape)}")
+        self.shard, self.group, self.lookup, self.backend = shard, group, lookup, backend
+        self.weight = torch.nn.Parameter(table.detach()[1 + shard.start:1 + shard.stop].clone())
+        self._whole: Optional[torch.Tensor] = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return torch.nn.functional.embedding(ids, self.full_weight())
+        return sharded_embedding(ids, self.weight, shard=self.shard, group=self.group, lookup=self.lookup)
+
+    def train(self, mode: bool = True) -> "ShardedItemEmbedding":
+        self._whole = None
+        if not mode:
+            self._whole = self._gather()
+        return super().train(mode)
+
+    def _gather(self) -> torch.Tensor:
+        from .shard import gather_rows
+
+        items = gather_rows(self.weight.detach(), self.shard, self.group)
+        return torch.cat([torch.zeros_like(items[:1]), items])
+
+    def full_weight(self) -> torch.Tensor:
+        """(V + 1, D), detached: the table gathered at `.eval()` (gathered now in training mode)."""
+        return self._whole if self._whole is not None else self._gather()
+
+    def cross_entropy(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """rows (N, D) with targets (N,) in 0..V (0 = no target), the same N on every rank → the mean
+        over every rank's targeted rows of logsumexp_j (h·E_j) − h·E_y, j over the V items."""
+        from .collectives import gather_from_shards
+        from .cross_entropy import vocab_parallel_cross_entropy
+
+        every = gather_from_shards(rows, self.group).reshape(-1, rows.shape[-1])
+        every_target = torch.cat(all_gather_tensor(targets.reshape(-1), self.group))
+        return vocab_parallel_cross_entropy(every, self.weight, every_target - 1, shard=self.shard, group=self.group,
+                                            ignore_index=-1, backend=self.backend)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self._gather()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        table = state_dict[key]
+        if tuple(table.shape) != (self.shard.num_items + 1, self.weight.shape[1]):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(table.shape)}, the "
+                              f"model's whole table is {(self.shard.num_items + 1, self.weight.shape[1])}")
+            return
+        with torch.no_grad():
+            self.weight.copy_(table[1 + self.shard.start:1 + self.shard.stop])
+        self._whole = None if self.training else self._gather()
+
+    def shard_state(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole-table tensor (V + 1, ...) (e.g. an Adam moment)."""
+        return value[1 + self.shard.start:1 + self.shard.stop].clone()
+
+    def whole_state(self, value: torch.Tensor) -> torch.Tensor:
+        """The whole-table tensor (V + 1, ...) of a per-shard one (V_r, ...); row 0 zero (a collective)."""
+        from .shard import gather_rows
+
+        items = gather_rows(value.detach(), self.shard, self.group)
+        return torch.cat([torch.zeros_like(items[:1]), items])

@@ -15,7 +15,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .blocks import TransformerLayer, positions_from_padding
+from ..distributed.embedding import ShardedItemEmbedding
+from .blocks import TransformerLayer, full_softmax_loss, positions_from_padding
 from .config import EncoderConfig
 
 __all__ = ["EmbeddingBlock", "TransformerStack"]
@@ -51,6 +52,20 @@ class EmbeddingBlock(torch.nn.Module):
         if position:
             x = x + self.position_embedding(positions_from_padding(items == 0))
         return x
+
+    def item_softmax_loss(self, rows: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
+        """Mean full-catalog cross-entropy of rows (N, D) against targets (N,) in 0..V (0 = none) on the
+        item table (`blocks.full_softmax_loss`); with the table split over processes
+        (`--item-shards`, a `ShardedItemEmbedding`), the same loss over every process's rows."""
+        if isinstance(self.item_embedding, ShardedItemEmbedding):
+            return self.item_embedding.cross_entropy(rows, targets)
+        return full_softmax_loss(rows, targets, self.item_embedding.weight, backend)
+
+    def item_weight(self) -> torch.Tensor:
+        """The whole item table (V + 1, D) (gathered when it is split over processes)."""
+        if isinstance(self.item_embedding, ShardedItemEmbedding):
+            return self.item_embedding.full_weight()
+        return self.item_embedding.weight
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """(…, D) → Dropout(LayerNorm(x))."""

@@ -30,7 +30,7 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (check_choice, check_items, check_positive, flat_targets, full_softmax_loss,
+from .blocks import (check_choice, check_items, check_positive, flat_targets,
                      in_batch_softmax_loss, init_weights, masked_mean, sample_negatives)
 from .config import EncoderConfig, check_config, option
 from .encoder import EmbeddingBlock, TransformerStack
@@ -89,10 +89,10 @@ class SASRec(SequentialRecommender, EmbeddingBlock):
         hidden = self.encode(batch.items)
         rows = hidden.reshape(-1, hidden.shape[-1])  # every position; those without a target are masked
         targets = flat_targets(batch)
-        weight = self.item_embedding.weight
         if self.config.loss == "ce":
-            loss = full_softmax_loss(rows, targets, weight, self.config.backend)
+            loss = self.item_softmax_loss(rows, targets, self.config.backend)
             return {"loss": loss, "ce": loss}
+        weight = self.item_embedding.weight
         if self.config.loss == "inbatch":
             loss = in_batch_softmax_loss(rows, targets, weight, self.config.tau)
             return {"loss": loss, "inbatch": loss}
@@ -115,7 +115,7 @@ class SASRec(SequentialRecommender, EmbeddingBlock):
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.config.loss == "inbatch":  # that loss is blind to item norms: rank by cosine
             return torch.nn.functional.normalize(self.item_embedding.weight, dim=-1), None
-        return self.item_embedding.weight, None
+        return self.item_weight(), None
 
 
 SPEC = ModelSpec(
