@@ -69,6 +69,8 @@ _BAD_TRAIN = [
     ("pareto-scale", "acd", "autocdsr"), ("pareto-init-steps", "-1", "autocdsr"), ("layer-norm-eps", "0", "sasrec"),
     ("init-std", "-0.1", "sasrec"), ("init-std", "nan", "man"), ("num-ib-tokens", "0", "autocdsr_plus"),
     ("domain-layers", "0", "autocdsr_plus"), ("shared-layers", "-1", "autocdsr_plus"),
+    ("backbone", "sideways", "autocdsr"), ("backbone", "bidirectional", "sasrec"), ("loss", "bce", "autocdsr_plus"),
+    ("mask-prob", "1", "autocdsr"),
     ("epochs", "0", "sasrec"), ("epochs", "x", "sasrec"), ("batch-size", "-5", "sasrec"),
     ("batch-unit", "users", "sasrec"), ("bucket-batches", "-1", "sasrec"), ("eval-batch-size", "0", "sasrec"),
     ("lr", "0", "sasrec"), ("lr", "nan", "sasrec"), ("lr", "inf", "sasrec"), ("weight-decay", "-1", "sasrec"),

@@ -7,9 +7,9 @@ fused kernel (math: docs/design.md, "The cross-domain attention mass a_cd"), the
 attention mass of every query row::
 
     x_0 = Dropout(LayerNorm(E[items] + P[pos]))             as SASRec's "ce" recipe
-    (x_l, acd_l) = Layer_l(x_{l-1}, domains)                 causal, key padding mask
+    (x_l, acd_l) = Layer_l(x_{l-1}, domains)                 causal (see Backbones), key padding mask
     acd_l[b, h, i] = Σ_j P_l[b, h, i, j] · [d(x_i) != d(x_j)]
-    rec = mean_n [logsumexp_j x_L,n·E_j − x_L,n·E_{y_n}]       full softmax over valid positions
+    rec = mean_n [logsumexp_j x_L,n·E_j − x_L,n·E_{y_n}]       full softmax over valid positions (loss="ce")
     acd = mean of acd_l[b, h, i] over valid query rows (item != 0), heads and layers
     score(b, t, j) = x_L[b, t] · E[j]                        tied item table
 
@@ -18,17 +18,41 @@ one encoder stack per domain, then a shared stack::
 
     z_0 = Dropout(LayerNorm([B_1..B_K ; E[items] + P[pos]]))          (B, K + L, D), IB tokens have no position
     domain encoder d, layer l:  z^d_l = Layer^d_l(z^d_{l-1})  with keys = IB tokens + items of domain d
-                                (key padding mask: padding and other domains hidden), causal
+                                (key padding mask: padding and other domains hidden), causal (see Backbones)
     after each layer:           z^d_l[:, :K] ← mean_d z^d_l[:, :K]    (the IB tokens carry what crosses domains)
     item state:                 u_t = z^{d(t)}_{last}[:, K + t]      (each item from its own domain's encoder)
     merge (official code):      m = LayerNorm(x_0 + u)                residual to the input embedding
-    shared encoder:             causal Transformer layers over the merged items (IB tokens dropped, as
-                                in the official code), key padding mask
+    shared encoder:             Transformer layers over the merged items (IB tokens dropped, as in the
+                                official code), key padding mask, causal (see Backbones)
     acd = mean over valid items t, heads, domain layers of Σ_{j IB} P^{d(t)}[t, j]
           (the attention an item puts on the IB tokens in its own domain encoder: in AutoCDSR+ the
           only cross-domain path, so the official code regularizes exactly this — its
           `attention_score` — with the Pareto plugin). It runs on the fused kernel too: the IB
           tokens get the domain id `num_domains`, so "keys of another domain" = IB keys there.
+
+Backbones (`backbone`, both models):
+
+- "causal" (default): next-item training at every position, as SASRec — the formulas above with
+  the causal mask in every attention; a prediction is the state of the last item.
+- "bidirectional": BERT4Rec's Cloze objective (`fastattn.models.bert4rec`; `encoder.ClozeBlock`
+  holds what they share). The training sequence is s = [items, last target] (the oldest column
+  dropped at max_len) with domains [domains, target_domains[:, -1]]; each real position is
+  replaced by [MASK] (m = num_items + 1, an extra row of E) with probability mask_prob, at least
+  one per row, drawn afresh every step from torch's RNG; every attention runs with causal=False
+  (key padding mask only); rec is taken over the masked positions only (targets 0 elsewhere); a
+  prediction is the state at a [MASK] appended after the history. Where a [MASK] sits in the
+  domain structure: AutoCDSR keeps its position's domain id, which enters a_cd only (the hidden
+  states never read a domain id, so nothing is revealed to the prediction). AutoCDSR+ follows the
+  official code (`create_domain_mask`: the domain of a masked token is what it hides, unknown at
+  prediction): a [MASK] is a query and a key in every domain encoder, its domain id there is that
+  encoder's (so its a_cd is its mass on the IB tokens, as for the domain's items) and its merged
+  state u_t is the sum of its states over the domain encoders. The IB tokens then attend to, and
+  are attended by, the items of each domain encoder, and their states are averaged across domains
+  after every layer: an item of another domain reaches a domain encoder only through them.
+
+Item loss (`loss`, both backbones): "ce" = the full softmax above; "inbatch" = the AutoCDSR code's
+in-batch contrastive loss (`blocks.in_batch_softmax_loss`, temperature tau), on the same rows and
+targets; item_table() is then L2-normalised (the cosine that loss trains).
 
 Loss (both models), ordered as in the official code L = (acd, rec):
 
@@ -50,14 +74,14 @@ on (acd, rec) is `preference_vectors(2)`; its region index 1 — the "Ω_1" of d
 "AutoCDSR's Pareto weighting" — is the vector (1, 0), which is k = 0 here. So pareto_vectors=2, pareto_region=0.
 
 Deviations from the paper / official code, and why:
-- Causal next-item (SASRec-style) training at every position instead of BERT4Rec's bidirectional
-  masked-item objective: the project's batches and evaluation are causal. Consequence for
-  AutoCDSR+: IB tokens sit before every item, so under the causal mask they attend only to IB
-  tokens — they never read the history (an IB token that did would leak later items into earlier
-  predictions). They still give every item a learned, domain-shared attention target, and their
-  states are averaged across domain encoders after each layer as specified, but cross-domain
-  mixing then happens only in the shared encoder. A bidirectional objective would restore the
-  paper's IB communication; the layers accept causal=False for that.
+- The default backbone is causal next-item (SASRec-style) training at every position, where the
+  official code trains a bidirectional masked-item objective (backbone="bidirectional" here).
+  Consequence for AutoCDSR+ on the causal backbone: IB tokens sit before every item, so under the
+  causal mask they attend only to IB tokens — they never read the history (an IB token that did
+  would leak later items into earlier predictions). They still give every item a learned,
+  domain-shared attention target, and their states are averaged across domain encoders after each
+  layer as specified, but cross-domain mixing then happens only in the shared encoder. The
+  bidirectional backbone restores the paper's IB communication.
 - acd of AutoCDSR+ sums the attention over the K IB keys (the mass on the IB tokens, in [0, 1])
   where the official code takes the mean over them (a factor 1/K); rows are the valid items in
   their own domain encoder (the official mean also includes padding and other-domain rows), and
@@ -75,26 +99,30 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (check_choice, check_finite, check_int, check_items, check_range, flat_targets,
-                     full_softmax_loss, init_weights)
-from .config import EncoderConfig, catalog_field, check_config, option
-from .encoder import EmbeddingBlock, TransformerStack
+from .blocks import (append_column, check_choice, check_finite, check_int, check_items, check_range, flat_targets,
+                     init_weights)
+from .config import ClozeConfig, catalog_field, check_config, option
+from .encoder import ClozeBlock, TransformerStack
 from .pareto import (NORMALIZATIONS, pareto_mtl_init_weights_from_gram, pareto_mtl_weights_from_gram,
                      preference_vectors)
 from .spec import SMALL, ModelSpec
 
 ACD_MODES = ("pareto", "fixed")
 PARETO_SCALES = ("rec", "sum")
+BACKBONES = ("causal", "bidirectional")
 
-__all__ = ["ACD_MODES", "PARETO_SCALES", "AutoCDSR", "AutoCDSRConfig", "check_domains"]
+__all__ = ["ACD_MODES", "BACKBONES", "PARETO_SCALES", "AutoCDSR", "AutoCDSRConfig", "check_domains"]
 
 
 @dataclass(kw_only=True)
-class AutoCDSRConfig(EncoderConfig):
-    """AutoCDSR options: the `EncoderConfig` fields plus
+class AutoCDSRConfig(ClozeConfig):
+    """AutoCDSR options: the `ClozeConfig` fields (the `EncoderConfig` ones, mask_prob — read by the
+    bidirectional backbone only —, loss "ce" | "inbatch" and tau) plus
 
     num_domains: number of domains (>= 1, from the data set: `SequenceDataset.num_domains`; None
         until it is known); batches must carry domain ids in [0, num_domains).
+    backbone: "causal" (next-item training at every position, as SASRec) | "bidirectional" (the
+        Cloze objective of BERT4Rec; module docstring, "Backbones").
     acd_mode: "pareto" (Pareto multi-task weights every step) | "fixed" (loss = rec + acd_weight·acd).
     acd_weight: the fixed weight λ of acd (finite; 0 trains the recommendation loss only, a
         negative value would reward cross-domain attention). Only used by acd_mode="fixed".
@@ -111,6 +139,8 @@ class AutoCDSRConfig(EncoderConfig):
     """
 
     num_domains: Optional[int] = catalog_field()
+    backbone: str = option("causal", "causal (next item at every position, as sasrec) | bidirectional (cloze "
+                                     "training with --mask-prob, as bert4rec)")
     acd_mode: str = option("pareto", "pareto (Pareto MTL weights each step) | fixed (rec + acd_weight * a_cd)")
     acd_weight: float = option(0.1, "weight of the mean a_cd in --acd-mode fixed")
     pareto_vectors: int = option(2, "K, preference vectors p_k = (cos k*pi/2K, sin k*pi/2K), k = 0..K")
@@ -124,6 +154,7 @@ class AutoCDSRConfig(EncoderConfig):
         super().validate()
         if self.num_domains is not None:
             check_int("num_domains", self.num_domains)
+        check_choice("backbone", self.backbone, BACKBONES)
         check_choice("acd_mode", self.acd_mode, ACD_MODES)
         check_finite("acd_weight", self.acd_weight)
         check_int("pareto_vectors", self.pareto_vectors)
@@ -136,20 +167,23 @@ class AutoCDSRConfig(EncoderConfig):
         check_int("pareto_init_steps", self.pareto_init_steps, minimum=0)
 
 
-def check_domains(batch: Union[TrainBatch, EvalBatch], num_domains: int) -> torch.Tensor:
-    """batch.domains as (B, L) int64, or ValueError naming it (missing, wrong shape/dtype, ids out of range)."""
-    domains = batch.domains
+def check_domains(batch: Union[TrainBatch, EvalBatch], num_domains: int, field: str = "domains") -> torch.Tensor:
+    """batch.domains (or batch.target_domains with field="target_domains") as (B, L) int64, or
+    ValueError naming it (missing, wrong shape/dtype, ids out of range)."""
+    domains = getattr(batch, field)
     if domains is None:
-        raise ValueError("batch.domains is None: AutoCDSR needs the domain id of every history item "
+        need = ("the domain id of every history item" if field == "domains" else
+                "the domain of the last target (the bidirectional backbone appends it to the sequence)")
+        raise ValueError(f"batch.{field} is None: AutoCDSR needs {need} "
                          "(a data set with domains, e.g. make_synthetic or the crossdomain files)")
     if (not isinstance(domains, torch.Tensor) or domains.dtype.is_floating_point or domains.dtype == torch.bool
             or domains.shape != batch.items.shape):
-        raise ValueError(f"batch.domains must be an integer tensor shaped like items {tuple(batch.items.shape)}, "
+        raise ValueError(f"batch.{field} must be an integer tensor shaped like items {tuple(batch.items.shape)}, "
                          f"got {getattr(domains, 'dtype', type(domains).__name__)} "
                          f"{tuple(getattr(domains, 'shape', ()))}")
     domains = domains.long()
     check_range(domains, 0, num_domains,
-                f"batch.domains holds ids outside [0, {num_domains}) (num_domains={num_domains})")
+                f"batch.{field} holds ids outside [0, {num_domains}) (num_domains={num_domains})")
     return domains
 
 
@@ -158,14 +192,15 @@ def _row_sum(acd: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (acd * rows[:, None, :].to(acd.dtype)).sum()
 
 
-class _ACDRecommender(SequentialRecommender, EmbeddingBlock):
-    """Shared by AutoCDSR and AutoCDSR+ (`fastattn.models.autocdsr_plus`): the input embedding
-    (`EmbeddingBlock`) and the rec/acd combination."""
+class _ACDRecommender(SequentialRecommender, ClozeBlock):
+    """Shared by AutoCDSR and AutoCDSR+ (`fastattn.models.autocdsr_plus`): the input embedding and
+    the backbone's training and prediction inputs and item loss (`ClozeBlock`), and the rec/acd
+    combination. Subclasses define encode(items, domains) → (hidden (B, L, D), acd scalar)."""
 
     config: AutoCDSRConfig
 
     def _build_inputs(self, config: AutoCDSRConfig) -> None:
-        self.build_embedding(config)
+        self.build_embedding(config, mask_row=config.backbone == "bidirectional")
         # the last Pareto weights (w_acd, w_rec) as used in the loss, and the training steps taken
         self.register_buffer("pareto_weights", torch.tensor([0.0, 1.0], dtype=torch.float64))
         self.register_buffer("pareto_steps", torch.zeros((), dtype=torch.int64))
@@ -228,11 +263,48 @@ class _ACDRecommender(SequentialRecommender, EmbeddingBlock):
             w_acd, w_rec = w_acd / w_rec, 1.0
         return w_acd, w_rec
 
-    def _task_losses(self, batch: TrainBatch, hidden: torch.Tensor, acd: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def bidirectional(self) -> bool:
+        """True for backbone="bidirectional": Cloze training, attention with causal=False."""
+        return self.config.backbone == "bidirectional"
+
+    def encode(self, items: torch.Tensor, domains: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def training_inputs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(items, domains, targets), each (B, L') int64, that the encoder and the item loss read.
+
+        causal: the batch's items and domains, and each position's next item where it has one
+        (`flat_targets`, 0 elsewhere; L' = L). bidirectional: one Cloze draw (`ClozeBlock.cloze`:
+        [MASK]ed inputs and targets only at the masked positions) over [items, last target], and
+        the domains [domains, target_domains[:, -1]] (L' = min(L + 1, max_len)).
+        """
+        check_items(batch, self.config.num_items, self.config.max_len)
+        domains = check_domains(batch, self.config.num_domains)
+        if not self.bidirectional:
+            return batch.items, domains, flat_targets(batch)
+        last = check_domains(batch, self.config.num_domains, "target_domains")[:, -1:]
+        inputs, targets = self.cloze(batch)
+        return inputs, append_column(domains, last, self.config.max_len), targets
+
+    def prediction_inputs(self, items: torch.Tensor, domains: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The history (B, L) (and its domains, or None) as the encoder reads it to predict the next
+        item at its last column: unchanged (causal), or with a [MASK] appended (bidirectional; the
+        oldest column dropped at max_len). The [MASK]'s domain id is never read — AutoCDSR's
+        predictions read no domain, AutoCDSR+ puts a [MASK] in every domain encoder — so it is 0."""
+        if not self.bidirectional:
+            return items, domains
+        if domains is not None:
+            domains = append_column(domains, torch.zeros_like(domains[:, :1]), self.config.max_len)
+        return self.append_mask(items), domains
+
+    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        items, domains, targets = self.training_inputs(batch)
+        hidden, acd = self.encode(items, domains)
+        assert acd is not None
         # every position; those without a target are masked (no boolean gather: no device sync)
-        rec = full_softmax_loss(hidden.reshape(-1, hidden.shape[-1]), flat_targets(batch), self.item_embedding.weight,
-                                self.config.backend)
-        return {"rec": rec, "acd": acd}
+        return {"rec": self.item_loss(hidden, targets), "acd": acd}
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         return self.combine_loss_terms(self.loss_terms(batch))
@@ -252,16 +324,17 @@ class _ACDRecommender(SequentialRecommender, EmbeddingBlock):
                 "w_acd": torch.tensor(w_acd, dtype=torch.float32)}
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return self.item_embedding.weight, None
+        return self.ranking_table(), None
 
 
 class AutoCDSR(_ACDRecommender):
-    """AutoCDSR: a causal Transformer over the mixed-domain sequence, rec loss and the fused a_cd,
-    combined by Pareto MTL or a fixed weight (module docstring).
+    """AutoCDSR: a Transformer (causal or bidirectional: `backbone`) over the mixed-domain sequence,
+    rec loss and the fused a_cd, combined by Pareto MTL or a fixed weight (module docstring).
 
-    losses(TrainBatch with domains) → {"loss", "rec", "acd", "w_acd"}; user_vectors(EvalBatch) →
-    (B, D) state at column L-1 (domains not needed: they only enter the a_cd loss);
-    item_table() → (item embedding (num_items+1, D), None).
+    losses(TrainBatch with domains; bidirectional: also target_domains) → {"loss", "rec", "acd",
+    "w_acd"}; user_vectors(EvalBatch) → (B, D) state at column L-1 (causal) or at a [MASK] appended
+    after it (bidirectional) — domains not needed: they only enter the a_cd loss; item_table() →
+    (rows 0..num_items of the item embedding (num_items+1, D), L2-normalised for loss="inbatch"; None).
     """
 
     def __init__(self, config: AutoCDSRConfig) -> None:
@@ -274,8 +347,9 @@ class AutoCDSR(_ACDRecommender):
 
     def encode(self, items: torch.Tensor, domains: Optional[torch.Tensor] = None
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """items (B, L) → (hidden (B, L, D), acd): with domains (B, L), acd is the scalar mean of
-        a_cd over valid query rows, heads and layers (0 without valid rows); else None."""
+        """items (B, L) (bidirectional: may hold [MASK] = num_items + 1) → (hidden (B, L, D), acd):
+        with domains (B, L), acd is the scalar mean of a_cd over valid query rows (item != 0),
+        heads and layers (0 without valid rows); else None."""
         hidden, per_layer = self._run_layers(items, domains)
         if domains is None:
             return hidden, None
@@ -292,20 +366,15 @@ class AutoCDSR(_ACDRecommender):
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(hidden (B, L, D), each layer's a_cd (B, H, L); empty without domains)."""
         x = self.embed(items)
+        causal = not self.bidirectional
         if domains is None:
-            return self.layers(x, items == 0), []
-        return self.layers(x, items == 0, domains=domains)
-
-    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        check_items(batch, self.config.num_items, self.config.max_len)
-        domains = check_domains(batch, self.config.num_domains)
-        hidden, acd = self.encode(batch.items, domains)
-        assert acd is not None
-        return self._task_losses(batch, hidden, acd)
+            return self.layers(x, items == 0, causal=causal), []
+        return self.layers(x, items == 0, domains=domains, causal=causal)
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         check_items(batch, self.config.num_items, self.config.max_len)
-        return self.encode(batch.items)[0][:, -1]
+        items, _ = self.prediction_inputs(batch.items, None)
+        return self.encode(items)[0][:, -1]
 
 
 SPEC = ModelSpec(

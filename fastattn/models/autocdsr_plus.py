@@ -1,8 +1,9 @@
 """AutoCDSR+ (Ju et al., KDD 2025): K information-bottleneck tokens in front of the history, one
 encoder per domain (keys: the IB tokens and the domain's own items), IB states averaged across
 domains after every layer, a shared encoder over the merged items; a_cd = the attention items put
-on the IB tokens, combined with the recommendation loss as in AutoCDSR. The math, the official
-settings and the deviations (causal training: the IB tokens read no history) are in
+on the IB tokens, combined with the recommendation loss as in AutoCDSR. The math, the backbones
+(causal: the IB tokens read no history; bidirectional: they read, and are read by, the items of
+every domain encoder, as in the official code), the official settings and the deviations are in
 `fastattn.models.autocdsr`'s docstring; this module adds the config, the model and its spec.
 """
 from __future__ import annotations
@@ -52,10 +53,12 @@ class AutoCDSRPlus(_ACDRecommender):
     """AutoCDSR+: IB tokens, per-domain encoders with domain key masks, IB averaging, a shared
     encoder (module docstring); a_cd = attention on the IB tokens, combined like AutoCDSR.
 
-    losses(TrainBatch with domains) → {"loss", "rec", "acd", "w_acd"}; user_vectors(EvalBatch
-    with domains) → (B, D) state of the last item (column L-1 of the item part);
-    item_table() → (item embedding (num_items+1, D), None). `encode(..., stage="domain")`
-    returns the item states right after the domain encoders (before the merge), for inspection.
+    losses(TrainBatch with domains; bidirectional: also target_domains) → {"loss", "rec", "acd",
+    "w_acd"}; user_vectors(EvalBatch with domains) → (B, D) state of the last item (column L-1 of
+    the item part; bidirectional: of a [MASK] appended after it); item_table() → (rows
+    0..num_items of the item embedding (num_items+1, D), L2-normalised for loss="inbatch"; None).
+    `encode(..., stage="domain")` returns the item states right after the domain encoders (before
+    the merge), `stage="ib"` the IB states there, for inspection.
     """
 
     def __init__(self, config: AutoCDSRPlusConfig) -> None:
@@ -74,10 +77,13 @@ class AutoCDSRPlus(_ACDRecommender):
         """items, domains (B, L) → (states (B, L, D) of the items, acd scalar).
 
         stage="shared": the output of the shared encoder (what predictions use); "domain": each
-        item's state from its own domain encoder, before the merge. acd = mean attention mass on
-        the IB tokens over valid items (in their own domain encoder), heads and domain layers.
+        item's state from its own domain encoder, before the merge (a [MASK] of the bidirectional
+        backbone: the sum of its states in every domain encoder); "ib": the IB states (B, K, D)
+        after the last domain layer's averaging. acd = mean attention mass on the IB tokens over
+        the valid items in their own domain encoder (and each [MASK] in every one), heads and
+        domain layers.
         """
-        check_choice("stage", stage, ("shared", "domain"))
+        check_choice("stage", stage, ("shared", "domain", "ib"))
         cfg = self.config
         b, length = items.shape
         k = cfg.num_ib_tokens
@@ -87,38 +93,53 @@ class AutoCDSRPlus(_ACDRecommender):
         z0 = self.normalize_input(torch.cat([ib, x_items], dim=1))  # (B, K + L, D)
         # the IB tokens get a domain id of their own, so the kernel's a_cd of an item in its own
         # domain encoder (keys: IB + own-domain items) is exactly its attention mass on the IB tokens
-        dom_full = torch.cat([domains.new_full((b, k), cfg.num_domains), domains], dim=1)
+        ib_domain = domains.new_full((b, k), cfg.num_domains)
+        members = [(~padding) & (domains == d) for d in range(cfg.num_domains)]  # the rows of each encoder
+        dom_full = [torch.cat([ib_domain, domains], dim=1)] * cfg.num_domains
+        if self.bidirectional:
+            # a [MASK] belongs to every domain encoder (official create_domain_mask: its domain is
+            # what it hides), with that encoder's domain id: its a_cd there is its mass on the IB tokens
+            is_mask = items == self.mask_id
+            members = [rows | is_mask for rows in members]
+            dom_full = [torch.cat([ib_domain, torch.where(is_mask, d, domains)], dim=1)
+                        for d in range(cfg.num_domains)]
         ib_visible = padding.new_zeros(b, k)
-        own = [(~padding) & (domains == d) for d in range(cfg.num_domains)]
-        masks = [torch.cat([ib_visible, ~rows], dim=1) for rows in own]  # True = hidden key
+        masks = [torch.cat([ib_visible, ~rows], dim=1) for rows in members]  # True = hidden key
+        causal = not self.bidirectional
         states = [z0] * cfg.num_domains
         total = z0.new_zeros((), dtype=torch.float32)
         for layer_index in range(cfg.domain_layers):
             for d, encoder in enumerate(self.domain_encoders):
-                states[d], acd = encoder[layer_index](states[d], key_padding_mask=masks[d], domains=dom_full)
-                total = total + _row_sum(acd[:, :, k:], own[d])
-            ib_mean = torch.stack([s[:, :k] for s in states]).mean(dim=0)
-            states = [torch.cat([ib_mean, s[:, k:]], dim=1) for s in states]
-        count = (~padding).sum() * (cfg.heads * cfg.domain_layers)  # a tensor: no device sync
+                states[d], acd = encoder[layer_index](states[d], key_padding_mask=masks[d], domains=dom_full[d],
+                                                      causal=causal)
+                total = total + _row_sum(acd[:, :, k:], members[d])
+            shared_ib = self._exchange_ib([s[:, :k] for s in states])
+            states = [torch.cat([ib_d, s[:, k:]], dim=1) for ib_d, s in zip(shared_ib, states)]
+        # a tensor: no device sync. Causal: Σ_d members = the valid items; bidirectional: each [MASK] once per domain
+        count = torch.stack([rows.sum() for rows in members]).sum() * (cfg.heads * cfg.domain_layers)
         acd_mean = total / count.clamp_min(1)
+        if stage == "ib":
+            return states[0][:, :k], acd_mean
         # each item from its own domain's encoder (padded slots: 0; they are never read)
-        item_states = sum(s[:, k:] * rows.unsqueeze(-1).to(s.dtype) for s, rows in zip(states, own))
+        item_states = sum(s[:, k:] * rows.unsqueeze(-1).to(s.dtype) for s, rows in zip(states, members))
         assert isinstance(item_states, torch.Tensor)
         if stage == "domain":
             return item_states, acd_mean
         h = self.fusion_norm(z0[:, k:] + item_states)
-        return self.shared_encoder(h, padding), acd_mean
+        return self.shared_encoder(h, padding, causal=causal), acd_mean
 
-    def loss_terms(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        check_items(batch, self.config.num_items, self.config.max_len)
-        domains = check_domains(batch, self.config.num_domains)
-        hidden, acd = self.encode(batch.items, domains)
-        return self._task_losses(batch, hidden, acd)
+    def _exchange_ib(self, ib_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The IB states (B, K, D) each domain encoder continues with after a layer, from the ones it
+        produced: all get their mean over the domain encoders (official ib_token_sync) — the only
+        path by which one domain's items reach another domain's encoder."""
+        mean = torch.stack(ib_states).mean(dim=0)
+        return [mean] * len(ib_states)
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         check_items(batch, self.config.num_items, self.config.max_len)
-        domains = check_domains(batch, self.config.num_domains)
-        return self.encode(batch.items, domains)[0][:, -1]
+        items, domains = self.prediction_inputs(batch.items, check_domains(batch, self.config.num_domains))
+        assert domains is not None
+        return self.encode(items, domains)[0][:, -1]
 
 
 SPEC = ModelSpec(

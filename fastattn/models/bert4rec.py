@@ -49,114 +49,61 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from .base import SequentialRecommender
-from .blocks import (check_choice, check_items, check_positive, cloze_positions, full_softmax_loss,
-                     in_batch_softmax_loss, init_weights)
-from .config import EncoderConfig, check_config, option
-from .encoder import EmbeddingBlock, TransformerStack
+from .blocks import check_items, cloze_sequences, init_weights
+from .config import ITEM_LOSSES, ClozeConfig, check_config
+from .encoder import ClozeBlock, TransformerStack
 from .spec import SMALL, ModelSpec
 
 __all__ = ["BERT4Rec", "BERT4RecConfig", "LOSSES", "cloze_sequences"]
 
-LOSSES = ("ce", "inbatch")
+LOSSES = ITEM_LOSSES
 
 
 @dataclass(kw_only=True)
-class BERT4RecConfig(EncoderConfig):
-    """BERT4Rec options: the `EncoderConfig` fields plus
+class BERT4RecConfig(ClozeConfig):
+    """BERT4Rec options: the `ClozeConfig` fields (the `EncoderConfig` ones plus
 
     mask_prob: probability in (0, 1) that a real position is replaced by [MASK] in training
         (at least one per sequence). loss: "ce" (full softmax over the catalog) | "inbatch"
-        (in-batch contrastive, `blocks.in_batch_softmax_loss`). tau: temperature > 0 of "inbatch".
+        (in-batch contrastive, `blocks.in_batch_softmax_loss`). tau: temperature > 0 of "inbatch").
     """
 
-    mask_prob: float = option(0.2, "Cloze: probability that a position is replaced by [MASK] in training")
-    loss: str = option("ce", "ce (full softmax) | inbatch (in-batch contrastive, temperature --tau)")
-    tau: float = option(0.1, "temperature of the in-batch loss (--loss inbatch)")
 
-    def validate(self) -> None:
-        super().validate()
-        if (isinstance(self.mask_prob, bool) or not isinstance(self.mask_prob, (int, float))
-                or not 0.0 < self.mask_prob < 1.0):
-            raise ValueError(f"mask_prob must be a float in (0, 1), got {self.mask_prob!r}")
-        check_choice("loss", self.loss, LOSSES)
-        check_positive("tau", self.tau)
-
-
-def cloze_sequences(batch: TrainBatch, max_len: int) -> torch.Tensor:
-    """The sequence a Cloze objective reads from a next-item batch: (B, L') int64,
-    [items, targets[:, -1]] with the oldest column dropped when L + 1 > max_len (L' <= max_len).
-
-    Left-padded rows keep their padding on the left. A row whose last target is 0 (none) gets a
-    padding slot at the right end: masked as a key, never hidden, never a target. Earlier targets
-    are not read (they repeat the items shifted by one; with batch unit "prefixes" they are 0).
-    """
-    seq = torch.cat([batch.items, batch.targets[:, -1:]], dim=1)
-    return seq[:, 1:] if seq.shape[1] > max_len else seq
-
-
-class BERT4Rec(SequentialRecommender, EmbeddingBlock):
+class BERT4Rec(SequentialRecommender, ClozeBlock):
     """BERT4Rec on fastattn kernels; see the module docstring for the math.
 
     losses(TrainBatch) → {"loss", "ce" or "inbatch"}; user_vectors(EvalBatch) → (B, D) hidden
     state at an appended [MASK]; item_table() → (rows 0..num_items of the item table (num_items+1, D),
-    L2-normalised for loss="inbatch"; None). `cloze(batch)` gives the masked inputs and the targets.
+    L2-normalised for loss="inbatch"; None). `cloze(batch)` gives the masked inputs and the targets
+    (`ClozeBlock`).
     """
 
     def __init__(self, config: BERT4RecConfig) -> None:
         super().__init__()
         self.config = check_config(config, BERT4RecConfig)
-        self.mask_id = config.num_items + 1
-        # one row more than the other models' tables: the [MASK] token (registered first, so the
-        # parameter order is that of EmbeddingBlock's own item table)
-        self.item_embedding = torch.nn.Embedding(config.num_items + 2, config.hidden, padding_idx=0)
-        self.build_embedding(config, item_table=False)
+        # one row more than the other models' tables: the [MASK] token
+        self.build_embedding(config, mask_row=True)
         self.layers = TransformerStack(config, config.layers)
         init_weights(self, config.init_std)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, L) int64 in 0..num_items+1 (0 = padding, num_items+1 = [MASK]) → hidden states
         (B, L, D) at every position, bidirectional (key padding mask only)."""
-        x = self.embed(items)
-        padding = items == 0
-        for layer in self.layers:
-            x = layer(x, key_padding_mask=padding, causal=False)
-        return x
-
-    def cloze(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs (B, L'), targets (B, L')) int64 of one Cloze draw (torch's RNG): inputs = the
-        `cloze_sequences` with the hidden positions replaced by [MASK]; targets = the original item
-        at the hidden positions, 0 elsewhere."""
-        seq = cloze_sequences(batch, self.config.max_len)
-        hidden = cloze_positions(seq != 0, self.config.mask_prob)
-        inputs = torch.where(hidden, torch.full_like(seq, self.mask_id), seq)
-        return inputs, torch.where(hidden, seq, torch.zeros_like(seq))
+        return self.layers(self.embed(items), items == 0, causal=False)
 
     def losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         check_items(batch, self.config.num_items, self.config.max_len)
         inputs, targets = self.cloze(batch)
-        hidden = self.encode(inputs)
-        rows = hidden.reshape(-1, hidden.shape[-1])  # every position; unmasked ones have target 0
-        targets = targets.reshape(-1)
-        weight = self.item_embedding.weight[: self.config.num_items + 1]  # the [MASK] row is no class
-        if self.config.loss == "ce":
-            loss = full_softmax_loss(rows, targets, weight, self.config.backend)
-            return {"loss": loss, "ce": loss}
-        loss = in_batch_softmax_loss(rows, targets, weight, self.config.tau)
-        return {"loss": loss, "inbatch": loss}
+        # every position; unmasked ones have target 0
+        loss = self.item_loss(self.encode(inputs), targets)
+        return {"loss": loss, self.config.loss: loss}
 
     def user_vectors(self, batch: EvalBatch) -> torch.Tensor:
         check_items(batch, self.config.num_items, self.config.max_len)
-        items = batch.items
-        seq = torch.cat([items, torch.full_like(items[:, :1], self.mask_id)], dim=1)
-        if seq.shape[1] > self.config.max_len:
-            seq = seq[:, 1:]
-        return self.encode(seq)[:, -1]
+        return self.encode(self.append_mask(batch.items))[:, -1]
 
     def item_table(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        weight = self.item_embedding.weight[: self.config.num_items + 1]
-        if self.config.loss == "inbatch":
-            weight = torch.nn.functional.normalize(weight, dim=-1)
-        return weight, None
+        return self.ranking_table(), None
 
 
 SPEC = ModelSpec(

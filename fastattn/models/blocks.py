@@ -1,7 +1,7 @@
 """Pieces shared by the Transformer recommenders: the feed-forward sublayer, a
 Transformer layer on `fastattn.nn.DIFAttention`, positions of left-padded rows, attribute pooling,
 RecBole-style initialization, the full-catalog softmax loss on valid positions, the in-batch
-contrastive loss and the Cloze (masked-item) position draw.
+contrastive loss and the Cloze (masked-item) objective's sequences and position draw.
 
 Conventions (`fastattn.data.batch`): item ids are LEFT padded with 0, so column L-1 is the latest
 item of every row; shapes below use B (batch), L (batch length), D (hidden).
@@ -20,10 +20,10 @@ from ..nn.checks import check_choice, check_int, check_positive, check_probabili
 from .config import BACKENDS, EncoderConfig
 
 __all__ = [
-    "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "check_choice", "check_finite", "check_int",
-    "check_items", "check_positive", "check_probability", "check_range", "cloze_positions", "flat_targets",
-    "full_softmax_loss", "in_batch_softmax_loss", "init_weights", "masked_mean", "positions_from_padding",
-    "sample_negatives", "sum_pool", "valid_positions",
+    "BACKENDS", "EncoderConfig", "FeedForward", "TransformerLayer", "append_column", "check_choice", "check_finite",
+    "check_int", "check_items", "check_positive", "check_probability", "check_range", "cloze_inputs",
+    "cloze_positions", "cloze_sequences", "flat_targets", "full_softmax_loss", "in_batch_softmax_loss",
+    "init_weights", "masked_mean", "positions_from_padding", "sample_negatives", "sum_pool", "valid_positions",
 ]
 
 
@@ -242,3 +242,38 @@ def cloze_positions(real: torch.Tensor, prob: float) -> torch.Tensor:
     smallest = torch.where(real, u, torch.full_like(u, 2.0)).argmin(dim=1, keepdim=True)
     fallback = torch.arange(real.shape[1], device=real.device).unsqueeze(0) == smallest
     return hidden | (fallback & real & ~hidden.any(dim=1, keepdim=True))
+
+
+def append_column(seq: torch.Tensor, column: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[seq, column]: seq (B, L) and column (B, 1) → (B, L'), the oldest column dropped when
+    L + 1 > max_len (so L' <= max_len whenever L <= max_len).
+
+    How a Cloze model reads one column more than a batch holds — the last target in training, a
+    [MASK] to predict at in evaluation — without outgrowing its position table. Left padding stays
+    on the left.
+    """
+    out = torch.cat([seq, column], dim=1)
+    return out[:, 1:] if out.shape[1] > max_len else out
+
+
+def cloze_sequences(batch: TrainBatch, max_len: int) -> torch.Tensor:
+    """The sequence a Cloze objective reads from a next-item batch: (B, L') int64,
+    [items, targets[:, -1]] with the oldest column dropped when L + 1 > max_len (L' <= max_len).
+
+    Left-padded rows keep their padding on the left. A row whose last target is 0 (none) gets a
+    padding slot at the right end: masked as a key, never hidden, never a target. Earlier targets
+    are not read (they repeat the items shifted by one; with batch unit "prefixes" they are 0).
+    """
+    return append_column(batch.items, batch.targets[:, -1:], max_len)
+
+
+def cloze_inputs(seq: torch.Tensor, mask_id: int, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Cloze draw on seq (B, L) int64 (0 = padding): (inputs, targets), both (B, L) int64.
+
+    M = `cloze_positions`(seq != 0, prob) (torch's default RNG); inputs = seq with the positions
+    of M replaced by mask_id; targets = seq on M, 0 (no target) elsewhere — so a loss over every
+    position with "0 = ignored" (`full_softmax_loss`, `in_batch_softmax_loss`) reads M only.
+    """
+    hidden = cloze_positions(seq != 0, prob)
+    inputs = torch.where(hidden, torch.full_like(seq, mask_id), seq)
+    return inputs, torch.where(hidden, seq, torch.zeros_like(seq))

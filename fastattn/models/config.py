@@ -24,8 +24,11 @@ from typing import Any, Optional, TypeVar
 from ..nn.checks import check_choice, check_int, check_positive, check_probability
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+# the item losses of `ClozeConfig.loss`: full softmax over the catalog, or in-batch contrastive
+ITEM_LOSSES = ("ce", "inbatch")
 
-__all__ = ["BACKENDS", "EncoderConfig", "catalog_field", "check_config", "flag_fields", "option"]
+__all__ = ["BACKENDS", "ITEM_LOSSES", "ClozeConfig", "EncoderConfig", "catalog_field", "check_config", "flag_fields",
+           "option"]
 
 C = TypeVar("C")
 
@@ -107,3 +110,29 @@ class EncoderConfig:
         check_positive("layer_norm_eps", self.layer_norm_eps)
         check_positive("init_std", self.init_std)
         check_choice("backend", self.backend, BACKENDS)
+
+
+@dataclass(kw_only=True)
+class ClozeConfig(EncoderConfig):
+    """The `EncoderConfig` fields plus the options of a Cloze (masked-item) objective and of the item
+    loss, shared by BERT4Rec and AutoCDSR / AutoCDSR+ (whose bidirectional backbone is BERT4Rec's
+    objective; `fastattn.models.encoder.ClozeBlock` implements them):
+
+    mask_prob: probability in (0, 1) that a real position is replaced by [MASK] in training (at
+        least one per sequence); read only by bidirectional (Cloze) training.
+    loss: "ce" (full softmax over the catalog) | "inbatch" (in-batch contrastive,
+        `blocks.in_batch_softmax_loss`), over the positions that have a target.
+    tau: temperature > 0 of "inbatch".
+    """
+
+    mask_prob: float = option(0.2, "Cloze: probability that a position is replaced by [MASK] in training")
+    loss: str = option("ce", "ce (full softmax) | inbatch (in-batch contrastive, temperature --tau)")
+    tau: float = option(0.1, "temperature of the in-batch loss (--loss inbatch)")
+
+    def validate(self) -> None:
+        super().validate()
+        if (isinstance(self.mask_prob, bool) or not isinstance(self.mask_prob, (int, float))
+                or not 0.0 < self.mask_prob < 1.0):
+            raise ValueError(f"mask_prob must be a float in (0, 1), got {self.mask_prob!r}")
+        check_choice("loss", self.loss, ITEM_LOSSES)
+        check_positive("tau", self.tau)

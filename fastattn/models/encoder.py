@@ -5,7 +5,8 @@
 as attributes of the module itself — not as a submodule — so the state-dict keys and the order of
 the parameters (which the optimizer's saved state is indexed by) stay those of the models'
 checkpoints. `TransformerStack` is a `ModuleList` of `TransformerLayer`s (keys ``layers.N...``) that
-runs them in order.
+runs them in order. `ClozeBlock` (a mixin on top of `EmbeddingBlock`) adds the item-loss choice
+and the Cloze (masked-item) objective of the models configured by a `ClozeConfig`.
 
 Conventions (`fastattn.data.batch`): item ids are LEFT padded with 0; B batch, L length, D hidden.
 """
@@ -15,11 +16,13 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..data.batch import TrainBatch
 from ..distributed.embedding import ShardedItemEmbedding
-from .blocks import TransformerLayer, full_softmax_loss, positions_from_padding
-from .config import EncoderConfig
+from .blocks import (TransformerLayer, append_column, cloze_inputs, cloze_sequences, full_softmax_loss,
+                     in_batch_softmax_loss, positions_from_padding)
+from .config import ClozeConfig, EncoderConfig
 
-__all__ = ["EmbeddingBlock", "TransformerStack"]
+__all__ = ["ClozeBlock", "EmbeddingBlock", "TransformerStack"]
 
 
 class EmbeddingBlock(torch.nn.Module):
@@ -31,12 +34,14 @@ class EmbeddingBlock(torch.nn.Module):
     """
 
     def build_embedding(self, config: EncoderConfig, *, item_table: bool = True, position: bool = True,
-                        before_norm: Optional[Callable[[], None]] = None) -> None:
-        """Register item_embedding (with `item_table`), position_embedding (with `position`), then
-        what `before_norm` registers (a model's own tables that sit there in its parameter order,
-        e.g. DIF-SR's attribute tables), then norm and dropout."""
+                        before_norm: Optional[Callable[[], None]] = None, mask_row: bool = False) -> None:
+        """Register item_embedding (with `item_table`; with `mask_row` one row more, num_items + 1, for
+        the [MASK] token of a Cloze objective), position_embedding (with `position`), then what
+        `before_norm` registers (a model's own tables that sit there in its parameter order, e.g.
+        DIF-SR's attribute tables), then norm and dropout."""
         if item_table:
-            self.item_embedding = torch.nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
+            rows = config.num_items + (2 if mask_row else 1)
+            self.item_embedding = torch.nn.Embedding(rows, config.hidden, padding_idx=0)
         if position:
             self.position_embedding = torch.nn.Embedding(config.max_len, config.hidden)
         if before_norm is not None:
@@ -80,8 +85,9 @@ class TransformerStack(torch.nn.ModuleList):
     """`count` post-LN `TransformerLayer`s built from one config (same options for every layer).
 
     forward(x (B, L, D), key_padding_mask (B, L) bool True = padding, position (B, L, D) or None,
-    attributes: sequence of (B, L, Da_f), domains (B, L) or None) → x after every layer; with
-    `domains`, (x, [acd (B, H, L) float32 of each layer]) (`TransformerLayer`, fusion "sum").
+    attributes: sequence of (B, L, Da_f), domains (B, L) or None, causal: None (the layers' own
+    setting: causal) or a bool for every layer) → x after every layer; with `domains`,
+    (x, [acd (B, H, L) float32 of each layer]) (`TransformerLayer`, fusion "sum").
     """
 
     def __init__(self, config: EncoderConfig, count: int, attribute_dims: Sequence[int] = (),
@@ -90,14 +96,72 @@ class TransformerStack(torch.nn.ModuleList):
                          for _ in range(count))
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor, position: Optional[torch.Tensor] = None,
-                attributes: Sequence[torch.Tensor] = (), domains: Optional[torch.Tensor] = None
-                ) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+                attributes: Sequence[torch.Tensor] = (), domains: Optional[torch.Tensor] = None,
+                causal: Optional[bool] = None) -> Union[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
         if domains is None:
             for layer in self:
-                x = layer(x, position, attributes, key_padding_mask)
+                x = layer(x, position, attributes, key_padding_mask, causal=causal)
             return x
         per_layer: list[torch.Tensor] = []
         for layer in self:
-            x, acd = layer(x, position, attributes, key_padding_mask, domains=domains)
+            x, acd = layer(x, position, attributes, key_padding_mask, domains=domains, causal=causal)
             per_layer.append(acd)
         return x, per_layer
+
+
+class ClozeBlock(EmbeddingBlock):
+    """Mixin for the models a `ClozeConfig` configures (BERT4Rec, AutoCDSR, AutoCDSR+): the item loss
+    (`loss`, `tau`) and, for bidirectional training, the Cloze objective on an item table with a
+    [MASK] row (`build_embedding(config, mask_row=True)`)::
+
+        E (num_items + 2, D)   row 0 padding, rows 1..num_items the items, row m = num_items + 1 [MASK]
+        training               (inputs, targets) = cloze_inputs(cloze_sequences(batch), m, mask_prob)
+        prediction             [history, m] (`append_mask`); the state at m
+        loss (`item_loss`)     over the rows with a target (0 = none), classes E[1..num_items]:
+                               "ce" full softmax, "inbatch" in-batch contrastive with temperature tau
+        ranking (`ranking_table`)  E[0..num_items], L2-normalised for "inbatch" (that loss is blind
+                               to item norms); the [MASK] row is never a class nor ranked
+
+    Masks come from torch's default RNG (`blocks.cloze_positions`): fresh every step, as
+    reproducible as dropout (the loop seeds torch and checkpoints its state).
+    """
+
+    config: ClozeConfig
+
+    @property
+    def mask_id(self) -> int:
+        """The [MASK] token's id: num_items + 1."""
+        return self.config.num_items + 1
+
+    def cloze(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs (B, L'), targets (B, L')) int64 of one Cloze draw: inputs = the `cloze_sequences`
+        of the batch with the hidden positions replaced by [MASK]; targets = the original item at the
+        hidden positions, 0 elsewhere (`blocks.cloze_inputs`)."""
+        return cloze_inputs(cloze_sequences(batch, self.config.max_len), self.mask_id, self.config.mask_prob)
+
+    def append_mask(self, items: torch.Tensor) -> torch.Tensor:
+        """items (B, L) → [items, [MASK]] (B, L') (the oldest item dropped at max_len): the input whose
+        state at the last column predicts the next item."""
+        return append_column(items, torch.full_like(items[:, :1], self.mask_id), self.config.max_len)
+
+    def item_rows(self) -> torch.Tensor:
+        """Rows 0..num_items of the item table (num_items + 1, D): the table itself when it has no
+        [MASK] row, else a view without it."""
+        weight = self.item_embedding.weight
+        rows = self.config.num_items + 1
+        return weight if weight.shape[0] == rows else weight[:rows]
+
+    def item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The configured item loss of hidden (…, D) against targets (…) in 0..num_items (0 = no
+        target: left out exactly), one row per target: "ce" = `blocks.full_softmax_loss`, "inbatch"
+        = `blocks.in_batch_softmax_loss`, on `item_rows()`."""
+        rows, flat = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if self.config.loss == "ce":
+            return full_softmax_loss(rows, flat, self.item_rows(), self.config.backend)
+        return in_batch_softmax_loss(rows, flat, self.item_rows(), self.config.tau)
+
+    def ranking_table(self) -> torch.Tensor:
+        """The (num_items + 1, D) table the catalog is ranked with: `item_rows()`, L2-normalised for
+        loss="inbatch" (the cosine it trains)."""
+        weight = self.item_rows()
+        return torch.nn.functional.normalize(weight, dim=-1) if self.config.loss == "inbatch" else weight

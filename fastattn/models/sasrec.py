@@ -52,8 +52,8 @@ class SASRecConfig(EncoderConfig):
     loss: str = option("ce", "ce (full softmax) | bce (sasrec's original: one sampled negative) | "
                              "inbatch (in-batch contrastive, temperature --tau)")
     # shared with MQSA-TED's --tau (one flag): the help names both meanings
-    tau: float = option(0.1, "softmax temperature: of the in-batch loss (--loss inbatch; sasrec, bert4rec), "
-                             "of the TED distillation (mqsa_ted)")
+    tau: float = option(0.1, "softmax temperature: of the in-batch loss (--loss inbatch; sasrec, bert4rec, "
+                             "autocdsr, autocdsr_plus), of the TED distillation (mqsa_ted)")
 
     def validate(self) -> None:
         super().validate()
