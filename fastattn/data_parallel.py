@@ -22,6 +22,8 @@ What a `Group` of W processes splits, and how the results equal one process's:
 - Evaluation: each process scores the same rows of every evaluation batch (`Group.take`); the
   ranks, their positions in the split and their domains are gathered (`Group.gather`) and put back
   in the split's order, so the metrics are computed from the very ranks one process would have.
+  With the item table split (`--item-shards`), the shares are padded to equal sizes and the full
+  ranking runs through `vocab_parallel_topk` (`ShardedItemEmbedding.rank_targets`).
 - RNG (dropout, sampled negatives): with W > 1 every process reseeds torch at the start of each
   epoch from (seed, epoch, rank) (`Group.seed_epoch`), so the processes draw different masks and a
   resumed run repeats the uninterrupted one at the same world size without saving W RNG states;
@@ -91,10 +93,15 @@ class Group:
 
     def take(self, batch: Batch) -> tuple[Batch, torch.Tensor]:
         """(this process's rows of `batch`, their int64 indices in it): rows rank, rank+W, ...
-        (possibly none)."""
+        (possibly none). With the item table split, every process gets ⌈B/W⌉ rows (the sharded
+        lookup and ranking are collectives with equal shapes): its own first, then copies of row 0,
+        which the index leaves out."""
         n = int(batch.items.shape[0])  # type: ignore[attr-defined]
         index = torch.arange(self.rank, n, self.world, dtype=torch.int64)
-        return select_rows(batch, index), index
+        if not self.item_sharded:
+            return select_rows(batch, index), index
+        padded = torch.cat([index, torch.zeros(-(-n // self.world) - index.numel(), dtype=torch.int64)])
+        return select_rows(batch, padded), index
 
     def share(self, batch: TrainBatch) -> tuple[TrainBatch, Optional[float]]:
         """(this process's rows of a global training batch, n_r / N: its share of the batch's
@@ -113,12 +120,8 @@ class Group:
     def _equal_share(self, batch: TrainBatch, per_row: torch.Tensor) -> tuple[TrainBatch, float]:
         """With the item table split: ⌈B/W⌉ rows on every process (the sharded lookup and the loss's
         all-gather need equal shapes), rows rank, rank+W, ... then copies of row 0 without targets."""
-        n = int(batch.items.shape[0])
-        index = torch.arange(self.rank, n, self.world, dtype=torch.int64)
-        rows = -(-n // self.world)
-        padded = torch.cat([index, torch.zeros(rows - index.numel(), dtype=torch.int64)])
-        mine = select_rows(batch, padded)
-        if index.numel() < rows:
+        mine, index = self.take(batch)
+        if index.numel() < mine.items.shape[0]:
             targets = mine.targets.clone()
             targets[index.numel():] = 0
             mine = dataclasses.replace(mine, targets=targets)

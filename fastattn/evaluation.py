@@ -21,12 +21,13 @@ Metrics, for the 0-based rank r of the target (r = ∞ when it is not in the top
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Iterable, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .data.batch import EvalBatch
+from .distributed.embedding import ShardedItemEmbedding
 from .functional import topk_items
 from .models.base import SequentialRecommender
 
@@ -178,28 +179,34 @@ def _all_ranks(model: SequentialRecommender, batches: Iterable[EvalBatch], devic
     """(full-ranking ranks, sampled ranks or None, target domains or None) of every row of `batches`."""
     generator = torch.Generator().manual_seed(seed)
     full, samp, domains, where = [], [], [], []
-    weight, bias = model.item_table()
-    weight = weight.detach()
-    bias = bias.detach() if bias is not None else None
-    k = min(k, weight.shape[0])
+    sharded = _sharded_item_table(model)
+    if sharded is not None:  # --item-shards: rank on the shards, never gather the table
+        weight, bias = sharded.weight.detach(), None
+        num_rows = sharded.shard.num_items + 1
+    else:
+        weight, bias = model.item_table()
+        weight = weight.detach()
+        bias = bias.detach() if bias is not None else None
+        num_rows = weight.shape[0]
+    k = min(k, num_rows)
     offset = 0
     for batch in batches:
-        negatives = None
+        negatives, size = None, batch.target.shape[0]
         if share is not None:
             if sampled:  # drawn for the whole batch, as one process draws them: the same negatives
-                negatives = draw_negatives(batch.target, batch.exclude, weight.shape[0], generator)
-            size = batch.target.shape[0]
+                negatives = draw_negatives(batch.target, batch.exclude, num_rows, generator)
             batch, rows = share.take(batch)
             where.append(rows + offset)
             offset += size
             negatives = None if negatives is None else negatives[rows]
+            size = rows.numel()  # the share may be padded (item-sharded): ranks of its own rows only
         if batch.target_domain is not None:
-            domains.append(batch.target_domain.cpu())
-        ranks, local_sampled = _batch_ranks(model, batch.to(device), weight, bias, k, backend, exclude_history,
-                                             sampled, generator, negatives)
-        full.append(ranks)
+            domains.append(batch.target_domain[:size].cpu())
+        ranks, local_sampled = _batch_ranks(model, batch.to(device), _Table(weight, bias, sharded), k, backend,
+                                            exclude_history, sampled, generator, negatives)
+        full.append(ranks[:size])
         if local_sampled is not None:
-            samp.append(local_sampled)
+            samp.append(local_sampled[:size])
     ranks = torch.cat(full) if full else torch.zeros(0, dtype=torch.int64)
     sampled_out = (torch.cat(samp) if samp else ranks) if sampled else None
     domain_out = torch.cat(domains) if domains and len(domains) == len(full) else None
@@ -211,8 +218,22 @@ def _all_ranks(model: SequentialRecommender, batches: Iterable[EvalBatch], devic
     return ranks, sampled_out, domain_out
 
 
-def _batch_ranks(model: SequentialRecommender, batch: EvalBatch, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 k: int, backend: str, exclude_history: bool, sampled: bool, generator: torch.Generator,
+class _Table(NamedTuple):
+    """What a batch is ranked against: the whole table (V + 1, D) and bias, or with the table split
+    over processes (`sharded`), this process's rows (their dtype is the user vectors')."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    sharded: Optional[ShardedItemEmbedding]
+
+
+def _sharded_item_table(model: SequentialRecommender) -> Optional[ShardedItemEmbedding]:
+    table = getattr(model, "item_embedding", None)
+    return table if isinstance(table, ShardedItemEmbedding) else None
+
+
+def _batch_ranks(model: SequentialRecommender, batch: EvalBatch, table: _Table, k: int, backend: str,
+                 exclude_history: bool, sampled: bool, generator: torch.Generator,
                  negatives: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(full-ranking ranks, sampled ranks or None) of one batch's rows, on the CPU; `negatives`:
     drawn already (data-parallel), else drawn here from `generator`. A batch without rows (a
@@ -220,8 +241,11 @@ def _batch_ranks(model: SequentialRecommender, batch: EvalBatch, weight: torch.T
     if batch.target.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, (empty if sampled else None)
+    weight, bias = table.weight, table.bias
     vectors = model.user_vectors(batch).to(weight.dtype)
     exclude = batch.exclude if exclude_history else batch.exclude[:, :1].contiguous()
+    if table.sharded is not None:  # the sampled protocol is refused with --item-shards (train_config)
+        return table.sharded.rank_targets(vectors, batch.target, exclude, k).cpu(), None
     full = full_ranking_ranks(vectors, weight, batch.target, exclude, k, bias, backend).cpu()
     if not sampled:
         return full, None

@@ -25,6 +25,8 @@ from fastattn import SoftTarget
 from fastattn.distributed import (ItemShard, gather_rows, shard_rows, sharded_embedding, vocab_parallel_cross_entropy,
                                   vocab_parallel_topk)
 from fastattn.distributed.collectives import gather_from_shards
+from fastattn.distributed.embedding import ShardedItemEmbedding
+from fastattn.evaluation import full_ranking_ranks
 
 F64 = torch.float64
 GROUP_TIMEOUT_S = 150
@@ -315,9 +317,46 @@ def _lookup_cases(rank: int, world: int, num_items: int) -> None:
         sharded_embedding(bad, shard_rows(table[1:], shard), shard=shard)
 
 
+def _module_cases(rank: int, world: int, num_items: int) -> None:
+    """ShardedItemEmbedding (the --item-shards table): the lookup equals the whole table's; its
+    evaluation ranking (`rank_targets`, through vocab_parallel_topk) equals full_ranking_ranks on
+    the whole table for each rank's rows, history exclusion (padding 0, unused -1, an excluded
+    target) and k above the catalog included; state_dict is the whole table and loads back."""
+    shard = ItemShard(num_items, rank, world)
+    g = torch.Generator().manual_seed(11)
+    table = torch.randn(num_items + 1, 4, generator=g, dtype=F64)
+    table[0] = 0.0
+    module = ShardedItemEmbedding(table, shard, lookup="unique")
+    ids, _ = _rank_batch(rank, num_items, (3, 5))
+    torch.testing.assert_close(module(ids), table[ids], **TOL)
+    batches = []
+    for r in range(world):  # every rank's rows: vectors, targets, exclude (b, M), the same b and M
+        gr = torch.Generator().manual_seed(200 + r)
+        vectors = torch.randn(4, 4, generator=gr, dtype=F64)
+        target = torch.randint(1, num_items + 1, (4,), generator=gr)
+        exclude = torch.randint(-1, num_items + 1, (4, 3), generator=gr)
+        exclude[:, 0] = 0  # the padding item, as EvalBatch.exclude
+        exclude[0, 1] = target[0]  # an excluded target is a miss
+        batches.append((vectors, target, exclude))
+    vectors, target, exclude = batches[rank]
+    for k in sorted({1, min(3, num_items), num_items + 1}):  # evaluation caps k at V + 1 table rows
+        got = module.rank_targets(vectors, target, exclude, k)
+        want = full_ranking_ranks(vectors, table, target, exclude, k, backend="torch")
+        assert torch.equal(got, want), (k, got, want)
+        assert got[0] == k
+    state = module.state_dict()
+    torch.testing.assert_close(state["weight"], table, **TOL)
+    other = ShardedItemEmbedding(torch.zeros_like(table), shard)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.weight, module.weight, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="the model's whole table is"):
+        other.load_state_dict({"weight": table[:-1]})
+
+
 def _lookup_suite(rank: int, world: int) -> None:
     for num_items in ((9, 1) if world == 2 else (2, 10)):  # V = 1 or 2 < W: a rank holds no row
         _lookup_cases(rank, world, num_items)
+        _module_cases(rank, world, num_items)
 
 
 SUITES: dict[str, Callable[[int, int], None]] = {"suite": _suite, "lookup": _lookup_suite}

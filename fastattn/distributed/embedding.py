@@ -130,8 +130,9 @@ class ShardedItemEmbedding(torch.nn.Module):
     - training: forward(ids) = `sharded_embedding` (a collective: equal id shapes on every rank);
       `cross_entropy(rows, targets)` = the mean full-catalog cross-entropy of EVERY rank's rows
       (all-gathered; the same loss on every rank, exact gradients for each rank's rows and shard).
-    - eval mode: the whole table is gathered once when `.eval()` is called (every rank calls it
-      together) and forward / `full_weight()` read it locally, so ranks may score different rows.
+    - evaluation: forward(ids) is the same collective lookup (no gradient); `rank_targets` ranks
+      every rank's user vectors against the whole catalog through `vocab_parallel_topk` — the
+      table is never gathered on one rank.
     - state_dict: the whole (V + 1, D) table under `weight` (gathered: a collective), so a
       checkpoint is the single-process model's; load_state_dict takes a whole table and keeps
       this rank's rows.
@@ -146,28 +147,34 @@ class ShardedItemEmbedding(torch.nn.Module):
             raise ValueError(f"table must be ({shard.num_items + 1}, D) (padding row + items), got {tuple(table.shape)}")
         self.shard, self.group, self.lookup, self.backend = shard, group, lookup, backend
         self.weight = torch.nn.Parameter(table.detach()[1 + shard.start:1 + shard.stop].clone())
-        self._whole: Optional[torch.Tensor] = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return torch.nn.functional.embedding(ids, self.full_weight())
         return sharded_embedding(ids, self.weight, shard=self.shard, group=self.group, lookup=self.lookup)
 
-    def train(self, mode: bool = True) -> "ShardedItemEmbedding":
-        self._whole = None
-        if not mode:
-            self._whole = self._gather()
-        return super().train(mode)
-
-    def _gather(self) -> torch.Tensor:
-        from .shard import gather_rows
-
-        items = gather_rows(self.weight.detach(), self.shard, self.group)
-        return torch.cat([torch.zeros_like(items[:1]), items])
-
     def full_weight(self) -> torch.Tensor:
-        """(V + 1, D), detached: the table gathered at `.eval()` (gathered now in training mode)."""
-        return self._whole if self._whole is not None else self._gather()
+        """(V + 1, D), detached, row 0 zero: the whole table gathered from every rank (a collective)."""
+        return self.whole_state(self.weight)
+
+    @torch.no_grad()
+    def rank_targets(self, vectors: torch.Tensor, target: torch.Tensor, exclude: Optional[torch.Tensor],
+                     k: int) -> torch.Tensor:
+        """0-based rank of each target among all items not excluded, k (a miss) when not in the top k
+        — `fastattn.evaluation.full_ranking_ranks` on the whole table, as a collective: vectors
+        (b, D), target (b,) in 1..V, exclude (b, M) item ids (0 and -1 unused), the same b and M on
+        every rank. Every rank's rows are all-gathered and ranked on every shard
+        (`vocab_parallel_topk`); each rank keeps the ranks of its own rows."""
+        from .topk import vocab_parallel_topk
+
+        every = torch.cat(all_gather_tensor(vectors, self.group))
+        every_exclude = None
+        if exclude is not None:  # table rows 1..V are the shards' global ids 0..V-1
+            every_exclude = torch.cat(all_gather_tensor(torch.where(exclude > 0, exclude - 1, -1), self.group))
+        _, index = vocab_parallel_topk(every, self.weight, min(k, self.shard.num_items), shard=self.shard,
+                                       group=self.group, exclude=every_exclude)
+        rank, rows = group_rank(self.group), vectors.shape[0]
+        mine = index[rank * rows:(rank + 1) * rows]
+        found = mine == (target - 1).unsqueeze(1)
+        return torch.where(found.any(1), found.to(torch.int64).argmax(1), torch.full_like(target, k))
 
     def cross_entropy(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """rows (N, D) with targets (N,) in 0..V (0 = no target), the same N on every rank → the mean
@@ -181,7 +188,7 @@ class ShardedItemEmbedding(torch.nn.Module):
                                             ignore_index=-1, backend=self.backend)
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self._gather()
+        destination[prefix + "weight"] = self.full_weight()
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
@@ -196,7 +203,6 @@ class ShardedItemEmbedding(torch.nn.Module):
             return
         with torch.no_grad():
             self.weight.copy_(table[1 + self.shard.start:1 + self.shard.stop])
-        self._whole = None if self.training else self._gather()
 
     def shard_state(self, value: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a whole-table tensor (V + 1, ...) (e.g. an Adam moment)."""
