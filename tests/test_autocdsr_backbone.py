@@ -4,9 +4,9 @@ The bidirectional AutoCDSR+: its IB states read the history (perturbation) and a
 domain reaches a domain encoder only through the IB tokens (with the IB exchange cut, nothing
 moves); a [MASK]'s domain id is never read. The bidirectional loss reads the masked positions
 only; predictions read an appended [MASK]; torch and C++ backends agree on the losses and
-gradients of every backbone × model × loss; no host read on the meta device; the causal default is
-today's model; tiny `python -m fastattn train` runs of every new path finish with a falling loss;
-a bad --backbone is one line naming it. Tiny shapes only.
+gradients of every backbone × model × loss; no host read on the meta device; a compiled step equals
+the eager one; the causal default is today's model; tiny `python -m fastattn train` runs of every
+new path finish with a falling loss; a bad --backbone is one line naming it. Tiny shapes only.
 """
 from __future__ import annotations
 
@@ -210,6 +210,23 @@ def test_bidirectional_step_reads_no_tensor_value(kind: str, loss: str) -> None:
         return AutoCDSR(AutoCDSRConfig(**options))
 
     meta_step(build, 0.3)
+
+
+@cpp_tests_mark()  # the compared pair runs backend="auto": the C++ kernels
+@pytest.mark.parametrize("kind,loss", [("autocdsr", "ce"), ("plus", "inbatch")])
+def test_compiled_bidirectional_step_equals_eager(kind: str, loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile: the Cloze draw, the bidirectional encoders and both task losses trace into one
+    graph, and compiled steps (Pareto weights) give the eager losses, gradients and parameters."""
+    import test_compile_step  # here, not at the top: it imports torch._dynamo and other test modules
+
+    def build(common: dict[str, Any]) -> torch.nn.Module:
+        options = dict(common, num_domains=2, acd_mode="pareto", backbone="bidirectional", loss=loss)
+        if kind == "plus":
+            return AutoCDSRPlus(AutoCDSRPlusConfig(**options, num_ib_tokens=2, domain_layers=1, shared_layers=1))
+        return AutoCDSR(AutoCDSRConfig(**options))
+
+    monkeypatch.setitem(test_compile_step.MODELS, "bidirectional", build)
+    test_compile_step._check_step("bidirectional", "aot_eager")
 
 
 # ---------------------------------------------------------------- the causal default
