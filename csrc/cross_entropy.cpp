@@ -483,6 +483,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_bwd(
     TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < v, "ce_bwd: target must hold item ids in [0, ", v,
                 ") or -1 (no target), got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
+  // Rows whose three coefficients are all zero (no target: ignore_index, the padding of short
+  // sequences) add nothing to dH, dE or db: the blocks run on the other rows only, and their dH
+  // rows are zero. A NaN coefficient counts as nonzero, so it still propagates.
+  const at::Tensor active = p.ne(0).logical_or_(base.ne(0)).logical_or_(t.ne(0));
+  const int64_t used = active.sum().item<int64_t>();
+  if (used < n) {
+    const at::Tensor rows = active.nonzero().squeeze(1);
+    auto pick = [&](const at::Tensor& x) { return x.index_select(0, rows); };
+    auto [dh_used, de, db] = acc == at::kDouble
+        ? bwd_impl<double>(pick(hidden), weight, bias, scale, pick(lse_c), pick(p), pick(base), pick(y), pick(t))
+        : bwd_impl<float>(pick(hidden), weight, bias, scale, pick(lse_c), pick(p), pick(base), pick(y), pick(t));
+    at::Tensor dh = at::zeros({n, hidden.size(1)}, dh_used.options());
+    dh.index_copy_(0, rows, dh_used);
+    return {dh, de, db};
+  }
   if (acc == at::kDouble) return bwd_impl<double>(hidden, weight, bias, scale, lse_c, p, base, y, t);
   return bwd_impl<float>(hidden, weight, bias, scale, lse_c, p, base, y, t);
 }

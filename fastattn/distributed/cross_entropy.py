@@ -111,9 +111,11 @@ def _tables(weight: torch.Tensor, bias: Optional[torch.Tensor], with_sums: bool,
 
 
 def _local_lse(hc: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               temperature: float, backend: str) -> torch.Tensor:
+               temperature: float, backend: str, used: torch.Tensor) -> torch.Tensor:
     """(N,) LSE_r = logsumexp over this shard's items, in h's dtype (the compute dtype), of hc (N, D)
-    in the inputs' dtype and h, the same rows in the compute dtype; differentiable in all."""
+    in the inputs' dtype and h, the same rows in the compute dtype; differentiable in all. Rows
+    where `used` (N,) bool is False get a finite placeholder instead (their loss is masked to 0),
+    so the fused op can skip them (the C++ kernels do: padding costs nothing)."""
     n = h.shape[0]
     if weight.shape[0] == 0:
         # No items: LSE_r = -inf (weight exp(-inf) = 0 in the global logsumexp, so no NaN). The
@@ -122,8 +124,9 @@ def _local_lse(hc: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Op
         lse = lse + weight.sum().to(h.dtype)
         return lse + bias.sum().to(h.dtype) if bias is not None else lse
     first = torch.zeros(n, dtype=torch.int64, device=h.device)
-    ce = full_item_cross_entropy(hc, weight, first, bias=bias, temperature=temperature, reduction="none",
-                                 backend=backend)
+    # ignore_index on the unused rows: their CE is 0 (and the C++ kernels skip them).
+    ce = full_item_cross_entropy(hc, weight, torch.where(used, first, -100), bias=bias, temperature=temperature,
+                                 reduction="none", ignore_index=-100, backend=backend)
     return ce + _dots(h, weight, bias, first) / temperature
 
 
@@ -231,7 +234,7 @@ def vocab_parallel_cross_entropy(
     h = copy_to_shards(torch.where(used[:, None], h2, 0.0).to(_compute_dtype(h2.dtype)), group)
     hc = h if h.dtype == h2.dtype else h.to(h2.dtype)  # exact: h holds hidden's values
     weight, bias, *sums = _tables(item_weight_shard, bias_shard, targets.has_base, h.dtype)
-    local = torch.stack([_local_lse(hc, h, weight, bias, float(temperature), backend),
+    local = torch.stack([_local_lse(hc, h, weight, bias, float(temperature), backend, used),
                          _local_linear(h, weight, bias, targets, shard, isinstance(target, SoftTarget), sums)])
     every = gather_from_shards(local, group)  # (W, 2, N)
     lse, linear = torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(dim=0)

@@ -49,6 +49,41 @@ def test_backward_kernel_matches_chunked_torch() -> None:
     assert CppCrossEntropyKernels.backward(a["hidden"], a["weight"], None, 0.5, *rest)[2] is None
 
 
+def test_rows_without_a_target_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ce_bwd computes only the rows with a nonzero coefficient (dH of the others is 0, whatever
+    their hidden holds; a NaN coefficient still counts), and the operator asks ce_lse for the LSE
+    of the rows with a target only: padding costs nothing on the C++ path."""
+    import fastattn
+    from fastattn.ops.cross_entropy.chunked import ChunkedCrossEntropyKernels
+    from fastattn.ops.cross_entropy.cpp import CppCrossEntropyKernels
+
+    a = op_args()
+    skipped = [0, 3, 4, 8]
+    for name in ("coef_p", "coef_base", "coef_t"):
+        a[name][skipped] = 0
+    clean = a["hidden"].clone()
+    a["hidden"][skipped] = float("nan")
+    args = (a["weight"], a["bias"], 0.5, CppCrossEntropyKernels.lse(clean, a["weight"], a["bias"], 0.5),
+            a["coef_p"], a["coef_base"], a["target"], a["coef_t"])
+    got = CppCrossEntropyKernels.backward(a["hidden"], *args)
+    want = ChunkedCrossEntropyKernels.backward(clean, *args)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+    assert torch.equal(got[0][skipped], torch.zeros_like(got[0][skipped]))
+    a["coef_t"][3] = float("nan")  # a NaN coefficient is not "no target"
+    assert CppCrossEntropyKernels.backward(a["hidden"], *args[:-1], a["coef_t"])[0][3].isnan().all()
+
+    rows_seen = []
+    lse = CppCrossEntropyKernels.lse
+    monkeypatch.setattr(CppCrossEntropyKernels, "lse", lambda h, *rest: rows_seen.append(h.shape[0]) or lse(h, *rest))
+    case = make_case(12, 23, 8, ignore="none")
+    target = case["target"].clone()
+    target[[1, 2, 5, 6, 7, 11]] = -100
+    hidden = case["hidden"].clone().requires_grad_()
+    fastattn.full_item_cross_entropy(hidden, case["weight"], target, backend="cpp").backward()
+    assert rows_seen == [6]
+
+
 def _bad_op_calls() -> list[tuple[Callable[[], object], str]]:
     """(call, expected message) pairs; torch.ops.fastattn.* resolves only when a call runs."""
     a = op_args()

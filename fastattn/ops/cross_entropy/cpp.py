@@ -18,7 +18,11 @@ from ..cpp_extension import cpp_ops, cpp_unavailable_reason
 
 class CppCrossEntropyKernels:
     """`CrossEntropyKernels` on CPU tensors: one BLAS GEMM per block of items plus one fused,
-    multi-threaded elementwise pass; extra memory is one block of logits, never N×V."""
+    multi-threaded elementwise pass; extra memory is one block of logits, never N×V. Rows without
+    a target (zero target mass: ignore_index, padding) cost nothing: `row_losses` computes the LSE
+    of the other rows only, and `fastattn::ce_bwd` skips rows whose coefficients are all zero."""
+
+    skips_unused_rows = True
 
     @staticmethod
     def lse(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:

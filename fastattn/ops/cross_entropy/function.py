@@ -80,7 +80,7 @@ def _row_dots(h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def row_losses(kernels: CrossEntropyKernels, scale: float, targets: RowTargets, hidden: torch.Tensor,
                weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (N,) and LSE (N,), compute dtype, of hidden (N,D), weight (V,D), bias (V,) | None."""
-    lse = kernels.lse(hidden, weight, bias, scale)
+    lse = _used_rows_lse(kernels, targets, hidden, weight, bias, scale)
     h32 = hidden.to(compute_dtype(hidden.dtype))
     safe_index = targets.index.clamp_min(0)
     linear = targets.weight * _row_dots(h32, weight, bias, torch.arange(hidden.shape[0], device=hidden.device),
@@ -96,6 +96,26 @@ def row_losses(kernels: CrossEntropyKernels, scale: float, targets: RowTargets, 
         linear = linear + torch.segment_reduce(contrib, "sum", offsets=targets.indptr, axis=0)
     # mass 0 (ignored rows) must give 0 even where lse is large.
     return torch.where(targets.mass > 0, targets.mass * lse, torch.zeros_like(lse)) - scale * linear, lse
+
+
+def _used_rows_lse(kernels: CrossEntropyKernels, targets: RowTargets, hidden: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """kernels.lse of every row; with kernels that skip unused rows (`skips_unused_rows`: the C++
+    ones, where reading a mask on the host costs nothing), of the rows with some target only, and 0
+    for the others (rows of zero target mass: their loss is 0 and the backward skips them too).
+    Called inside the operators' bodies, never traced: the data-dependent row count is fine."""
+    if not getattr(kernels, "skips_unused_rows", False):
+        return kernels.lse(hidden, weight, bias, scale)
+    used = (targets.mass != 0) | (targets.weight != 0)
+    if targets.has_base:
+        used |= targets.base != 0
+    if targets.has_sparse:
+        used |= targets.indptr[1:] > targets.indptr[:-1]
+    if bool(used.all()):
+        return kernels.lse(hidden, weight, bias, scale)
+    rows = used.nonzero().squeeze(1)
+    lse = torch.zeros(hidden.shape[0], dtype=compute_dtype(hidden.dtype), device=hidden.device)
+    return lse.index_copy_(0, rows, kernels.lse(hidden.index_select(0, rows), weight, bias, scale))
 
 
 def _gradients(kernels: CrossEntropyKernels, scale: float, t: RowTargets, hidden: torch.Tensor, weight: torch.Tensor,
