@@ -81,7 +81,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     losses: list[float] = []
 
     def one_step() -> float:
-        loss = float(step(batch, scale)["loss"])
+        loss = float(step(batch, scale)["loss"].detach())
         losses.append(loss)
         return loss
 
