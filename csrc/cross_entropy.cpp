@@ -502,6 +502,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_bwd(
   return bwd_impl<float>(hidden, weight, bias, scale, lse_c, p, base, y, t);
 }
 
+// out (N, C) with out[i] = Σ over the CSR entries e of row i of values[e]·table[indices[e]]: the
+// sparse targets' row sums (their logits' share of the loss, and of dH). Row-parallel.
+template <typename T>
+void sparse_gather_impl(const int64_t* indptr, const int64_t* indices, const T* values, const T* table, T* out,
+                        int64_t n, int64_t c) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* oi = out + i * c;
+      for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
+        const T w = values[e];
+        const T* tj = table + indices[e] * c;
+        for (int64_t col = 0; col < c; ++col) oi[col] += w * tj[col];
+      }
+    }
+  });
+}
+
+// out (V, C) with out[j] = Σ over the CSR entries e of row i with indices[e] = j of values[e]·x[i]:
+// the sparse targets' part of dE (and db, as one more column of x). Each thread owns a slice of
+// the C columns and walks every entry in order, so no two threads write the same value and the
+// sums are deterministic without sorting the entries by item (a stable sort cost 10x this).
+template <typename T>
+void sparse_scatter_impl(const int64_t* indptr, const int64_t* indices, const T* values, const T* x, T* out,
+                         int64_t n, int64_t c) {
+  const int64_t slice = 16;
+  at::parallel_for(0, (c + slice - 1) / slice, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * slice, c1 = std::min(c, end * slice);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* xi = x + i * c;
+      for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
+        const T w = values[e];
+        T* oj = out + indices[e] * c;
+        for (int64_t col = c0; col < c1; ++col) oj[col] += w * xi[col];
+      }
+    }
+  });
+}
+
+namespace {
+// The CSR entries checked (rows = N, items in [0, num_items)) and made contiguous, values in dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_entries(const char* op, const at::Tensor& indptr,
+                                                           const at::Tensor& indices, const at::Tensor& values,
+                                                           int64_t n, int64_t num_items, at::ScalarType dtype) {
+  TORCH_CHECK(indptr.scalar_type() == at::kLong && indptr.dim() == 1 && indptr.size(0) == n + 1 &&
+                  indptr.device().is_cpu(),
+              op, ": indptr must be an int64 CPU tensor of shape (N+1=", n + 1, ",), got ", indptr.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.dim() == 1 && indices.device().is_cpu(), op,
+              ": indices must be a 1-D int64 CPU tensor");
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == indices.size(0) && values.device().is_cpu(), op,
+              ": values must be a CPU tensor of shape (nnz=", indices.size(0), ",), got ", values.sizes());
+  TORCH_CHECK(num_items >= 0, op, ": num_items must be >= 0, got ", num_items);
+  const at::Tensor ptr = indptr.contiguous(), idx = indices.contiguous();
+  const int64_t nnz = idx.size(0);
+  const bool rising = n == 0 || ptr.diff().min().item<int64_t>() >= 0;
+  TORCH_CHECK(ptr[0].item<int64_t>() == 0 && ptr[n].item<int64_t>() == nnz && rising, op,
+              ": indptr must rise from 0 to nnz=", nnz);
+  if (nnz > 0) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < num_items, op, ": indices must be in [0, ", num_items, "), got values in [", lo,
+                ", ", hi, "]");
+  }
+  return {ptr, idx, values.to(dtype).contiguous()};
+}
+
+void check_dense(const char* op, const char* name, const at::Tensor& x) {
+  const bool float_x = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  TORCH_CHECK(x.dim() == 2 && float_x && x.device().is_cpu(), op, ": ", name,
+              " must be a 2-D float32 or float64 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+}
+}  // namespace
+
+at::Tensor ce_sparse_scatter(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                             const at::Tensor& x, int64_t num_items) {
+  check_dense("ce_sparse_scatter", "x (N, C)", x);
+  const int64_t n = x.size(0), c = x.size(1);
+  auto [ptr, idx, val] = csr_entries("ce_sparse_scatter", indptr, indices, values, n, num_items, x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::zeros({num_items, c}, xc.options());
+  if (x.scalar_type() == at::kDouble) {
+    sparse_scatter_impl<double>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<double>(),
+                                xc.data_ptr<double>(), out.data_ptr<double>(), n, c);
+  } else {
+    sparse_scatter_impl<float>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<float>(),
+                               xc.data_ptr<float>(), out.data_ptr<float>(), n, c);
+  }
+  return out;
+}
+
+at::Tensor ce_sparse_gather(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                            const at::Tensor& table) {
+  check_dense("ce_sparse_gather", "table (V, C)", table);
+  TORCH_CHECK(indptr.dim() == 1 && indptr.size(0) >= 1, "ce_sparse_gather: indptr must have shape (N+1,), got ",
+              indptr.sizes());
+  const int64_t n = indptr.size(0) - 1, c = table.size(1);
+  auto [ptr, idx, val] =
+      csr_entries("ce_sparse_gather", indptr, indices, values, n, table.size(0), table.scalar_type());
+  const at::Tensor tc = table.contiguous();
+  at::Tensor out = at::zeros({n, c}, tc.options());
+  if (table.scalar_type() == at::kDouble) {
+    sparse_gather_impl<double>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<double>(),
+                               tc.data_ptr<double>(), out.data_ptr<double>(), n, c);
+  } else {
+    sparse_gather_impl<float>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<float>(),
+                              tc.data_ptr<float>(), out.data_ptr<float>(), n, c);
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_items(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
                                               const std::optional<at::Tensor>& bias,
                                               const std::optional<at::Tensor>& exclude) {

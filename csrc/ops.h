@@ -51,6 +51,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double scale,
     const at::Tensor& lse, const at::Tensor& coef_p, const at::Tensor& coef_base, const at::Tensor& target,
     const at::Tensor& coef_t);
+// out (N, C): out[i] = Σ_e values[e]·table[indices[e]] over row i's CSR entries (indptr, indices).
+at::Tensor ce_sparse_gather(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                            const at::Tensor& table);
+// out (V, C): out[j] = Σ_e values[e]·x[row(e)] over the CSR entries (indptr, indices) with indices[e] = j.
+at::Tensor ce_sparse_scatter(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
+                             const at::Tensor& x, int64_t num_items);
 std::tuple<at::Tensor, at::Tensor> topk_items(const at::Tensor& hidden, const at::Tensor& weight, int64_t k,
                                               const std::optional<at::Tensor>& bias,
                                               const std::optional<at::Tensor>& exclude);

@@ -19,6 +19,8 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("ce_lse(Tensor hidden, Tensor weight, Tensor? bias, float scale) -> Tensor");
   m.def("ce_bwd(Tensor hidden, Tensor weight, Tensor? bias, float scale, Tensor lse, Tensor coef_p, "
         "Tensor coef_base, Tensor target, Tensor coef_t) -> (Tensor, Tensor, Tensor)");
+  m.def("ce_sparse_gather(Tensor indptr, Tensor indices, Tensor values, Tensor table) -> Tensor");
+  m.def("ce_sparse_scatter(Tensor indptr, Tensor indices, Tensor values, Tensor x, int num_items) -> Tensor");
   m.def("topk_items(Tensor hidden, Tensor weight, int k, Tensor? bias, Tensor? exclude) -> (Tensor, Tensor)");
 }
 
@@ -29,6 +31,8 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attn_bwd_streams", &fastattn::attn_bwd_streams);
   m.impl("ce_lse", &fastattn::ce_lse);
   m.impl("ce_bwd", &fastattn::ce_bwd);
+  m.impl("ce_sparse_gather", &fastattn::ce_sparse_gather);
+  m.impl("ce_sparse_scatter", &fastattn::ce_sparse_scatter);
   m.impl("topk_items", &fastattn::topk_items);
 }
 

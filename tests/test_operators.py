@@ -88,6 +88,14 @@ def _ce_backward(dtype: Optional[torch.dtype] = None) -> list[Args]:
     return cases
 
 
+def _sparse_scatter() -> list[Args]:
+    """fastattn::ce_sparse_scatter: CSR entries of 4 rows (one empty, a duplicate item) over 7 items."""
+    indptr, indices = torch.tensor([0, 2, 2, 5, 6]), torch.tensor([1, 6, 3, 3, 0, 5])
+    gen = torch.Generator().manual_seed(4)
+    values, x = torch.rand(6, generator=gen), torch.randn(4, 5, generator=gen)
+    return [(indptr, indices, values, x, 7), (indptr, indices, values.double(), x.double(), 7)]
+
+
 def _topk() -> list[Args]:
     hidden, weight, bias = _catalog()
     exclude = torch.tensor([[0, -1], [3, 3], [-1, -1], [10, 2], [5, 6], [1, -1]])
@@ -178,6 +186,9 @@ CASES: dict[str, Callable[[], list[Args]]] = {
     "fastattn::attn_dropout_rows": lambda: [(3, 0.25, 7, 2**33, 5)],
     "fastattn::ce_lse": _ce_kernels,
     "fastattn::ce_bwd": _ce_backward,
+    "fastattn::ce_sparse_scatter": _sparse_scatter,
+    "fastattn::ce_sparse_gather": lambda: [(p, i, v, torch.randn(7, 3, dtype=x.dtype)) for p, i, v, x, _ in
+                                           _sparse_scatter()],
     "fastattn::topk_items": _topk,
     "fastattn::topk_items_chunked": _topk,
 }

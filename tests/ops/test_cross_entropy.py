@@ -148,6 +148,37 @@ def test_soft_targets_match_dense(n: int, v: int, d: int, backend: str) -> None:
     assert_close(got, want)
 
 
+# a bfloat16 table always takes the segment sums (the C++ passes run in float32/float64 tables)
+@pytest.mark.parametrize("path,dtype", [("own", torch.float32), ("segments", torch.float32),
+                                        ("own", torch.bfloat16)])
+@EVERY_BACKEND
+def test_soft_target_sparse_paths(backend: str, path: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+                                  ) -> None:
+    """The sparse part by the backend's own kernels (the C++ ones: fastattn::ce_sparse_gather and
+    ce_sparse_scatter) and by the generic segment sums (the other backends' path, forced here on
+    the C++ one too): duplicate entries, rows without entries, an ignored
+    row holding NaN, against the dense float64 reference (bfloat16: the sums run in float32, the
+    gradients are rounded to bfloat16, 2**-8 relative, hence 8e-3)."""
+    from fastattn.ops.cross_entropy.cpp import CppCrossEntropyKernels
+
+    if path == "segments":
+        monkeypatch.delattr(CppCrossEntropyKernels, "sparse_gather")
+        monkeypatch.delattr(CppCrossEntropyKernels, "sparse_scatter")
+    n, v = 29, 41
+    case = make_case(n, v, 16, dtype=dtype, seed=4)
+    st = random_soft_target(n, v, seed=5, ignored_rows=(3, 17))
+    indptr, indices, values = st.indptr.clone(), st.indices.clone(), st.values.clone()
+    if indptr[9] - indptr[8] >= 2:  # a duplicate item within row 8
+        indices[indptr[8] + 1] = indices[indptr[8]]
+    st = fastattn.SoftTarget(st.base, indptr, indices, values)
+    poisoned = dict(case, hidden=case["hidden"].clone())
+    poisoned["hidden"][3] = float("nan")
+    got = run(poisoned, backend, target=st, temperature=0.5)
+    want = dense_soft_loss(case, st.to_dense(v), temperature=0.5)
+    assert_close(got, want, tol=2e-5 if dtype == torch.float32 else 8e-3)
+    assert (got[1][0][3] == 0).all()
+
+
 @EVERY_BACKEND
 def test_soft_target_reduces_to_hard_target(backend: str) -> None:
     case = make_case(37, 1000, 50, ignore="none")

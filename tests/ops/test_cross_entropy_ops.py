@@ -84,6 +84,50 @@ def test_rows_without_a_target_are_skipped(monkeypatch: pytest.MonkeyPatch) -> N
     assert rows_seen == [6]
 
 
+def _csr_case(n: int = 9, v: int = 23, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """CSR entries of n rows over v items (rows 0 and 4 empty, duplicates in row 2) and x (n, 5)."""
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([0, 3, 4, 1, 0, 2, 5, 1, 3][:n])
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    indices = torch.randint(0, v, (int(indptr[-1]),), generator=gen)
+    indices[indptr[2]:indptr[2] + 2] = 7  # a duplicate item in one row
+    values = torch.rand(indices.shape[0], generator=gen, dtype=dtype)
+    x = torch.randn(n, 5, generator=gen, dtype=dtype)
+    return indptr, indices, values, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_scatter(dtype: torch.dtype) -> None:
+    """ce_sparse_scatter against the dense product, opcheck, and a strided x."""
+    indptr, indices, values, x = _csr_case(dtype=dtype)
+    rows = torch.repeat_interleave(torch.arange(9), indptr.diff())
+    dense = torch.zeros(9, 23, dtype=torch.float64).index_put_((rows, indices), values.double(), accumulate=True)
+    want = dense.t() @ x.double()
+    ops = torch.ops.fastattn
+    got = ops.ce_sparse_scatter(indptr, indices, values, x, 23)
+    assert got.dtype == dtype and torch.allclose(got.double(), want, atol=1e-6)
+    wide = torch.randn(5, 18, dtype=dtype).t()[:9]  # (9, 5) transposed and sliced
+    assert torch.allclose(ops.ce_sparse_scatter(indptr, indices, values, wide, 23).double(),
+                          dense.t() @ wide.double(), atol=1e-6)
+    assert ops.ce_sparse_scatter(indptr[:1], indices[:0], values[:0], x[:0], 4).abs().sum() == 0
+    torch.library.opcheck(ops.ce_sparse_scatter, (indptr, indices, values, x, 23))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_gather(dtype: torch.dtype) -> None:
+    """ce_sparse_gather against the dense product (rows without entries: 0), opcheck, a strided table."""
+    indptr, indices, values, _ = _csr_case(dtype=dtype)
+    rows = torch.repeat_interleave(torch.arange(9), indptr.diff())
+    dense = torch.zeros(9, 23, dtype=torch.float64).index_put_((rows, indices), values.double(), accumulate=True)
+    table = torch.randn(6, 23, dtype=dtype).t()  # (23, 6), transposed
+    ops = torch.ops.fastattn
+    got = ops.ce_sparse_gather(indptr, indices, values, table)
+    assert got.dtype == dtype and torch.allclose(got.double(), dense @ table.double(), atol=1e-6)
+    assert (got[[0, 4]] == 0).all()
+    assert ops.ce_sparse_gather(indptr[:1], indices[:0], values[:0], table).shape == (0, 6)
+    torch.library.opcheck(ops.ce_sparse_gather, (indptr, indices, values, table.contiguous()))
+
+
 def _bad_op_calls() -> list[tuple[Callable[[], object], str]]:
     """(call, expected message) pairs; torch.ops.fastattn.* resolves only when a call runs."""
     a = op_args()
@@ -105,6 +149,18 @@ def _bad_op_calls() -> list[tuple[Callable[[], object], str]]:
          r"ce_bwd: target must be an int64 tensor of shape \(N=9,\)"),
         (lambda: ops.ce_bwd(h, w, b, 1.0, lse, p, base, torch.full((9,), 23), t),
          r"ce_bwd: target must hold item ids in \[0, 23\) or -1"),
+        (lambda: ops.ce_sparse_scatter(*_csr_case()[:3], h.long(), 23),
+         r"ce_sparse_scatter: x \(N, C\) must be a 2-D float32 or float64 CPU tensor"),
+        (lambda: ops.ce_sparse_gather(*_csr_case()[:3], w[:, :2].long()),
+         r"ce_sparse_gather: table \(V, C\) must be a 2-D float32 or float64"),
+        (lambda: ops.ce_sparse_gather(*_csr_case()[:3], w[:4]), r"ce_sparse_gather: indices must be in \[0, 4\)"),
+        (lambda: ops.ce_sparse_scatter(_csr_case()[0][:-1], *_csr_case()[1:3], h, 23),
+         r"ce_sparse_scatter: indptr must be an int64 CPU tensor of shape \(N\+1=10,\)"),
+        (lambda: ops.ce_sparse_scatter(_csr_case()[0].flip(0), *_csr_case()[1:3], h, 23),
+         "ce_sparse_scatter: indptr must rise from 0 to nnz"),
+        (lambda: ops.ce_sparse_scatter(*_csr_case()[:3], h, 5), r"ce_sparse_scatter: indices must be in \[0, 5\)"),
+        (lambda: ops.ce_sparse_scatter(_csr_case()[0], _csr_case()[1], _csr_case()[2][:2], h, 23),
+         "ce_sparse_scatter: values must be a CPU tensor of shape"),
     ]
 
 

@@ -42,6 +42,22 @@ class CppCrossEntropyKernels:
         dh, de, db = cpp_ops().ce_bwd(hidden, weight, bias, scale, lse, coef_p, coef_base, target, coef_t)
         return dh, de, db if bias is not None else None
 
+    @staticmethod
+    def sparse_gather(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, table: torch.Tensor
+                      ) -> torch.Tensor:
+        """(N, C) in table's dtype (float32/float64): row i = Σ_e values_e·table[indices_e] over row
+        i's CSR entries (indptr (N+1,), indices (nnz,) int64, values (nnz,)); table (V, C). The
+        sparse targets' logits (with h) and their share of dH, row-parallel."""
+        return cpp_ops().ce_sparse_gather(indptr, indices, values, table)
+
+    @staticmethod
+    def sparse_scatter(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+                       num_items: int) -> torch.Tensor:
+        """(V, C) in x's dtype (float32/float64): row j = Σ_e values_e·x[row(e)] over the CSR
+        entries (indptr (N+1,), indices (nnz,) int64, values (nnz,)) with indices_e = j; x (N, C).
+        The sparse targets' share of dE and db, in one deterministic pass without sorting."""
+        return cpp_ops().ce_sparse_scatter(indptr, indices, values, x, num_items)
+
 
 def _register_fakes() -> None:
     @torch.library.register_fake("fastattn::ce_lse")
@@ -58,6 +74,17 @@ def _register_fakes() -> None:
         dtype = compute_dtype(hidden.dtype)
         return (hidden.new_empty(hidden.shape, dtype=dtype), weight.new_empty(weight.shape, dtype=dtype),
                 weight.new_empty((weight.shape[0] if bias is not None else 0,), dtype=dtype))
+
+
+    @torch.library.register_fake("fastattn::ce_sparse_gather")
+    def _ce_sparse_gather_fake(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                               table: torch.Tensor) -> torch.Tensor:
+        return table.new_empty((indptr.shape[0] - 1, table.shape[1]))
+
+    @torch.library.register_fake("fastattn::ce_sparse_scatter")
+    def _ce_sparse_scatter_fake(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+                                num_items: int) -> torch.Tensor:
+        return x.new_empty((num_items, x.shape[1]))
 
 
 # Once per process, at import: the operators must exist before fake kernels can be attached.

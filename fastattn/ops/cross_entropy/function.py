@@ -13,8 +13,10 @@ and mass_i = Σ_j t_ij (1, or 0 for an ignored row):
     Σ_j t_ij z_ij = w_i z_{i,y_i} + base_i·scale·(h_i·Σ_j E_j + Σ_j b_j) + Σ_sparse value·z_ij
 
 The kernels give LSE and the dense + hard-target part of the gradient; the sparse part (cost
-∝ its nonzeros) is gathered here, deterministically (segment sums, per row and per item) and
-without reading a tensor value on the host.
+∝ its nonzeros) is added here, deterministically and without reading a tensor value on the
+host. The C++ kernels do it in two passes over the entries (`sparse_gather`: per row,
+`sparse_scatter`: per item, deterministic without sorting); the others by segment sums of
+gathered rows, per item over the entries sorted by item (stable).
 """
 from __future__ import annotations
 
@@ -91,11 +93,48 @@ def row_losses(kernels: CrossEntropyKernels, scale: float, targets: RowTargets, 
             total = total + bias.to(h32.dtype).sum()
         linear = linear + targets.base * total
     if targets.has_sparse:
-        rows = _sparse_rows(targets)
-        contrib = targets.values * _row_dots(h32, weight, bias, rows, targets.indices)
-        linear = linear + torch.segment_reduce(contrib, "sum", offsets=targets.indptr, axis=0)
+        linear = linear + _sparse_dots(kernels, h32, weight, bias, targets)
     # mass 0 (ignored rows) must give 0 even where lse is large.
     return torch.where(targets.mass > 0, targets.mass * lse, torch.zeros_like(lse)) - scale * linear, lse
+
+
+def _sparse_table_sums(kernels: CrossEntropyKernels, table: torch.Tensor, t: RowTargets, acc: torch.dtype
+                       ) -> torch.Tensor:
+    """(N, C) in acc: row i = Σ_e value_e·table[indices_e] over row i's sparse entries (0 for none);
+    table (V, C)."""
+    gather = getattr(kernels, "sparse_gather", None)
+    if gather is not None and table.dtype == acc:  # the C++ kernels: row-parallel, no nnz×C block
+        return gather(t.indptr, t.indices, t.values, table)
+    contrib = t.values.to(acc)[:, None] * table[t.indices].to(acc)
+    return torch.segment_reduce(contrib, "sum", offsets=t.indptr, axis=0)
+
+
+def _sparse_dots(kernels: CrossEntropyKernels, h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 t: RowTargets) -> torch.Tensor:
+    """(N,) Σ_e value_e·(h_i·E_j + b_j) over row i's sparse entries, in h32's dtype; exactly 0 for a
+    row without entries whatever h_i holds (NaN included)."""
+    acc = h32.dtype
+    if getattr(kernels, "sparse_gather", None) is None or weight.dtype != acc:
+        contrib = t.values * _row_dots(h32, weight, bias, _sparse_rows(t), t.indices)
+        return torch.segment_reduce(contrib, "sum", offsets=t.indptr, axis=0)
+    dots = (_sparse_table_sums(kernels, weight, t, acc) * h32).sum(dim=1)
+    if bias is not None:
+        dots = dots + _sparse_table_sums(kernels, bias[:, None], t, acc)[:, 0]
+    return torch.where(t.indptr[1:] > t.indptr[:-1], dots, torch.zeros_like(dots))
+
+
+def _sparse_item_sums(kernels: CrossEntropyKernels, t: RowTargets, x: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(V, C): row j = Σ_e value_e·x[row(e)] over the sparse entries of item j; x (N, C) in the compute dtype."""
+    scatter = getattr(kernels, "sparse_scatter", None)
+    if scatter is not None:  # the C++ kernels: one pass over the entries, no sort
+        return scatter(t.indptr, t.indices, t.values, x, num_items)
+    # Entries sorted by item (stable), one segment sum per item: deterministic, no atomics, and
+    # no data-dependent size (a sparse coalesce would sync on a GPU).
+    rows = _sparse_rows(t)
+    order = torch.argsort(t.indices, stable=True)
+    item_offsets = torch.searchsorted(t.indices[order], torch.arange(num_items + 1, device=x.device))
+    contrib = t.values.to(x.dtype)[order, None] * x[rows[order]]
+    return torch.segment_reduce(contrib, "sum", offsets=item_offsets, axis=0)
 
 
 def _used_rows_lse(kernels: CrossEntropyKernels, targets: RowTargets, hidden: torch.Tensor, weight: torch.Tensor,
@@ -129,16 +168,12 @@ def _gradients(kernels: CrossEntropyKernels, scale: float, t: RowTargets, hidden
         t.index, (g * t.weight).contiguous(), grad_filter,
     )
     if t.has_sparse:
-        rows = _sparse_rows(t)
-        dz = -scale * g[rows] * t.values  # (nnz,)
-        dh = dh + torch.segment_reduce(dz[:, None] * weight[t.indices].to(acc), "sum", offsets=t.indptr, axis=0)
-        # dE_j += Σ_e dz_e [h_row(e) | 1]: entries sorted by item (stable), one segment sum per item —
-        # deterministic, no atomics, and no data-dependent size (a sparse coalesce would sync).
-        n, v = hidden.shape[0], weight.shape[0]
-        order = torch.argsort(t.indices, stable=True)
-        item_offsets = torch.searchsorted(t.indices[order], torch.arange(v + 1, device=hidden.device))
+        # dz_e = −scale·g_row(e)·value_e: dH_i += Σ_e dz_e E_j, dE_j (and db_j) += Σ_e dz_e [h_i | 1].
+        row_coef = -scale * g
+        dh = dh + row_coef[:, None] * _sparse_table_sums(kernels, weight, t, acc)
+        n = hidden.shape[0]
         rhs = torch.cat([hidden.to(acc), torch.ones(n, 1, dtype=acc, device=hidden.device)], dim=1)
-        both = torch.segment_reduce(dz[order, None] * rhs[rows[order]], "sum", offsets=item_offsets, axis=0)
+        both = _sparse_item_sums(kernels, t, row_coef[:, None] * rhs, weight.shape[0])
         de = de + both[:, :-1]
         if db is not None:
             db = db + both[:, -1]
