@@ -12,6 +12,7 @@ from .ops.attention.op import BACKENDS as ATTENTION_BACKENDS
 from .ops._common import MAX_HIDDEN_DIM, MAX_QK_DIM, MAX_V_DIM
 from .ops.attention.options import AttentionOptions
 from .ops.checks import check_values, is_finite_number
+from .ops.dropout import philox_dropout, philox_dropout_applies
 from .ops.cross_entropy import cpp as _cross_entropy_cpp  # noqa: F401  (the C++ operators' fakes)
 from .ops.cross_entropy.function import RowTargets, full_item_cross_entropy_rows
 from .ops.cross_entropy.targets import SoftTarget, validate_soft_target
@@ -432,3 +433,19 @@ def topk_items(
     chosen = resolve_backend(backend, [h2], extra_reason="top-k has no Triton kernel")
     scores, index = TOPK_BACKENDS[chosen](h2, item_weight, k, bias, exclude)
     return scores.reshape(*lead_shape, k), index.reshape(*lead_shape, k)
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, backend: str = "auto") -> torch.Tensor:
+    """`torch.nn.functional.dropout` (x any shape and float dtype; out = x·keep/(1 − p), keep
+    i.i.d. Bernoulli(1 − p)) whose mask, on CPU tensors with backend "auto" or "cpp", comes from
+    the C++ Philox generator of the attention kernels — about 10× faster than torch's CPU draw,
+    a different (equally distributed) mask, reproducible under torch.manual_seed. backend
+    "torch", CUDA tensors, torch.compile tracing, p = 0 or 1: torch's own dropout.
+    """
+    if not is_finite_number(p) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"dropout: p must be a probability in [0, 1], got {p!r}")
+    if backend not in ("auto", "triton", "cpp", "torch"):
+        raise ValueError(f"dropout: backend must be 'auto', 'triton', 'cpp' or 'torch', got {backend!r}")
+    if training and backend in ("auto", "cpp") and philox_dropout_applies(x, float(p)):
+        return philox_dropout(x, float(p))
+    return torch.nn.functional.dropout(x, float(p), training)

@@ -293,9 +293,12 @@ def test_model_learns_tiny_batch(name: str) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def eval_loss() -> float:
+        # The same negatives (BCE) at both evaluations, drawn on a forked generator: reseeding the
+        # training's own stream here would make its first negatives the evaluation's whenever the
+        # dropout consumes few draws, and the check would measure that overlap.
         model.eval()
-        torch.manual_seed(1)
-        with torch.no_grad():
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(1)
             value = float(model.losses(batch)["loss"])
         model.train()
         return value
@@ -306,7 +309,9 @@ def test_model_learns_tiny_batch(name: str) -> None:
         model.losses(batch)["loss"].backward()
         optimizer.step()
     after = eval_loss()
-    assert after < 0.6 * before, (before, after)
+    # 0.7: sasrec-bce's after/before over 24 seeds (12 with torch's dropout, 12 with fastattn's
+    # Philox dropout) ranged 0.49-0.64, mean 0.565; a model that does not learn stays near 1.
+    assert after < 0.7 * before, (before, after)
     assert model.item_table()[0][0].abs().max() == 0  # the padding row never moves
 
 

@@ -52,12 +52,14 @@ def test_train_writes_metrics_and_checkpoint(tmp_path: Path, model: str) -> None
 
 
 def test_training_learns_synthetic_structure(tmp_path: Path) -> None:
-    metrics = _run(tmp_path, "difsr", epochs=6, lr=5e-3, dropout=0.1, attn_dropout=0.1)
+    metrics = _run(tmp_path, "difsr", epochs=20, lr=1e-2, dropout=0.1, attn_dropout=0.1)
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
     # the next item depends on the last one's class: reading the sequence beats ranking by
-    # popularity (about 0.30 here; 10 random items of 120 would hit 0.08)
-    assert metrics["valid"]["HR@10"] > _popularity_hr10() + 0.02
+    # popularity (0.30 here; 10 random items of 120 would hit 0.08). After 20 epochs seeds 0-5
+    # reached 0.56-0.65 with torch's dropout and with fastattn's; 6 epochs (0.29-0.36) were too
+    # few to tell learning from a lucky seed.
+    assert metrics["valid"]["HR@10"] > _popularity_hr10() + 0.1
 
 
 def _popularity_hr10() -> float:

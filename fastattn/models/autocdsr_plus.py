@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..data.batch import EvalBatch, TrainBatch
+from ..data.batch import EvalBatch
 from .autocdsr import AutoCDSRConfig, _ACDRecommender, _row_sum, check_domains
 from .blocks import check_choice, check_int, check_items, init_weights
 from .config import check_config, option

@@ -15,7 +15,7 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from ..functional import full_item_cross_entropy
-from ..nn import DIFAttention
+from ..nn import DIFAttention, Dropout
 from ..nn.checks import check_choice, check_int, check_positive, check_probability, check_values
 from .config import BACKENDS, EncoderConfig
 
@@ -33,11 +33,11 @@ class FeedForward(torch.nn.Module):
     (B, L, D) → (B, L, D); W_1: D → inner, W_2: inner → D; GELU is the exact (erf) one.
     """
 
-    def __init__(self, hidden: int, inner: int, dropout: float, layer_norm_eps: float) -> None:
+    def __init__(self, hidden: int, inner: int, dropout: float, layer_norm_eps: float, backend: str = "auto") -> None:
         super().__init__()
         self.dense_1 = torch.nn.Linear(hidden, inner)
         self.dense_2 = torch.nn.Linear(inner, hidden)
-        self.dropout = torch.nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, backend=backend)
         self.norm = torch.nn.LayerNorm(hidden, eps=layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,8 @@ class TransformerLayer(torch.nn.Module):
             config.hidden, config.heads, attribute_dims, fusion=fusion, attn_dropout=config.attn_dropout,
             hidden_dropout=config.dropout, layer_norm_eps=config.layer_norm_eps, backend=config.backend,
             use_position=use_position, causal=True, max_len=config.max_len)
-        self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps)
+        self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps,
+                                        config.backend)
 
     def forward(self, hidden: torch.Tensor, position: Optional[torch.Tensor] = None,
                 attributes: Sequence[torch.Tensor] = (), key_padding_mask: Optional[torch.Tensor] = None,

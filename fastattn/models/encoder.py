@@ -18,6 +18,7 @@ import torch
 
 from ..data.batch import TrainBatch
 from ..distributed.embedding import ShardedItemEmbedding
+from ..nn import Dropout
 from .blocks import (TransformerLayer, append_column, cloze_inputs, cloze_sequences, full_softmax_loss,
                      in_batch_softmax_loss, positions_from_padding)
 from .config import ClozeConfig, EncoderConfig
@@ -47,7 +48,7 @@ class EmbeddingBlock(torch.nn.Module):
         if before_norm is not None:
             before_norm()
         self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, backend=config.backend)
 
     def embed_items(self, items: torch.Tensor, scale: float = 1.0, position: bool = True) -> torch.Tensor:
         """items (B, L) int64, left padded → scale · E[items] (+ P[pos] with `position`): (B, L, D)."""

@@ -84,6 +84,7 @@ import torch
 
 from ..data.batch import EvalBatch, TrainBatch
 from ..functional import dif_attention
+from ..nn import Dropout
 from .base import SequentialRecommender
 from .blocks import (check_finite, check_int, check_items, check_range, flat_targets, init_weights, masked_mean,
                      positions_from_padding, sample_negatives)
@@ -159,7 +160,7 @@ class CrossAttention(torch.nn.Module):
         self.key = torch.nn.Linear(config.hidden, config.hidden)
         self.value = torch.nn.Linear(config.hidden, config.hidden)
         self.dense = torch.nn.Linear(config.hidden, config.hidden)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, backend=config.backend)
         self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,7 @@ class PrototypeAttention(torch.nn.Module):
         self.key = torch.nn.Linear(config.hidden, config.hidden)
         self.value = torch.nn.Linear(config.hidden, config.hidden)
         self.dense = torch.nn.Linear(config.hidden, config.hidden)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, backend=config.backend)
         self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
 
     def forward(self, states: torch.Tensor, key_padding_mask: torch.Tensor, last_only: bool) -> torch.Tensor:
@@ -241,7 +242,7 @@ class PredictionMLP(torch.nn.Module):
         super().__init__()
         self.dense_1 = torch.nn.Linear(3 * config.hidden, config.inner)
         self.dense_2 = torch.nn.Linear(config.inner, config.hidden)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, backend=config.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_2(self.dropout(torch.nn.functional.gelu(self.dense_1(x))))

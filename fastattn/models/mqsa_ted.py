@@ -45,6 +45,7 @@ import torch
 from ..data.batch import EvalBatch, TrainBatch
 from ..data.dataset import SequenceDataset
 from ..functional import SoftTarget, dif_attention, full_item_cross_entropy
+from ..nn import Dropout
 from .base import SequentialRecommender
 from .blocks import (FeedForward, check_finite, check_int, check_items, check_positive, flat_targets,
                      full_softmax_loss, init_weights)
@@ -95,9 +96,10 @@ class LongQueryAttention(torch.nn.Module):
         self.key = torch.nn.Linear(config.hidden, config.hidden)
         self.value = torch.nn.Linear(config.hidden, config.hidden)
         self.dense = torch.nn.Linear(config.hidden, config.hidden)
-        self.dropout = torch.nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout, backend=config.backend)
         self.norm = torch.nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps)
+        self.feed_forward = FeedForward(config.hidden, config.inner, config.dropout, config.layer_norm_eps,
+                                        config.backend)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape

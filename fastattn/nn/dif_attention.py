@@ -8,6 +8,7 @@ import torch
 
 from .._dispatch import BACKENDS
 from ..functional import dif_attention
+from .dropout import Dropout
 from .checks import check_bool, check_choice, check_int, check_positive, check_probability
 
 FUSIONS = ("sum", "concat", "gate")
@@ -133,7 +134,7 @@ class DIFAttention(torch.nn.Module):
             self.fusion_layer = torch.nn.Sequential(
                 torch.nn.Linear(max_len, max_len), torch.nn.ReLU(), torch.nn.Linear(max_len, 1))
         self.dense = torch.nn.Linear(hidden, hidden)
-        self.out_dropout = torch.nn.Dropout(hidden_dropout)
+        self.out_dropout = Dropout(hidden_dropout, backend=backend)
         self.norm = torch.nn.LayerNorm(hidden, eps=layer_norm_eps)
 
     def _split_heads(self, x: torch.Tensor, parts: int, dim: int) -> tuple[torch.Tensor, ...]:
