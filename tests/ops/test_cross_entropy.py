@@ -156,14 +156,18 @@ def test_soft_target_sparse_paths(backend: str, path: str, dtype: torch.dtype, m
                                   ) -> None:
     """The sparse part by the backend's own kernels (the C++ ones: fastattn::ce_sparse_gather and
     ce_sparse_scatter) and by the generic segment sums (the other backends' path, forced here on
-    the C++ one too): duplicate entries, rows without entries, an ignored
+    the C++ one too, in blocks of a few entries): duplicate entries, rows without entries, an ignored
     row holding NaN, against the dense float64 reference (bfloat16: the sums run in float32, the
     gradients are rounded to bfloat16, 2**-8 relative, hence 8e-3)."""
+    from fastattn.ops.cross_entropy import function
     from fastattn.ops.cross_entropy.cpp import CppCrossEntropyKernels
 
     if path == "segments":
         monkeypatch.delattr(CppCrossEntropyKernels, "sparse_gather")
         monkeypatch.delattr(CppCrossEntropyKernels, "sparse_scatter")
+        # blocks of 3 entries (48 values / width 16): segments split across blocks, and blocks
+        # holding no entry of some rows
+        monkeypatch.setattr(function, "SPARSE_BLOCK_ELEMENTS", 48)
     n, v = 29, 41
     case = make_case(n, v, 16, dtype=dtype, seed=4)
     st = random_soft_target(n, v, seed=5, ignored_rows=(3, 17))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -105,8 +105,9 @@ def _sparse_table_sums(kernels: CrossEntropyKernels, table: torch.Tensor, t: Row
     gather = getattr(kernels, "sparse_gather", None)
     if gather is not None and table.dtype == acc:  # the C++ kernels: row-parallel, no nnz×C block
         return gather(t.indptr, t.indices, t.values, table)
-    contrib = t.values.to(acc)[:, None] * table[t.indices].to(acc)
-    return torch.segment_reduce(contrib, "sum", offsets=t.indptr, axis=0)
+    return _chunked_segment_sums(
+        t.indptr, t.indices.shape[0], table.shape[1],
+        lambda e0, e1: t.values[e0:e1].to(acc)[:, None] * table[t.indices[e0:e1]].to(acc))
 
 
 def _sparse_dots(kernels: CrossEntropyKernels, h32: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -115,8 +116,10 @@ def _sparse_dots(kernels: CrossEntropyKernels, h32: torch.Tensor, weight: torch.
     row without entries whatever h_i holds (NaN included)."""
     acc = h32.dtype
     if getattr(kernels, "sparse_gather", None) is None or weight.dtype != acc:
-        contrib = t.values * _row_dots(h32, weight, bias, _sparse_rows(t), t.indices)
-        return torch.segment_reduce(contrib, "sum", offsets=t.indptr, axis=0)
+        rows = _sparse_rows(t)
+        return _chunked_segment_sums(
+            t.indptr, t.indices.shape[0], 1,
+            lambda e0, e1: t.values[e0:e1] * _row_dots(h32, weight, bias, rows[e0:e1], t.indices[e0:e1]))
     dots = (_sparse_table_sums(kernels, weight, t, acc) * h32).sum(dim=1)
     if bias is not None:
         dots = dots + _sparse_table_sums(kernels, bias[:, None], t, acc)[:, 0]
@@ -133,8 +136,32 @@ def _sparse_item_sums(kernels: CrossEntropyKernels, t: RowTargets, x: torch.Tens
     rows = _sparse_rows(t)
     order = torch.argsort(t.indices, stable=True)
     item_offsets = torch.searchsorted(t.indices[order], torch.arange(num_items + 1, device=x.device))
-    contrib = t.values.to(x.dtype)[order, None] * x[rows[order]]
-    return torch.segment_reduce(contrib, "sum", offsets=item_offsets, axis=0)
+    return _chunked_segment_sums(
+        item_offsets, order.shape[0], x.shape[1],
+        lambda e0, e1: t.values[order[e0:e1]].to(x.dtype)[:, None] * x[rows[order[e0:e1]]])
+
+
+# Entries per block of the segment-sum paths: a block holds (entries, C) products, so MQSA-TED's
+# teacher rows (N·width entries, N up to B·L) never become one nnz×D tensor (it took 24 GiB and
+# more at B 256, L 200).
+SPARSE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _chunked_segment_sums(offsets: torch.Tensor, nnz: int, width: int,
+                          block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Σ per segment (offsets (S+1,), rising from 0 to nnz) of block(e0, e1), the (e1 − e0,) or
+    (e1 − e0, width) terms of entries [e0, e1), in blocks of about SPARSE_BLOCK_ELEMENTS values.
+    A segment's length within a block comes from the offsets clamped to it, on the device: no
+    host read, the same blocks and summation order at every run (deterministic)."""
+    step = max(1, SPARSE_BLOCK_ELEMENTS // max(1, width))
+    total: Optional[torch.Tensor] = None
+    for e0 in range(0, max(nnz, 1), step):
+        e1 = min(nnz, e0 + step)
+        lengths = offsets[1:].clamp(e0, e1) - offsets[:-1].clamp(e0, e1)
+        part = torch.segment_reduce(block(e0, e1), "sum", lengths=lengths, axis=0)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def _used_rows_lse(kernels: CrossEntropyKernels, targets: RowTargets, hidden: torch.Tensor, weight: torch.Tensor,
