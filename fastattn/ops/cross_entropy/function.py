@@ -117,8 +117,8 @@ def _sparse_dots(kernels: CrossEntropyKernels, h32: torch.Tensor, weight: torch.
     acc = h32.dtype
     if getattr(kernels, "sparse_gather", None) is None or weight.dtype != acc:
         rows = _sparse_rows(t)
-        return _chunked_segment_sums(
-            t.indptr, t.indices.shape[0], 1,
+        return _chunked_segment_sums(  # each entry's dot product reads a D-wide gathered row
+            t.indptr, t.indices.shape[0], h32.shape[1],
             lambda e0, e1: t.values[e0:e1] * _row_dots(h32, weight, bias, rows[e0:e1], t.indices[e0:e1]))
     dots = (_sparse_table_sums(kernels, weight, t, acc) * h32).sum(dim=1)
     if bias is not None:
@@ -149,8 +149,9 @@ SPARSE_BLOCK_ELEMENTS = 1 << 24
 
 def _chunked_segment_sums(offsets: torch.Tensor, nnz: int, width: int,
                           block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """Σ per segment (offsets (S+1,), rising from 0 to nnz) of block(e0, e1), the (e1 − e0,) or
-    (e1 − e0, width) terms of entries [e0, e1), in blocks of about SPARSE_BLOCK_ELEMENTS values.
+    """Σ per segment (offsets (S+1,), rising from 0 to nnz) of block(e0, e1), the (e1 − e0, ...)
+    terms of entries [e0, e1), in blocks of SPARSE_BLOCK_ELEMENTS // width entries (width: the
+    values a block computes per entry, e.g. its gathered row's D).
     A segment's length within a block comes from the offsets clamped to it, on the device: no
     host read, the same blocks and summation order at every run (deterministic)."""
     step = max(1, SPARSE_BLOCK_ELEMENTS // max(1, width))
