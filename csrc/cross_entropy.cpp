@@ -580,13 +580,10 @@ at::Tensor ce_sparse_scatter(const at::Tensor& indptr, const at::Tensor& indices
   auto [ptr, idx, val] = csr_entries("ce_sparse_scatter", indptr, indices, values, n, num_items, x.scalar_type());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::zeros({num_items, c}, xc.options());
-  if (x.scalar_type() == at::kDouble) {
-    sparse_scatter_impl<double>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<double>(),
-                                xc.data_ptr<double>(), out.data_ptr<double>(), n, c);
-  } else {
-    sparse_scatter_impl<float>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<float>(),
-                               xc.data_ptr<float>(), out.data_ptr<float>(), n, c);
-  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ce_sparse_scatter", [&] {
+    sparse_scatter_impl<scalar_t>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>(),
+                                  xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, c);
+  });
   return out;
 }
 
@@ -600,13 +597,10 @@ at::Tensor ce_sparse_gather(const at::Tensor& indptr, const at::Tensor& indices,
       csr_entries("ce_sparse_gather", indptr, indices, values, n, table.size(0), table.scalar_type());
   const at::Tensor tc = table.contiguous();
   at::Tensor out = at::zeros({n, c}, tc.options());
-  if (table.scalar_type() == at::kDouble) {
-    sparse_gather_impl<double>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<double>(),
-                               tc.data_ptr<double>(), out.data_ptr<double>(), n, c);
-  } else {
-    sparse_gather_impl<float>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<float>(),
-                              tc.data_ptr<float>(), out.data_ptr<float>(), n, c);
-  }
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "ce_sparse_gather", [&] {
+    sparse_gather_impl<scalar_t>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>(),
+                                 tc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, c);
+  });
   return out;
 }
 
